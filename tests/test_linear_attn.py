@@ -1,0 +1,167 @@
+"""Every CPU-testable backend of fastattn.linear_attention against the fp64 token-by-token recurrence."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.ops.linear_attn.reference import linear_attention_chunked, linear_attention_recurrent
+
+from .linear_attn_cases import CASES, cpu_backends, make_inputs, run_fastattn, run_reference
+from .tolerances import assert_close
+
+BACKENDS = cpu_backends()
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _skip_heavy(case, backend):
+    if case.heavy and backend == "triton":
+        pytest.skip("too slow for the Triton interpreter; runs on the GPU")
+
+
+def _compare(got, ref, dtype, same=None):
+    assert set(got) == set(ref), f"outputs {sorted(got)} != reference {sorted(ref)}"
+    for name in ref:
+        assert_close(name, got[name], ref[name], dtype, None if same is None else same[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fp32_against_fp64_recurrence(case, backend):
+    _skip_heavy(case, backend)
+    inputs, cot = make_inputs(case, torch.float32)
+    _compare(run_fastattn(case, inputs, cot, backend), run_reference(case, inputs, cot), torch.float32)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("case", [c for c in CASES if not c.heavy], ids=str)
+def test_fp64_against_fp64_recurrence(case, backend):
+    inputs, cot = make_inputs(case, torch.float64)
+    _compare(run_fastattn(case, inputs, cot, backend), run_reference(case, inputs, cot), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in
+                                  ("gqa_bthd_mask_state", "unnormalized_gqa_mask", "noncausal_bthd_mask",
+                                   "T1000_gqa_mask")], ids=str)
+def test_low_precision_rule(case, backend, dtype):
+    """Error against fp64 at most 2x the same-dtype torch reference's error (plus a small atol)."""
+    _skip_heavy(case, backend)
+    inputs, cot = make_inputs(case, dtype)
+    got = run_fastattn(case, inputs, cot, backend)
+    same = run_fastattn(case, inputs, cot, "torch")
+    for name, t in got.items():
+        assert t.dtype == same[name].dtype, f"{name}: dtype {t.dtype} != torch backend's {same[name].dtype}"
+    _compare(got, run_reference(case, inputs, cot), dtype, same)
+
+
+def test_chunked_equals_recurrent():
+    for case in CASES:
+        inputs, cot = make_inputs(case, torch.float64, seed=1)
+        _compare(run_reference(case, inputs, cot, chunked=True), run_reference(case, inputs, cot), torch.float64)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_gradcheck_fp64(backend):
+    g = torch.Generator().manual_seed(3)
+    B, H, Hv, T, D, Dv = 1, 2, 1, 5, 3, 2
+    q = torch.rand(B, H, T, D, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.rand(B, H, T, D, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(B, Hv, T, Dv, generator=g, dtype=torch.float64).requires_grad_()
+    S0 = torch.rand(B, H, D, Dv, generator=g, dtype=torch.float64).requires_grad_()
+    z0 = torch.rand(B, H, D, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[False, True, True, True, True]])
+
+    def fn(q, k, v, S0, z0):
+        o, (S, z) = fastattn.linear_attention(q, k, v, state=(S0, z0), return_state=True, key_mask=mask,
+                                              backend=backend)
+        return o, S, z
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, S0, z0))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: fastattn.linear_attention(q, k, v, causal=False, backend=backend)[0], (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, S0: fastattn.linear_attention(q, k, v, normalize=False, state=(S0, None),
+                                                      backend=backend)[0], (q, k, v, S0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_split_and_resume_equals_one_call(backend, normalize):
+    g = torch.Generator().manual_seed(4)
+    B, H, Hv, T, D, Dv = 2, 3, 1, 150, 37, 12
+    q, k = torch.rand(2, B, H, T, D, generator=g)
+    v = torch.randn(B, Hv, T, Dv, generator=g)
+    full, (S, z) = fastattn.linear_attention(q, k, v, normalize=normalize, return_state=True, backend=backend)
+    state, parts = None, []
+    for lo, hi in ((0, 1), (1, 64), (64, 101), (101, T)):
+        o, state = fastattn.linear_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], normalize=normalize,
+                                             state=state, return_state=True, backend=backend)
+        parts.append(o)
+    assert_close("o", torch.cat(parts, 2), full.double(), torch.float32)
+    assert_close("S", state[0], S.double(), torch.float32)
+    if normalize:
+        assert_close("z", state[1], z.double(), torch.float32)
+    else:
+        assert state[1] is None and z is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causality(backend):
+    g = torch.Generator().manual_seed(5)
+    B, H, T, D, Dv, t = 1, 3, 130, 9, 6, 70
+    q, k = torch.rand(2, B, H, T, D, generator=g)
+    v = torch.randn(B, H, T, Dv, generator=g)
+    o1, _ = fastattn.linear_attention(q, k, v, backend=backend)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, t:] = torch.rand(B, H, T - t, D, generator=g)
+    k2[:, :, t:] = 5 * torch.rand(B, H, T - t, D, generator=g)
+    v2[:, :, t:] = 100.0
+    o2, _ = fastattn.linear_attention(q2, k2, v2, backend=backend)
+    torch.testing.assert_close(o2[:, :, :t], o1[:, :, :t], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(o2[:, :, t:], o1[:, :, t:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_decode_steps_equal_last_rows(backend, normalize):
+    g = torch.Generator().manual_seed(6)
+    B, H, Hv, T, D, Dv, n = 2, 3, 1, 70, 37, 10, 5
+    q, k = torch.rand(2, B, H, T, D, generator=g)
+    v = torch.randn(B, Hv, T, Dv, generator=g)
+    full, (S_full, z_full) = fastattn.linear_attention(q, k, v, normalize=normalize, return_state=True,
+                                                       backend=backend)
+    _, state = fastattn.linear_attention(q[:, :, :-n], k[:, :, :-n], v[:, :, :-n], normalize=normalize,
+                                         return_state=True, backend=backend)
+    S, z = state
+    for t in range(T - n, T):
+        o, (S2, z2) = fastattn.linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], (S, z),
+                                                     normalize=normalize, backend=backend)
+        assert S2 is S and z2 is z, "the decode step must update the state in place"
+        assert_close(f"o[{t}]", o, full[:, :, t].double(), torch.float32)
+    assert_close("S", S, S_full.double(), torch.float32)
+    if normalize:
+        assert_close("z", z, z_full.double(), torch.float32)
+
+
+def test_decode_step_with_autograd_is_out_of_place():
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.rand(2, 1, 2, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 3, generator=g, dtype=torch.float64)
+    S = torch.rand(1, 2, 4, 3, dtype=torch.float64).requires_grad_()
+    z = torch.rand(1, 2, 4, dtype=torch.float64).requires_grad_()
+    o, (S2, z2) = fastattn.linear_attention_step(q, k, v, (S, z))
+    assert S2 is not S
+    o.sum().backward()
+    assert S.grad is not None and z.grad is not None
+
+
+def test_reference_t0_and_t1():
+    q = torch.rand(1, 2, 0, 3)
+    o, S, z, den = linear_attention_recurrent(q, q, torch.rand(1, 2, 0, 4))
+    assert o.shape == (1, 2, 0, 4) and S.abs().sum() == 0 and z.shape == (1, 2, 3)
+    q = torch.rand(1, 2, 1, 3)
+    v = torch.rand(1, 2, 1, 4)
+    o, *_ = linear_attention_chunked(q, q, v, eps=0.0)
+    torch.testing.assert_close(o, v)  # one token: o = v exactly when eps = 0

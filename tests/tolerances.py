@@ -1,0 +1,47 @@
+"""The one place where test tolerances live.
+
+fp32/fp64: fixed atol/rtol, relative to the size of the reference. fp16/bf16: the error of the fast path
+against the fp64 reference may be at most 2x the error of the same-dtype torch reference, plus a small atol.
+A failure reports the mismatch count and the first indices.
+"""
+from __future__ import annotations
+
+import torch
+
+RTOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+LOW_PRECISION_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _report(name: str, got: torch.Tensor, ref: torch.Tensor, bad: torch.Tensor, bound: str) -> str:
+    idx = bad.nonzero()[:5].tolist()
+    err = (got - ref).abs()
+    return (f"{name}: {int(bad.sum())}/{bad.numel()} mismatches ({bound}); max abs err {err.max().item():.3e}; "
+            f"first indices {idx}; got {[got[tuple(i)].item() for i in idx]} "
+            f"ref {[ref[tuple(i)].item() for i in idx]}")
+
+
+def assert_close(name: str, got: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
+                 same_dtype_ref: torch.Tensor | None = None, scale: float | None = None) -> None:
+    """``got`` (any dtype) against the fp64 reference. ``dtype`` is the computation dtype of the inputs.
+
+    For fp16/bf16 pass ``same_dtype_ref``: the torch reference's result from the same low-precision inputs.
+    """
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
+    got = got.detach().double()
+    ref64 = ref64.detach().double()
+    assert torch.isfinite(got).all(), _report(name, got, ref64, ~torch.isfinite(got), "non-finite values")
+    if got.numel() == 0:
+        return
+    scale = max(1.0, ref64.abs().max().item()) if scale is None else scale
+    if dtype in RTOL:
+        tol = ATOL[dtype] * scale + RTOL[dtype] * ref64.abs()
+        bad = (got - ref64).abs() > tol
+        assert not bad.any(), _report(name, got, ref64, bad, f"atol {ATOL[dtype]}*{scale:.3g}, rtol {RTOL[dtype]}")
+        return
+    assert same_dtype_ref is not None, f"{name}: low-precision checks need the same-dtype reference"
+    ref_err = (same_dtype_ref.detach().double() - ref64).abs().max().item()
+    bound = 2 * ref_err + LOW_PRECISION_ATOL[dtype] * scale
+    err = (got - ref64).abs()
+    bad = err > bound
+    assert not bad.any(), _report(name, got, ref64, bad, f"2 x same-dtype reference error {ref_err:.3e} + atol")
