@@ -136,10 +136,10 @@ class _PositiveRandomFeatures(FeatureMap):
 
     Stabilisation (``stabilize=True``, the default) works in log space: for role "q" forward subtracts the
     per-token max over features, for role "k" one detached constant per (sequence, head): the max over the
-    call's tokens and features. The outputs are thus scaled per query row / per head: the scales cancel in
-    normalized linear attention (not in ``normalize=False``), and a key shift that differs between calls
-    feeding one recurrent state (chunked prefill, decode steps) would mix scales: use ``stabilize=False``
-    there. Keys whose log-features lie more than ~87 below the sequence's max underflow to 0 in fp32 (a causal
+    call's tokens and features, or the fixed per-head ``key_shift`` once ``calibrate_key_shift`` has set it.
+    The outputs are thus scaled per query row / per head: the scales cancel in normalized linear attention (not
+    in ``normalize=False``). A key shift that differs between calls feeding one recurrent state (chunked
+    prefill, decode steps) would mix scales: calibrate the key shift (or use ``stabilize=False``) there. Keys whose log-features lie more than ~87 below the sequence's max underflow to 0 in fp32 (a causal
     row that sees only such keys gets a zero denominator). ``stabilize=False`` gives the exact unbiased
     features; ``log_features`` the unshifted log-features (for log-space losses).
     """
@@ -147,6 +147,24 @@ class _PositiveRandomFeatures(FeatureMap):
     def __init__(self, head_dim: int, feature_dim: int, num_heads: int, *, stabilize: bool = True):
         super().__init__(head_dim, feature_dim, num_heads)
         self.stabilize = stabilize
+        # A fixed per-head key shift (NaN = unset): set by ``calibrate_key_shift`` so that every call feeding one
+        # recurrent state (prefill, then decode steps) uses the same key scale. Saved in the state dict.
+        self.register_buffer("key_shift", torch.full((num_heads,), float("nan")))
+
+    @property
+    def key_shift_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.key_shift).all())
+
+    @torch.no_grad()
+    def calibrate_key_shift(self, k: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """Fix the key shift to the max log-feature per head over keys k [B, H, T, head_dim] (key_mask [B, T]
+        excludes padding); returns it [H]. Afterwards forward(role="k") subtracts this constant."""
+        self._check_input(k, "k")
+        logf = self._log_features(k.float())
+        if key_mask is not None:
+            logf = logf.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+        self.key_shift.copy_(logf.amax(dim=(0, 2, 3)))
+        return self.key_shift
 
     def _projections(self) -> Tensor:
         raise NotImplementedError
@@ -167,6 +185,8 @@ class _PositiveRandomFeatures(FeatureMap):
 
     def _features(self, x: Tensor, role: str) -> Tensor:
         logf = self._log_features(x)
+        if self.stabilize and role == "k" and self.key_shift_calibrated:
+            return (logf - self.key_shift[:, None, None]).exp()
         if self.stabilize:
             logf = logf - logf.detach().amax(dim=_SHIFT_DIMS[role], keepdim=True)
         return logf.exp()

@@ -252,3 +252,22 @@ def test_elu1_relu_identity_when_square_else_random(name, act):
     assert wide.weight.shape == (3, d, 11)
     assert not torch.allclose(wide.weight[:, :, :d], torch.eye(d).expand(3, d, d))
     assert torch.allclose(wide(x, "k"), act(torch.einsum("bhtd,hdf->bhtf", x, wide.weight.detach())))
+
+
+def test_calibrated_key_shift_is_one_constant_across_calls():
+    torch.manual_seed(0)
+    fm = feature_maps.build("prf", head_dim=8, feature_dim=6, num_heads=2)
+    k = torch.randn(3, 2, 10, 8)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, :4] = False
+    assert not fm.key_shift_calibrated
+    shift = fm.calibrate_key_shift(k, mask).clone()
+    logf = fm.log_features(k, "k")
+    torch.testing.assert_close(shift, logf[1:].amax(dim=(0, 2, 3)).maximum(logf[0, :, 4:].amax(dim=(1, 2))))
+    # two separate calls (e.g. prefill, then one decode token) use the same scale as one call
+    whole = fm(k, "k")
+    parts = torch.cat([fm(k[:, :, :7], "k"), fm(k[:, :, 7:], "k")], dim=2)
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(whole, (logf - shift[:, None, None]).exp())
+    state = fm.state_dict()
+    assert "key_shift" in state and torch.equal(state["key_shift"], shift)
