@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ENCODERS = ("bert",)
 
 
 def _offline() -> None:
@@ -60,6 +61,10 @@ def _load_gguf(path: Path, cached: Path, dtype):
         raise ImportError("loading a GGUF needs the package gguf: pip install gguf")
     tok = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # the weights are dequantised now: drop the GGUF quantizer so the model saves as plain safetensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     try:
         cached.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(cached)
@@ -92,8 +97,7 @@ def load(name: str = "smollm2-135m", dtype=None, device=None):
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
         config = tf.AutoConfig.from_pretrained(path)
-        cls = tf.AutoModelForCausalLM if getattr(config, "is_decoder", True) and not config.model_type == "bert" \
-            else tf.AutoModel
+        cls = tf.AutoModel if config.model_type in ENCODERS else tf.AutoModelForCausalLM
         model = cls.from_pretrained(path, dtype=dtype)
         tok = tf.AutoTokenizer.from_pretrained(path)
     else:

@@ -1,0 +1,134 @@
+"""report.md, metrics.json and PNG plots of a distillation run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _plots(metrics: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    S = metrics["model"]["layers"]
+    layers = list(range(S))
+
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    per_head = metrics["dof"]["per_head"]
+    for i, heads in enumerate(per_head):
+        ax.scatter([i] * len(heads), heads, s=10, color="tab:gray", alpha=0.6, label="heads" if i == 0 else None)
+    ax.plot(layers, metrics["dof"]["per_layer"], "o-", color="tab:red", label="layer (max over heads)")
+    ax.set(xlabel="layer", ylabel=f"DoF (lambda={metrics['dof']['lam']:g})", title="Degrees of freedom per layer/head")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "dof_per_layer.png", dpi=120)
+    files.append("dof_per_layer.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    for rule, dims in metrics["allocations"].items():
+        ax.plot(layers, dims, "o-", label=f"{rule} (total {sum(dims)})", markersize=3)
+    ax.set(xlabel="layer", ylabel="feature dim M", title=f"Allocated feature dims, budget C={metrics['config']['budget']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "allocations.png", dpi=120)
+    files.append("allocations.png")
+    plt.close(fig)
+
+    summary = metrics["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    rules = list(summary)
+    axes[0].bar(rules, [summary[r]["loss_mean"] for r in rules], yerr=[summary[r]["loss_std"] for r in rules],
+                capsize=4, color="tab:blue")
+    axes[0].axhline(metrics["teacher"]["heldout"]["loss"], color="k", ls="--", label="teacher")
+    lo = min(metrics["teacher"]["heldout"]["loss"], *(summary[r]["loss_mean"] for r in rules))
+    axes[0].set_ylim(bottom=max(0.0, lo - 0.5))
+    axes[0].set(ylabel="held-out loss (nats)", title="Held-out next-token loss (mean +- std over seeds)")
+    axes[0].legend()
+    for rule in rules:
+        axes[1].plot(layers, summary[rule]["kl_per_layer"], "o-", markersize=3, label=rule)
+    axes[1].set(xlabel="layer", ylabel="KL(teacher row || student row)", title="Attention-row KL per layer",
+                yscale="log")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_and_kl.png", dpi=120)
+    files.append("loss_and_kl.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for key, run in metrics["runs"].items():
+        ax.plot([h["step"] for h in run["history"]], [h["loss"] for h in run["history"]], label=key)
+    ax.set(xlabel="step", ylabel=f"{metrics['config']['loss']} loss (mean over layers)", title="Training",
+           yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=120)
+    files.append("training.png")
+    plt.close(fig)
+    return files
+
+
+def _tp_rows(label: str, tp: dict) -> list[str]:
+    rows = [f"| {label} | prefill T={p['T']} | {p['ms']:.1f} ms | {p['tokens_per_s']:.0f} tok/s | |"
+            for p in tp["prefill"]]
+    g = tp["generate"]
+    mem = f"{g['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in g else ""
+    rows.append(f"| {label} | generate ctx {g['context']}, {g['new_tokens']} new | {g['seconds']:.2f} s "
+                f"| {g['tokens_per_s']:.1f} tok/s | {mem} |")
+    return rows
+
+
+def write_report(metrics: dict, out: Path, command: str) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    files = _plots(metrics, out)
+    cfg = metrics["config"]
+    teacher = metrics["teacher"]["heldout"]
+    lines = [
+        f"# Distillation of {cfg['model']} into linear attention ({cfg['preset']} preset)", "",
+        f"Command: `{command}`", "",
+        f"Device {metrics['device']} ({metrics['dtype']}); text: {metrics['provenance']}; tokens: calibration "
+        f"{metrics['tokens']['calib']}, training {metrics['tokens']['train']}, held-out {metrics['tokens']['heldout']}; "
+        f"context {cfg['context']}; feature map {cfg['feature_map']}; loss {cfg['loss']} "
+        f"(lr z {cfg['lr_z']}, alpha {cfg['lr_alpha']}); budget C = {cfg['budget']} per layer; "
+        f"seeds {list(cfg['seeds'])}.", "",
+        "## Held-out next-token loss", "",
+        "| model | total feature dim | held-out loss (mean +- std) | gap to teacher | ppl | mean attention KL |",
+        "|---|---|---|---|---|---|",
+        f"| teacher (softmax) | - | {teacher['loss']:.4f} | 0 | {teacher['ppl']:.2f} | - |"]
+    import math
+    for rule, row in metrics["summary"].items():
+        lines.append(f"| {rule} | {row['total_dim']} | {row['loss_mean']:.4f} +- {row['loss_std']:.4f} (n={row['n']}) "
+                     f"| {row['gap']:+.4f} | {math.exp(row['loss_mean']):.2f} | {row['kl_mean']:.4f} |")
+        if "stage2_loss_mean" in row:
+            lines.append(f"| {rule} + stage 2 | {row['total_dim']} | {row['stage2_loss_mean']:.4f} "
+                         f"| {row['stage2_gap']:+.4f} | {math.exp(row['stage2_loss_mean']):.2f} | - |")
+    lines += ["", "![loss and KL](loss_and_kl.png)", "", "## Degrees of freedom and allocations", "",
+              f"DoF at lambda = {metrics['dof']['lam']:g} from {metrics['dof']['samples_per_head']} sampled "
+              "post-RoPE q/k vectors per head (trace-normalised Gram of exp(x.y/sqrt d)); layer value = max over heads.",
+              "", "| layer | DoF (max head) | heads (min / median / max) | " +
+              " | ".join(metrics["allocations"]) + " |",
+              "|---|---|---|" + "---|" * len(metrics["allocations"])]
+    for i, (d, heads) in enumerate(zip(metrics["dof"]["per_layer"], metrics["dof"]["per_head"])):
+        hs = sorted(heads)
+        dims = " | ".join(str(metrics["allocations"][r][i]) for r in metrics["allocations"])
+        lines.append(f"| {i} | {d:.1f} | {hs[0]:.1f} / {hs[len(hs) // 2]:.1f} / {hs[-1]:.1f} | {dims} |")
+    lines += ["", "![DoF](dof_per_layer.png)", "", "![allocations](allocations.png)", "",
+              "## Per-run results", "", "| run | held-out loss | mean KL | train s |", "|---|---|---|---|"]
+    for key, run in metrics["runs"].items():
+        kl = [x for x in run["kl_per_layer"] if x == x]
+        lines.append(f"| {key} | {run['heldout']['loss']:.4f} | {sum(kl) / max(1, len(kl)):.4f} "
+                     f"| {run['train_seconds']:.0f} |")
+    lines += ["", "![training](training.png)", ""]
+    if "throughput" in metrics["teacher"] and "throughput" in metrics.get("student", {}):
+        lines += ["## Throughput (B=1)", "", "| model | what | time | rate | peak memory |", "|---|---|---|---|---|"]
+        lines += _tp_rows("teacher (SDPA, KV cache)", metrics["teacher"]["throughput"])
+        lines += _tp_rows(f"student ({metrics['student']['rule']}, recurrent state)", metrics["student"]["throughput"])
+        lines.append("")
+    lines += ["## Generated text (greedy)", ""]
+    for prompt, t, s in zip(cfg["prompts"], metrics["teacher"]["text"], metrics["student"]["text"]):
+        lines += [f"**{prompt}**", "", f"- teacher: {t!r}", f"- student ({metrics['student']['rule']}): {s!r}", ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"

@@ -1,0 +1,193 @@
+"""The distillation experiment: DoF of the teacher, allocations at one budget, layerwise training per
+(rule, seed), evaluation, and the report. Every (rule, seed) run is saved as it finishes, so a rerun resumes."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .. import dof
+from ..hf import adapters, attention_modules, head_counts, linearize, save_linearized, softmax_attention
+from . import data
+from .capture import capture_batch, sample_qk
+from .config import DistillConfig
+from .evaluate import attention_kl, generate_text, generate_throughput, heldout_loss, prefill_throughput
+from .train import train_direct, train_layerwise
+
+ALLOCATION_RULES = {  # our rule names -> fastattn.dof.allocate_feature_dims arguments
+    "uniform": dict(rule="uniform"),
+    "dof": dict(rule="proportional"),
+    "dof_clip": dict(rule="clip"),
+    "sqrt": dict(rule="sqrt"),
+}
+
+
+def resolve_device(cfg: DistillConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" else names[cfg.dtype]
+    return device, dtype
+
+
+def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [ids[s:s + batch_size] for s in range(0, ids.shape[0], batch_size)]
+
+
+def teacher_dof(model, calib: list[torch.Tensor], cfg: DistillConfig) -> dict:
+    """Per-head DoF [S, H] of every layer's post-RoPE q/k at cfg.lam, and the layer values (max over heads)."""
+    res = sample_qk(model, calib, max_per_head=cfg.dof_samples, seed=0)
+    per_head = []
+    for layer in range(len(attention_modules(model))):
+        q, k = res.get(layer)
+        per_head.append(dof.degrees_of_freedom(q, k, cfg.lam, num_samples=cfg.dof_samples, seed=layer).tolist())
+    per_layer = [max(h) for h in per_head]
+    return {"lam": cfg.lam, "per_head": per_head, "per_layer": per_layer, "samples_per_head": cfg.dof_samples}
+
+
+def allocations(dof_per_layer: list[float], cfg: DistillConfig, head_dim: int) -> dict[str, list[int]]:
+    out = {}
+    for rule in cfg.rules:
+        kw = dict(ALLOCATION_RULES[rule])
+        if rule == "dof_clip":
+            kw["max_dim"] = head_dim  # the paper's DoF+Clip: cap at the head dim, no redistribution
+        out[rule] = dof.allocate_feature_dims(dof_per_layer, cfg.budget, min_dim=cfg.min_dim, **kw)
+    return out
+
+
+def calibrate_key_shifts(model, calib_batch: list[dict]) -> None:
+    """Fix each PRF key shift on calibration keys so prefill and decode steps share one key scale."""
+    for i, adapter in adapters(model).items():
+        fm = adapter.feature_map
+        if hasattr(fm, "calibrate_key_shift"):
+            k = calib_batch[i]["k"].float()
+            groups = adapter.num_heads // adapter.num_kv_heads
+            fm.calibrate_key_shift(k.repeat_interleave(groups, 1) if groups > 1 else k)
+
+
+def _throughput(model, tok, cfg: DistillConfig, device) -> dict:
+    vocab = len(tok)
+    return {"prefill": [prefill_throughput(model, vocab, T, device) for T in cfg.throughput_lengths],
+            "generate": generate_throughput(model, vocab, cfg.throughput_gen_context, 32 if device.type == "cpu"
+                                            else 128, device)}
+
+
+def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
+    out = Path(cfg.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    device, dtype = resolve_device(cfg)
+    from .. import models
+    t0 = time.time()
+    model, tok = models.load(cfg.model, dtype=dtype, device=device)
+    if not hasattr(model, "generate") or not getattr(attention_modules(model)[0], "is_causal", True):
+        raise ValueError(f"fastattn distill trains causal LMs; {cfg.model!r} is an encoder")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    heads, kv_heads, head_dim = head_counts(model)
+    S = len(attention_modules(model))
+    log(f"loaded {cfg.model} ({S} layers, {heads} heads, {kv_heads} kv heads, head dim {head_dim}) on {device} "
+        f"{dtype} in {time.time() - t0:.1f}s")
+
+    calib_ids = data.sequences(tok, "calib", cfg.context, cfg.calib_sequences).to(device)
+    train_ids = data.sequences(tok, "train", cfg.context, cfg.train_sequences).to(device)
+    held_ids = data.sequences(tok, "heldout", cfg.context, cfg.eval_sequences).to(device)
+    metrics = {"config": cfg.to_dict(), "device": str(device), "dtype": str(dtype), "provenance": data.provenance(),
+               "model": {"name": cfg.model, "layers": S, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim},
+               "tokens": {"calib": calib_ids.numel(), "train": train_ids.numel() * cfg.epochs,
+                          "heldout": held_ids.numel()}}
+
+    # ---- teacher: DoF, allocations, held-out loss, captured q/k for training ----
+    with softmax_attention(model):
+        t0 = time.time()
+        metrics["dof"] = teacher_dof(model, _batches(calib_ids, cfg.batch_size), cfg)
+        log(f"DoF per layer (lambda={cfg.lam:g}): {[round(x, 1) for x in metrics['dof']['per_layer']]} "
+            f"({time.time() - t0:.1f}s)")
+        metrics["allocations"] = allocations(metrics["dof"]["per_layer"], cfg, head_dim)
+        for rule, dims in metrics["allocations"].items():
+            log(f"  {rule:>9}: {dims} (total {sum(dims)})")
+        metrics["teacher"] = {"heldout": heldout_loss(model, held_ids, cfg.batch_size)}
+        log(f"teacher held-out loss {metrics['teacher']['heldout']['loss']:.4f}")
+        if cfg.throughput:
+            metrics["teacher"]["throughput"] = _throughput(model, tok, cfg, device)
+        metrics["teacher"]["text"] = generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)
+        keep_vo = cfg.loss == "output_mse"
+        teacher_batches = [capture_batch(model, ids, keep_vo) for ids in _batches(train_ids, cfg.batch_size)] \
+            if cfg.loss != "direct" else []
+        calib_capture = capture_batch(model, calib_ids[:cfg.batch_size])
+        held_capture = capture_batch(model, held_ids[:cfg.batch_size])
+
+    # ---- students: one per (rule, seed) ----
+    metrics["runs"] = {}
+    for rule, dims in metrics["allocations"].items():
+        for seed in cfg.seeds:
+            key = f"{rule}_s{seed}"
+            run_dir = out / "runs" / key
+            done = run_dir / "metrics.json"
+            if cfg.resume and done.exists():
+                metrics["runs"][key] = json.loads(done.read_text())
+                log(f"{key}: resumed from {done}")
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            linearize(model, dims, feature_map=cfg.feature_map, softmax_layers=cfg.softmax_layers, seed=1000 * seed)
+            t0 = time.time()
+            if cfg.loss == "direct":
+                steps = cfg.epochs * -(-train_ids.shape[0] // cfg.batch_size)
+                history = train_direct(model, train_ids, cfg, steps, progress=progress)
+            else:
+                history = train_layerwise(model, teacher_batches, cfg, ckpt=run_dir / "ckpt.pt", progress=progress)
+            calibrate_key_shifts(model, calib_capture)
+            result = {"rule": rule, "seed": seed, "dims": dims, "train_seconds": time.time() - t0,
+                      "history": history, "heldout": heldout_loss(model, held_ids, cfg.batch_size),
+                      "kl_per_layer": attention_kl(model, held_capture)}
+            if cfg.stage2 == "finetune" and cfg.stage2_steps:
+                result["stage2_history"] = train_direct(model, train_ids, cfg, cfg.stage2_steps,
+                                                        lr_scale=cfg.stage2_lr / cfg.lr_z, progress=progress,
+                                                        desc="stage 2")
+                result["stage2_heldout"] = heldout_loss(model, held_ids, cfg.batch_size)
+            save_linearized(model, run_dir / "adapters")
+            done.write_text(json.dumps(result, indent=1))
+            (run_dir / "ckpt.pt").unlink(missing_ok=True)
+            metrics["runs"][key] = result
+            log(f"{key}: held-out loss {result['heldout']['loss']:.4f} (teacher "
+                f"{metrics['teacher']['heldout']['loss']:.4f}), mean KL {_mean(result['kl_per_layer']):.4f}, "
+                f"{result['train_seconds']:.0f}s")
+
+    # ---- the student of the first DoF-sized rule: text and throughput ----
+    show = "dof" if "dof" in metrics["allocations"] else next(iter(metrics["allocations"]))
+    from ..hf import load_linearized
+    load_linearized(model, out / "runs" / f"{show}_s{cfg.seeds[0]}" / "adapters")
+    metrics["student"] = {"rule": show, "text": generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)}
+    if cfg.throughput:
+        metrics["student"]["throughput"] = _throughput(model, tok, cfg, device)
+    metrics["summary"] = summarize(metrics)
+    return metrics
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(metrics: dict) -> dict:
+    """Per rule: held-out loss mean and std over seeds, gap to the teacher, mean KL per layer."""
+    teacher = metrics["teacher"]["heldout"]["loss"]
+    out = {}
+    for rule in metrics["allocations"]:
+        runs = [r for r in metrics["runs"].values() if r["rule"] == rule]
+        losses = [r["heldout"]["loss"] for r in runs]
+        row = {"n": len(runs), "loss_mean": statistics.fmean(losses),
+               "loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+               "kl_per_layer": [statistics.fmean(v) for v in zip(*(r["kl_per_layer"] for r in runs))],
+               "total_dim": sum(metrics["allocations"][rule])}
+        row["gap"] = row["loss_mean"] - teacher
+        row["kl_mean"] = _mean(row["kl_per_layer"])
+        if runs and "stage2_heldout" in runs[0]:
+            s2 = [r["stage2_heldout"]["loss"] for r in runs]
+            row["stage2_loss_mean"] = statistics.fmean(s2)
+            row["stage2_gap"] = row["stage2_loss_mean"] - teacher
+        out[rule] = row
+    return out

@@ -1,0 +1,113 @@
+"""Layerwise training of the feature maps on cached teacher q/k (one teacher forward feeds all layers), the
+"direct" next-token objective, and the optional end-to-end second stage."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..hf import adapters
+from .losses import LOSSES
+
+
+def optimizer(model: nn.Module, cfg, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """Adam over the feature maps with the paper's learning rates: z 0.02, log_alpha 0.2 (others: lr_other)."""
+    groups = {"z": [], "log_alpha": [], "other": []}
+    for adapter in adapters(model).values():
+        for name, p in adapter.feature_map.named_parameters():
+            groups[name if name in groups else "other"].append(p)
+    lrs = {"z": cfg.lr_z, "log_alpha": cfg.lr_alpha, "other": cfg.lr_other}
+    return torch.optim.Adam([{"params": ps, "lr": lrs[n] * lr_scale, "name": n} for n, ps in groups.items() if ps])
+
+
+def _scaling(model) -> float:
+    from ..hf import head_counts
+    return head_counts(model)[2] ** -0.5
+
+
+def _checkpoint(path: Path | None, step: int, model, opt, history) -> None:
+    if path is None:
+        return
+    state = {"step": step, "adapters": {i: a.state_dict() for i, a in adapters(model).items()},
+             "optimizer": opt.state_dict(), "history": history}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _restore(path: Path | None, model, opt) -> tuple[int, list]:
+    if path is None or not path.exists():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for i, a in adapters(model).items():
+        a.load_state_dict(state["adapters"][i])
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], state["history"]
+
+
+def train_layerwise(model, teacher_batches: list[list[dict]], cfg, ckpt: Path | None = None,
+                    progress: bool = True) -> list[dict]:
+    """Train every layer's feature map on its own teacher q/k; returns the per-step history
+    [{"step", "loss" (mean over layers), "per_layer": [...]}]."""
+    from tqdm.auto import tqdm
+    loss_fn = LOSSES[cfg.loss]
+    ads = adapters(model)
+    from ..hf import attention_modules
+    causal = getattr(attention_modules(model)[0], "is_causal", True)
+    opt = optimizer(model, cfg)
+    start, history = _restore(ckpt, model, opt)
+    total = cfg.epochs * len(teacher_batches)
+    scaling = _scaling(model)
+    bar = tqdm(total=total, initial=start, desc=f"layerwise {cfg.loss}", disable=not progress, leave=False)
+    for step in range(start, total):
+        batch = teacher_batches[step % len(teacher_batches)]
+        opt.zero_grad(set_to_none=True)
+        per_layer = []
+        for i, adapter in ads.items():
+            loss, _ = loss_fn(adapter, batch[i], scaling, causal)
+            loss.backward()                    # layers share no parameters: one backward each bounds memory
+            per_layer.append(loss.item())
+        opt.step()
+        history.append({"step": step + 1, "loss": sum(per_layer) / len(per_layer), "per_layer": per_layer})
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            _checkpoint(ckpt, step + 1, model, opt, history)
+    bar.close()
+    return history
+
+
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of ids [B, T]."""
+    logits = model(ids, use_cache=False).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: float = 1.0,
+                 progress: bool = True, desc: str = "direct") -> list[dict]:
+    """End-to-end next-token training of the feature maps only (base weights frozen): the "direct" loss and
+    the second stage."""
+    from tqdm.auto import tqdm
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    feature = {id(p) for a in adapters(model).values() for p in a.parameters()}
+    for p in frozen:
+        p.requires_grad_(id(p) in feature)
+    opt = optimizer(model, cfg, lr_scale)
+    history = []
+    n = train_ids.shape[0]
+    try:
+        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n
+            opt.zero_grad(set_to_none=True)
+            loss = lm_loss(model, train_ids[idx])
+            loss.backward()
+            opt.step()
+            history.append({"step": step + 1, "loss": loss.item()})
+            if not math.isfinite(history[-1]["loss"]):
+                raise FloatingPointError(f"{desc} loss became {history[-1]['loss']} at step {step + 1}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return history

@@ -1,0 +1,97 @@
+"""The distillation driver end to end on a tiny local model (offline), plus its pieces."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from fastattn import hf  # noqa: E402
+from fastattn.cli import main as cli_main  # noqa: E402
+from fastattn.distill import data, make_config  # noqa: E402
+from fastattn.distill.capture import capture_batch  # noqa: E402
+from fastattn.distill.losses import LOSSES, attention_rows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a BPE tokenizer trained on the offline corpus, saved as a local HF directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tk.train_from_iterator([data.corpus()[:50000]], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>",
+                                                                                                        "<eos>"]))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>",
+                                               pad_token="<eos>")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_corpus_splits_are_disjoint_and_offline():
+    text = data.corpus()
+    assert len(text) > 400_000
+    spans = [tuple(int(f * len(text)) for f in data.SPLITS[s]) for s in ("calib", "train", "heldout")]
+    assert spans[0][1] <= spans[1][0] and spans[1][1] <= spans[2][0]
+
+
+def test_losses_are_zero_only_for_a_perfect_student_and_differentiable(tiny_model_dir):
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = capture_batch(model, ids, keep_vo=True)
+    hf.linearize(model, 16)
+    adapter = hf.adapters(model)[0]
+    teacher, student = attention_rows(adapter, batch[0], 8 ** -0.5)
+    assert torch.allclose(teacher.exp().sum(-1), torch.ones(()), atol=1e-5)
+    assert torch.allclose(student.sum(-1), torch.ones(()), atol=1e-5)
+    for name, fn in LOSSES.items():
+        loss, info = fn(adapter, batch[0], 8 ** -0.5)
+        assert loss.item() > 0 and torch.isfinite(loss), name
+        loss.backward()
+        assert adapter.feature_map.z.grad is not None and adapter.feature_map.z.grad.abs().sum() > 0, name
+        adapter.feature_map.zero_grad()
+
+
+def test_tiny_end_to_end_cli_run_and_resume(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["distill", "--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(out), "--budget", "8",
+            "--rules", "uniform,dof,dof_clip", "--lam", "0.01", "--prompts", "hello", "--stage2", "finetune",
+            "--stage2-steps", "2"]
+    assert cli_main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("report.md", "dof_per_layer.png", "allocations.png", "loss_and_kl.png", "training.png",
+                 "config.json", "command.txt"):
+        assert (out / name).exists(), name
+    alloc = metrics["allocations"]
+    assert sum(alloc["uniform"]) == sum(alloc["dof"]) == 3 * 8 and alloc["uniform"] == [8, 8, 8]
+    assert max(alloc["dof_clip"]) <= 8  # capped at the head dim
+    assert len(metrics["dof"]["per_head"]) == 3 and len(metrics["dof"]["per_head"][0]) == 6
+    for key, run in metrics["runs"].items():
+        assert run["heldout"]["loss"] > 0 and len(run["kl_per_layer"]) == 3
+        assert run["history"][-1]["loss"] < run["history"][0]["loss"] * 1.5
+        assert "stage2_heldout" in run
+        assert (out / "runs" / key / "adapters" / "fastattn.json").exists()
+    report = (out / "report.md").read_text()
+    assert "Held-out next-token loss" in report and "dof_clip" in report
+    # rerun: every (rule, seed) is resumed from its saved metrics, nothing retrains
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("resumed from") == 3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="rules must be"):
+        make_config("tiny", rules=("bogus",))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        make_config("tiny", nonsense=1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("huge")
