@@ -153,6 +153,7 @@ def _rel_err(got, ref) -> float:
 
 
 def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool) -> list[dict]:
+    """Correctness (against fp64) then timing of our backends and fla at one shape; bf16, "bthd" memory."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     # "bthd" memory as fla takes it; positive features for the normalized form
@@ -253,6 +254,17 @@ def bench_decode(B, H, D, Dv, ours) -> list[dict]:
     return rows
 
 
+def _partial(args, rows: list[dict]) -> None:
+    """Print and append rows as they are measured, so a run cut short still leaves its numbers."""
+    path = Path(args.out) / "linear_attn_partial.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            line = json.dumps(row)
+            print(line, flush=True)
+            f.write(line + "\n")
+
+
 def bench_gpu(args) -> dict:
     dtype = torch.bfloat16
     ours = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)]
@@ -263,11 +275,17 @@ def bench_gpu(args) -> dict:
     rows, sdpa = [], []
     for T in Ts:
         sdpa.append(bench_sdpa(65536 // T, 8, T, dtype))
+        _partial(args, sdpa[-1:])
         for D in Ds:
-            rows += bench_gpu_one(65536 // T, 8, T, D, 64, ours, fla_fn, bw, dtype, check=not args.no_check)
-            print(json.dumps(rows[-1]), flush=True)
-    rows += bench_gpu_one(1, 9, 65536, 64, 64, ours, fla_fn, bw, dtype, check=not args.no_check)
+            fla_here = fla_fn if (args.fla_dims is None or D in args.fla_dims) else None
+            new = bench_gpu_one(65536 // T, 8, T, D, 64, ours, fla_here, bw, dtype, check=not args.no_check)
+            _partial(args, new)
+            rows += new
+    new = bench_gpu_one(1, 9, 65536, 64, 64, ours, fla_fn, bw, dtype, check=not args.no_check)
+    _partial(args, new)
+    rows += new
     decode = bench_decode(1, 9, 64, 64, ours) + bench_decode(64, 9, 64, 64, ours)
+    _partial(args, decode)
     by_T = {r["T"]: r for r in sdpa}
     for r in rows:
         fla_row = next((x for x in rows if x["impl"] == "fla" and x["normalize"] and x["T"] == r["T"]
@@ -317,6 +335,8 @@ def main(argv=None) -> dict:
     p.add_argument("--T", type=int, default=None, help="CPU: sequence length (default 4096)")
     p.add_argument("--D", default=None, help="GPU: comma-separated feature dims")
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--fla-dims", default=None, type=lambda s: [int(x) for x in s.split(",")],
+                   help="GPU: run fla only at these feature dims (each new D costs fla a compile + autotune)")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--cpu", action="store_true", help="run the CPU benchmark even when CUDA is present")
     p.add_argument("--out", default=str(ROOT / "results"), help="directory for the JSON and markdown results")

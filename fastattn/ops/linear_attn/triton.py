@@ -1,0 +1,353 @@
+"""Triton backend for linear attention: host launchers for ``triton_kernels.py`` (contract and math: README.md).
+
+Schedule (details in ``triton_kernels``): the sequence is cut into NS segments of CPS chunks of BT = 64 tokens;
+NS is chosen so that the grid fills the GPU (NS = 1, a single fused pass, when B * H * tiles already does).
+  forward:  [segment sums -> scan]                    -> fwd_kernel            [-> sum_partials (D > 64)]
+  backward: [segment sums -> scan] [c pass, big dims] -> bwd_dq_kernel (c fused for D, Dv <= 64)
+            [reverse segment sums -> scan]            -> bwd_dkdv_kernel       [-> sum_partials]
+Bracketed steps run only when needed: the state steps when NS > 1 or for the non-causal form, the reductions
+when a feature dim has several tiles (or GQA, for dv). Feature dims are compile-time constants; T, the segment
+counts and the strides that scale with T are not specialised, so a new T never compiles a new kernel.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .layout import empty_output
+
+try:
+    import triton
+    from . import triton_kernels as _k
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
+    triton, _k = None, None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _interpreter_compat() -> None:
+    """Bugs of Triton 3.6's interpreter (TRITON_INTERPRET=1: CPU runs and CI) that these kernels hit:
+    - loop bounds become ints through ``int(array of shape [1])``, which numpy >= 2.4 rejects: take the element;
+    - ``tl.dot`` multiplies bf16 tiles as their raw uint16 storage: widen bf16 operands to fp32 first (exact);
+    - fp32 -> bf16 casts truncate: round to nearest even, as the GPU (and torch) does.
+    Compiled kernels are unaffected; the patches are idempotent and touch only the interpreter."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original_patch = interpreter._patch_lang_tensor
+    if not getattr(original_patch, "_fastattn_fix", False):
+        try:
+            int(np.zeros(1, dtype=np.int32))
+        except TypeError:
+            def patch_lang_tensor(tensor, scope):
+                original_patch(tensor, scope)
+                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+            patch_lang_tensor._fastattn_fix = True
+            interpreter._patch_lang_tensor = patch_lang_tensor
+
+    builder = interpreter.InterpreterBuilder
+    original_dot = builder.create_dot
+    if not getattr(original_dot, "_fastattn_fix", False):
+        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            if a.dtype.scalar == tl.bfloat16:
+                a = self.cast_impl(a, tl.float32)
+            if b.dtype.scalar == tl.bfloat16:
+                b = self.cast_impl(b, tl.float32)
+            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+        create_dot._fastattn_fix = True
+        builder.create_dot = create_dot
+
+    original_cast = builder.cast_impl
+    if not getattr(original_cast, "_fastattn_fix", False):
+        def cast_impl(self, src, dst_type):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+                rne = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite values
+                return interpreter.TensorHandle(rne, tl.bfloat16)
+            return original_cast(self, src, dst_type)
+
+        cast_impl._fastattn_fix = True
+        builder.cast_impl = cast_impl
+
+
+if _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_compat()
+
+BT = 64                           # chunk length
+SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (None: from the GPU size)
+
+_SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
+_F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class _Config:
+    BK: int
+    BV: int
+    warps: int
+    stages: int       # software pipelining of the per-chunk loads
+
+
+def _tile(d: int) -> int:
+    """Feature tile: a power of two in 16..64 (the MMA needs >= 16; tails are masked in the kernel)."""
+    return 16 if d <= 16 else 32 if d <= 32 else 64
+
+
+@functools.lru_cache(maxsize=None)
+def _config(D: int, Dv: int) -> _Config:
+    """One fixed config per (D, Dv) bucket: no autotuning, one compile per distinct dim. Measured on the H200
+    (D = Dv = 64, bf16): one warpgroup per program (4 warps, wgmma on 64-row tiles) beats 8 warps by 2x in the
+    backward. 3 load stages were ~5-10% faster but hit illegal memory accesses in the bf16 backward (dkdv with
+    a 64 x 16 state tile) under Triton 3.6, so 2 stages it is."""
+    return _Config(BK=_tile(D), BV=_tile(Dv), warps=4, stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter runs: plan as for an H200
+
+
+def _segments(NT: int, programs_per_segment: int, device: torch.device) -> tuple[int, int]:
+    """(chunks per segment, segments). Splitting T costs an extra read of k, v (and of q, do in the backward)
+    for the segment states, so T is split only when the grid would fill less than half the SMs, and then
+    into enough segments for about one program per SM."""
+    if SEGMENT_CHUNKS is not None:
+        cps = max(1, min(SEGMENT_CHUNKS, NT))
+    else:
+        sms = _num_sms(device)
+        ns = 1 if 2 * programs_per_segment >= sms else min(NT, triton.cdiv(sms, programs_per_segment))
+        cps = triton.cdiv(NT, ns)
+    return cps, triton.cdiv(NT, cps)
+
+
+def _aligned(*ts: Tensor) -> bool:
+    """Batch, head and token strides all multiples of 16 elements: lets the kernels assume aligned rows. It
+    includes the token stride so that the answer does not change with T for "bhtd" or "bthd" memory."""
+    return all(all(s % 16 == 0 for s in t.stride()[:3]) for t in ts)
+
+
+def _mask_args(key_mask: Tensor | None, dummy: Tensor):
+    """(mask [B, T] as uint8, its strides, present?); the bool storage is reused, no copy."""
+    if key_mask is None:
+        return dummy, 0, 0, False
+    m = key_mask.view(torch.uint8)
+    return m, m.stride(0), m.stride(1), True
+
+
+def _state_src(S: Tensor | None, z: Tensor | None, dummy: Tensor):
+    """Kernel arguments for one state shared by every segment: S [B, H, D, Dv], z [B, H, D] (None: zeros)."""
+    sS = (S.stride(0), S.stride(1), 0, S.stride(2), S.stride(3)) if S is not None else (0,) * 5
+    sz = (z.stride(0), z.stride(1), 0, z.stride(2)) if z is not None else (0,) * 4
+    return (S if S is not None else dummy, z if z is not None else dummy), sS + sz, (S is not None, z is not None)
+
+
+def _segment_src(hs: Tensor, hz: Tensor | None, dummy: Tensor):
+    """Kernel arguments for per-segment states hs [B, H, NS, D, Dv], hz [B, H, NS, D]."""
+    sz = tuple(hz.stride()) if hz is not None else (0,) * 4
+    return (hs, hz if hz is not None else dummy), tuple(hs.stride()) + sz, (True, hz is not None)
+
+
+def _segment_states(y, w, GW, mask_args, den, aw, init, init_z, out, out_z, NS, CPS, H, reverse, exclusive,
+                    split, align):
+    """Run chunk_state_kernel + state_scan_kernel. Returns (hs, hz): the state entering each segment (exclusive)
+    or the raw sums; out / out_z get init + all sums. aw: per-token weights for hz (None: ones)."""
+    B, _, T, D = y.shape
+    Dv = w.shape[3]
+    cfg = _config(D, Dv)
+    NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
+    aug = 0 if out_z is None else (1 if aw is None else 2)
+    hs = torch.empty(B, H, NS, D, Dv, dtype=_F32, device=y.device)
+    hz = torch.empty(B, H, NS, D, dtype=_F32, device=y.device) if aug else None
+    mask, smb, smt, has_mask = mask_args
+    _k.chunk_state_kernel[(NK * NV * NS * B * H,)](
+        y, w, mask, den if den is not None else hs, aw if aw is not None else hs, hs, hz if aug else hs,
+        *y.stride(), *w.stride(), smb, smt, T, CPS, NS, H, GW,
+        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, NV=NV, HAS_MASK=has_mask, HAS_DEN=den is not None,
+        AUG=aug, SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
+    sS = init.stride() if init is not None else (0,) * 4
+    sz = init_z.stride() if init_z is not None else (0,) * 3
+    _k.state_scan_kernel[(NK * NV * B * H,)](
+        hs, hz if aug else hs, init if init is not None else hs, init_z if init_z is not None else hs,
+        out, out_z if aug else out, *sS, *sz, NS, H,
+        D=D, DV=Dv, BK=cfg.BK, BV=cfg.BV, NV=NV, REVERSE=reverse, EXCLUSIVE=exclusive,
+        HAS_H0=init is not None, HAS_Z0=aug != 0 and init_z is not None, AUG=aug != 0, num_warps=4)
+    return hs, hz
+
+
+def _sum_partials(part, dpart, out, P, H, eps=0.0, den=None):
+    """out [B, H, T, X] (any strides) = sum over P fp32 partials [P, B*H, T, X]; with den: / (sum dpart + eps)."""
+    B, _, T, X = out.shape
+    BX = min(64, triton.next_power_of_2(X))
+    _k.sum_partials_kernel[(triton.cdiv(T, 64), triton.cdiv(X, BX), B * H)](
+        part, dpart if dpart is not None else part, out, den if den is not None else part, P, T, H, *out.stride(),
+        eps, X=X, BT=64, BX=BX, HAS_DEN=den is not None, num_warps=4)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | None, key_mask: Tensor | None,
+            causal: bool, normalize: bool, eps: float):
+    """q, k [B, H, T, D]; v [B, Hv, T, Dv] -> (o [B, H, T, Dv] q.dtype, S [B, H, D, Dv], z [B, H, D], den [B, H, T])
+    (fp32 state; z and den None when normalize=False)."""
+    B, H, T, D = q.shape
+    Hv, Dv = v.shape[1], v.shape[3]
+    dev = q.device
+    o = empty_output(q, Dv)
+    S = torch.empty(B, H, D, Dv, dtype=_F32, device=dev)
+    z = torch.empty(B, H, D, dtype=_F32, device=dev) if normalize else None
+    den = torch.empty(B, H, T, dtype=_F32, device=dev) if normalize else None
+    z0 = z0 if normalize else None
+    if T == 0:
+        S.copy_(S0) if S0 is not None else S.zero_()
+        if normalize:
+            z.copy_(z0) if z0 is not None else z.zero_()
+        return o, S, z, den
+    cfg = _config(D, Dv)
+    NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
+    CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev)
+    split, align = _SPLIT[q.dtype], _aligned(q, k, v, o)
+    mask_args = _mask_args(key_mask, q)
+    if causal and NS == 1:
+        ptrs, strides, (has_h, has_z) = _state_src(S0, z0, q)
+    else:
+        hs, hz = _segment_states(k, v, H // Hv, mask_args, None, None, S0, z0, S, z, NS, CPS, H,
+                                 reverse=False, exclusive=causal, split=split, align=align)
+        ptrs, strides, (has_h, has_z) = _segment_src(hs, hz, q) if causal else _state_src(S, z, q)
+    mode = 0 if NK == 1 else 1
+    part = torch.empty(NK, B * H, T, Dv, dtype=_F32, device=dev) if mode else S
+    dpart = torch.empty(NK, B * H, T, dtype=_F32, device=dev) if mode and normalize else S
+    mask, smb, smt, _ = mask_args
+    _k.fwd_kernel[(NK * NV * NS * B * H,)](
+        q, k, v, o, mask, *ptrs, den if normalize else S, part, dpart, S, z if normalize else S,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smt, *strides,
+        T, CPS, NS, H, H // Hv, eps,
+        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, NV=NV, CAUSAL=causal, NORMALIZE=normalize,
+        HAS_MASK=key_mask is not None, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=causal and NS == 1, MODE=mode,
+        SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
+    if mode:
+        _sum_partials(part, dpart if normalize else None, o, NK, H, eps, den)
+    return o, S, z, den
+
+
+def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+             den: Tensor | None, S0: Tensor | None, z0: Tensor | None, key_mask: Tensor | None, causal: bool,
+             normalize: bool, eps: float):
+    """-> (dq, dk [B, H, T, D] q.dtype, dv [B, Hv, T, Dv] v.dtype, dS0 [B, H, D, Dv], dz0 [B, H, D] or None)."""
+    B, H, T, D = q.shape
+    Hv, Dv = v.shape[1], v.shape[3]
+    G = H // Hv
+    dev = q.device
+    dq, dk, dv = empty_output(q, D), empty_output(k, D), empty_output(v, Dv)
+    dS0 = torch.empty(B, H, D, Dv, dtype=_F32, device=dev)
+    dz0 = torch.empty(B, H, D, dtype=_F32, device=dev) if normalize else None
+    z0, dz = (z0, dz) if normalize else (None, None)
+    if T == 0:
+        dS0.copy_(dS) if dS is not None else dS0.zero_()
+        if normalize:
+            dz0.copy_(dz) if dz is not None else dz0.zero_()
+        return dq, dk, dv, dS0, dz0
+    cfg = _config(D, Dv)
+    NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
+    CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev)
+    split, align = _SPLIT[q.dtype], _aligned(q, k, v, do, dq, dk, dv)
+    mask_args = _mask_args(key_mask, q)
+    mask, smb, smt, _ = mask_args
+    den = den.contiguous() if normalize else None  # [B, H, T] fp32, as forward made it
+    grid = (NK * NV * NS * B * H,)
+    common = dict(D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, NV=NV, CAUSAL=causal, NORMALIZE=normalize,
+                  HAS_MASK=key_mask is not None, SPLIT=split, ALIGN=align)
+
+    # forward states entering each segment (S_prev, z_prev), or the totals for the non-causal form
+    if causal and NS == 1:
+        ptrs, strides, (has_h, has_z) = _state_src(S0, z0, q)
+    else:
+        S_tot = torch.empty(B, H, D, Dv, dtype=_F32, device=dev)
+        z_tot = torch.empty(B, H, D, dtype=_F32, device=dev) if normalize else None
+        hs, hz = _segment_states(k, v, G, mask_args, None, None, S0, z0, S_tot, z_tot, NS, CPS, H,
+                                 reverse=False, exclusive=causal, split=split, align=align)
+        ptrs, strides, (has_h, has_z) = _segment_src(hs, hz, q) if causal else _state_src(S_tot, z_tot, q)
+
+    # c_t = -(q_t . u_t) / den_t from the fp32 numerator (fused into the dq kernel when both dims fit one tile)
+    fuse_c = NK * NV == 1
+    c = torch.empty(B * H, T, dtype=_F32, device=dev) if normalize else None
+    if normalize and not fuse_c:
+        cpart = torch.empty(NK * NV, B * H, T, dtype=_F32, device=dev)
+        _k.fwd_kernel[grid](
+            q, k, v, do, mask, *ptrs, den, cpart, cpart, cpart, cpart,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, *strides,
+            T, CPS, NS, H, G, eps, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=False, MODE=2,
+            num_warps=cfg.warps, num_stages=cfg.stages, **common)
+        # q.u = (num . do) / den, so c = -(num . do) / den^2
+        torch.sum(cpart, 0, out=c)
+        c.div_(den.view(B * H, T).square()).neg_()
+
+    part = torch.empty(NV, B * H, T, D, dtype=_F32, device=dev) if NV > 1 else dq
+    _k.bwd_dq_kernel[grid](
+        q, k, v, do, mask, den if normalize else q, c if normalize else q, *ptrs, dq, part,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), smb, smt, *strides,
+        T, CPS, NS, H, G, HAS_H=has_h, HAS_Z=has_z, FUSE_C=fuse_c, DIRECT=NV == 1,
+        num_warps=cfg.warps, num_stages=cfg.stages, **common)
+    if NV > 1:
+        _sum_partials(part, None, dq, NV, H)
+
+    # reverse states entering each segment from the right (R, r), or the totals; dS0 = R_1, dz0 = r_1
+    if causal and NS == 1:
+        ptrs, strides, (has_h, has_z) = _state_src(dS, dz, q)
+    else:
+        hs, hz = _segment_states(q, do, 1, _mask_args(None, q), den, c, dS, dz, dS0, dz0, NS, CPS, H,
+                                 reverse=True, exclusive=causal, split=split, align=align)
+        ptrs, strides, (has_h, has_z) = _segment_src(hs, hz, q) if causal else _state_src(dS0, dz0, q)
+    kpart = torch.empty(NV, B * H, T, D, dtype=_F32, device=dev) if NV > 1 else dk
+    dv_direct = NK == 1 and G == 1
+    vpart = dv if dv_direct else torch.empty(NK * G, B * Hv, T, Dv, dtype=_F32, device=dev)
+    _k.bwd_dkdv_kernel[grid](
+        q, k, v, do, mask, den if normalize else q, c if normalize else q, *ptrs, dk, dv, kpart, vpart,
+        dS0, dz0 if normalize else dS0,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), smb, smt, *strides,
+        T, CPS, NS, H, G, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=causal and NS == 1,
+        DK_DIRECT=NV == 1, DV_DIRECT=dv_direct, num_warps=cfg.warps, num_stages=cfg.stages, **common)
+    if NV > 1:
+        _sum_partials(kpart, None, dk, NV, H)
+    if not dv_direct:
+        _sum_partials(vpart, None, dv, NK * G, Hv)
+    return dq, dk, dv, dS0, dz0
+
+
+def step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor | None, normalize: bool, eps: float) -> Tensor:
+    """One decode token: q, k [B, H, D]; v [B, Hv, Dv]; S [B, H, D, Dv] and z [B, H, D] (fp32) updated in place.
+    Returns o [B, H, Dv] in q's dtype."""
+    B, H, D = q.shape
+    Hv, Dv = v.shape[1], v.shape[2]
+    o = torch.empty(B, H, Dv, dtype=q.dtype, device=q.device)
+    if B * H == 0:
+        return o
+    zz = z if normalize else S
+    sz = z.stride() if normalize else (0, 0, 0)
+    _k.step_kernel[(B * H,)](
+        q, k, v, S, zz, o, *q.stride(), *k.stride(), *v.stride(), *S.stride(), *sz, *o.stride(), H, H // Hv, eps,
+        D=D, DV=Dv, BK=_tile(D), BV=_tile(Dv), NORMALIZE=normalize, num_warps=4)
+    return o
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, str]:
+    """Whether this backend can serve a call with these inputs, and why not."""
+    if _IMPORT_ERROR is not None:
+        return False, f"triton is not importable ({_IMPORT_ERROR})"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not q.is_cuda and not interpret:
+        return False, f"tensors are on {q.device.type}, not CUDA (and TRITON_INTERPRET is not set)"
+    if q.dtype not in _SPLIT:
+        return False, (f"dtype {q.dtype} is not supported: the kernels accumulate in fp32 (fp16/bf16/fp32 inputs); "
+                       "fp64 (reference checks, gradcheck) is served by the torch backend")
+    if q.is_cuda and not interpret and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return False, "needs an sm_80+ GPU (bf16 and tf32 tensor-core dots)"
+    if q.shape[-1] > 512 or v.shape[-1] > 256:
+        return False, f"feature dims D={q.shape[-1]} (max 512), Dv={v.shape[-1]} (max 256)"
+    return True, ""
