@@ -65,7 +65,7 @@ def test_plain_generate_uses_the_recurrent_cache_and_constant_memory():
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              return_dict_in_generate=True, pad_token_id=0)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
     assert isinstance(cache, hf.LinearAttentionCache)
     assert cache.get_seq_length() == 5 + 6 - 1
     assert all(s[0].shape == (1, 6, 7, 8) for s in cache.states())  # state size independent of length

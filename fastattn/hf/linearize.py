@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,11 +82,14 @@ def _install_generation_cache(model: nn.Module) -> None:
     if prepare is None or getattr(prepare, "_fastattn", False):
         return
 
+    # transformers >= 5.24 names the argument "cache" (earlier: "past_key_values")
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
         from .cache import LinearAttentionCache
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False \
+        if model_kwargs.get(key) is None and generation_config.use_cache is not False \
                 and getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
-            model_kwargs["past_key_values"] = LinearAttentionCache(model)
+            model_kwargs[key] = LinearAttentionCache(model)
         return prepare(generation_config, model_kwargs, *args, **kwargs)
 
     prepare_cache._fastattn = True
