@@ -18,4 +18,4 @@ TORCH_LIBRARY(fastattn, m) {
 }
 
 // `import fastattn._C` loads this library (and with it the registrations above); it exposes no Python symbols.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { (void)m; }

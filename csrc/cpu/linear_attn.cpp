@@ -3,8 +3,10 @@
 //
 // Every (batch, query head) is one task of at::parallel_for. A task walks the sequence in chunks of kChunk tokens:
 // it reads the chunk of q/k/v/do through their strides into contiguous accumulator-typed tiles whose dimensions are
-// zero-padded to kPad, so that all the heavy lifting is a handful of register-blocked GEMMs on padded tiles without
-// tail handling. The state (S, z) lives in fp32 (fp64 for fp64 inputs) scratch of the task.
+// zero-padded to kPad, so that the heavy lifting is a handful of register-blocked GEMMs on padded tiles without tail
+// handling (gemm() takes its left operand transposed; tiles are transposed in registers where needed). The state
+// (S, z) lives in fp32 (fp64 for fp64 inputs) scratch of the task. While a chunk computes, the next chunk's rows are
+// prefetched a few cache lines per micro-kernel call.
 //
 // The backward recomputes the states instead of storing one per chunk: pass A walks forward (prefix states S_t, z_t)
 // and produces dq and c_t; pass B walks backward with the reverse sums (R, r) and produces dk and dv.
@@ -210,10 +212,15 @@ void transpose(const T* src, int rows, int cols, int lds, T* dst, int ldd) {
 #endif
 }
 
+// a . b for n a multiple of kPad (padded tile rows), accumulated in one vector of partial sums: a scalar loop would
+// be one serial chain (the compiler may not reassociate floating-point sums).
 template <typename T>
 inline T dot(const T* a, const T* b, int n) {
+  using S = Simd<T>;
+  typename S::type acc{};
+  for (int j = 0; j < n; j += S::width) acc += S::load(a + j) * S::load(b + j);
   T s = 0;
-  for (int j = 0; j < n; ++j) s += a[j] * b[j];
+  for (int j = 0; j < S::width; ++j) s += acc[j];
   return s;
 }
 
@@ -367,30 +374,6 @@ struct HeadReader {
   void v(const Chunk& c, acc_t* dst) const {
     load_tile(p.v.row(b, hv, c.t0), p.v.st, p.v.sd, c.rows, p.dims.Dv, (const acc_t*)nullptr, dst, c.n, p.dims.Dvp);
   }
-  // Runs body(chunk) over all chunks (from the last when reverse) while the inputs of the next chunk are
-  // prefetched: q and do (qg), k and v (kv).
-  template <typename Body>
-  void sweep(bool reverse, bool qg, bool kv, Body&& body) const {
-    const int64_t chunks = p.dims.chunks;
-    for (int64_t i = 0; i < chunks; ++i) {
-      const int64_t n = reverse ? chunks - 1 - i : i;
-      Prefetcher next;
-      if (i + 1 < chunks) {
-        const Chunk c = chunk_at(reverse ? n - 1 : n + 1, p.dims.T);
-        if (qg) add_rows(next, p.q, h, c, p.dims.D);
-        if (qg && p.dout) add_rows(next, p.dout, h, c, p.dims.Dv);
-        if (kv) add_rows(next, p.k, h, c, p.dims.D);
-        if (kv) add_rows(next, p.v, hv, c, p.dims.Dv);
-      }
-      PrefetchScope scope(&next);
-      body(chunk_at(n, p.dims.T));
-    }
-  }
-  template <typename T>
-  void add_rows(Prefetcher& pf, const View<T>& x, int64_t head, const Chunk& c, int cols) const {
-    pf.add(x.row(b, head, c.t0), x.st * static_cast<int64_t>(sizeof(T)), c.rows,
-           ((cols - 1) * x.sd + 1) * static_cast<int64_t>(sizeof(T)));
-  }
   // g_t = do_t / den_t (normalized) or do_t; den_out receives den_t.
   void g(const Chunk& c, acc_t* dst, acc_t* den_out, acc_t* rden) const {
     const acc_t* scale = nullptr;
@@ -416,6 +399,30 @@ struct HeadReader {
       const acc_t* z0 = p.z0.row(b, h, 0);
       for (int i = 0; i < d.D; ++i) z[i] = z0[i * p.z0.st];
     }
+  }
+  // Runs body(chunk) over all chunks (from the last when reverse) while the inputs of the next chunk are
+  // prefetched: q and do (qg), k and v (kv).
+  template <typename Body>
+  void sweep(bool reverse, bool qg, bool kv, Body&& body) const {
+    const int64_t chunks = p.dims.chunks;
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t n = reverse ? chunks - 1 - i : i;
+      Prefetcher next;
+      if (i + 1 < chunks) {
+        const Chunk c = chunk_at(reverse ? n - 1 : n + 1, p.dims.T);
+        if (qg) add_rows(next, p.q, h, c, p.dims.D);
+        if (qg && p.dout) add_rows(next, p.dout, h, c, p.dims.Dv);
+        if (kv) add_rows(next, p.k, h, c, p.dims.D);
+        if (kv) add_rows(next, p.v, hv, c, p.dims.Dv);
+      }
+      PrefetchScope scope(&next);
+      body(chunk_at(n, p.dims.T));
+    }
+  }
+  template <typename T>
+  void add_rows(Prefetcher& pf, const View<T>& x, int64_t head, const Chunk& c, int cols) const {
+    pf.add(x.row(b, head, c.t0), x.st * static_cast<int64_t>(sizeof(T)), c.rows,
+           ((cols - 1) * x.sd + 1) * static_cast<int64_t>(sizeof(T)));
   }
 };
 
