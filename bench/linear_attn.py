@@ -85,47 +85,69 @@ def time_gpu(fn) -> float:
 # ---- CPU ---------------------------------------------------------------------------------------------------
 
 def bench_cpu(args) -> dict:
+    """cpu vs torch backends at B=1, H=8, T=4096, D=Dv=64, fp32: args.repeat rounds, backends interleaved within each
+    round so that machine noise hits both alike; reports the median over rounds and the spread of the ratio."""
     B, H, T, D, Dv = 1, 8, args.T or 4096, 64, 64
     g = torch.Generator().manual_seed(0)
     q, k = torch.rand(2, B, H, T, D, generator=g)
     v = torch.randn(B, H, T, Dv, generator=g)
     do = torch.randn(B, H, T, Dv, generator=g)
-    rows, times = [], {}
     names = ["torch"] + (["cpu"] if backends.availability("cpu")[0] else [])
     ref = fastattn.linear_attention(q.double(), k.double(), v.double(), backend="torch")[0]
+    errs, runs = {}, {}
     for name in names:
         o = fastattn.linear_attention(q, k, v, backend=name)[0]
-        err = ((o.double() - ref).abs().max() / ref.abs().max()).item()
-        assert err < 1e-4, f"{name}: relative error {err:.2e} against the fp64 reference"
+        errs[name] = ((o.double() - ref).abs().max() / ref.abs().max()).item()
+        assert errs[name] < 1e-4, f"{name}: relative error {errs[name]:.2e} against the fp64 reference"
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
-        def fwd():
+        def fwd(name=name):
             with torch.no_grad():
                 fastattn.linear_attention(q, k, v, backend=name)
 
-        def fwd_bwd():
+        def fwd_bwd(name=name, leaves=leaves):
             o = fastattn.linear_attention(*leaves, backend=name)[0]
             torch.autograd.backward(o, do)
 
-        times[name] = (time_cpu(fwd), time_cpu(fwd_bwd))
-        rows.append({"backend": name, "B": B, "H": H, "T": T, "D": D, "Dv": Dv, "dtype": "fp32",
-                     "fwd_ms": times[name][0], "fwd_bwd_ms": times[name][1], "max_rel_err": err})
-    if "cpu" in times:
-        for row in rows:
-            row["fwd_speedup_vs_torch"] = times["torch"][0] / row["fwd_ms"]
-            row["fwd_bwd_speedup_vs_torch"] = times["torch"][1] / row["fwd_bwd_ms"]
-    return {"rows": rows}
+        runs[name] = (fwd, fwd_bwd)
+    times = {name: ([], []) for name in names}
+    for _ in range(args.repeat):
+        for name in names:
+            for i, fn in enumerate(runs[name]):
+                times[name][i].append(time_cpu(fn))
+    med = {name: tuple(statistics.median(t) for t in times[name]) for name in names}
+    rows = []
+    for name in names:
+        row = {"backend": name, "B": B, "H": H, "T": T, "D": D, "Dv": Dv, "dtype": "fp32", "fwd_ms": med[name][0],
+               "fwd_bwd_ms": med[name][1], "max_rel_err": errs[name], "rounds_fwd_ms": times[name][0],
+               "rounds_fwd_bwd_ms": times[name][1]}
+        if "cpu" in med:
+            ratios = [[t / c for t, c in zip(times["torch"][i], times[name][i])] for i in range(2)]
+            row["fwd_speedup_vs_torch"] = statistics.median(ratios[0])
+            row["fwd_bwd_speedup_vs_torch"] = statistics.median(ratios[1])
+            row["speedup_range"] = [[min(r), max(r)] for r in ratios]
+        rows.append(row)
+    return {"rows": rows, "rounds": args.repeat}
+
+
+def _speedup(row: dict, i: int) -> str:
+    key = ("fwd_speedup_vs_torch", "fwd_bwd_speedup_vs_torch")[i]
+    if key not in row:
+        return "-"
+    lo, hi = row["speedup_range"][i]
+    return f"{row[key]:.2f}x ({lo:.2f}-{hi:.2f})"
 
 
 def markdown_cpu(result: dict, env: dict) -> str:
     lines = [f"# linear_attention on CPU ({env.get('cpu')}, {env.get('cores')} cores, {env['threads']} threads)", "",
-             f"torch {env['torch']}, commit {env['commit']}; fp32, normalized causal; median of 7 runs.", "",
-             "| backend | B | H | T | D | Dv | fwd ms | fwd+bwd ms | fwd speedup vs torch | fwd+bwd speedup vs torch |",
+             f"torch {env['torch']}, commit {env['commit']}; fp32, normalized causal; {result['rounds']} rounds of "
+             "7 runs each, backends interleaved; medians, and the ratio's range over rounds.", "",
+             "| backend | B | H | T | D | Dv | fwd ms | fwd+bwd ms | fwd speedup vs torch (range) "
+             "| fwd+bwd speedup vs torch (range) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['backend']} | {r['B']} | {r['H']} | {r['T']} | {r['D']} | {r['Dv']} | {r['fwd_ms']:.2f} "
-                     f"| {r['fwd_bwd_ms']:.2f} | {r.get('fwd_speedup_vs_torch', 1):.2f}x "
-                     f"| {r.get('fwd_bwd_speedup_vs_torch', 1):.2f}x |")
+                     f"| {r['fwd_bwd_ms']:.2f} | {_speedup(r, 0)} | {_speedup(r, 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -333,6 +355,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--T", type=int, default=None, help="CPU: sequence length (default 4096)")
+    p.add_argument("--repeat", type=int, default=5, help="CPU: measurement rounds (backends interleaved)")
     p.add_argument("--D", default=None, help="GPU: comma-separated feature dims")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--fla-dims", default=None, type=lambda s: [int(x) for x in s.split(",")],
