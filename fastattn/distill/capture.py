@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 CAPTURE_NAME = "fastattn_capture"
 _sink: Callable | None = None
-_registered = False
 
 
 def _capture_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -26,13 +25,10 @@ def _capture_forward(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        AttentionInterface.register(CAPTURE_NAME, _capture_forward)
-        AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
-        _registered = True
+    from transformers.masking_utils import sdpa_mask
+
+    from ..hf.attention import register_attention
+    register_attention(CAPTURE_NAME, _capture_forward, sdpa_mask)
 
 
 @contextlib.contextmanager

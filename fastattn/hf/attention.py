@@ -130,16 +130,20 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     return None if bool(attention_mask.all()) else attention_mask
 
 
-_registered = False
+_registered: set[str] = set()
+
+
+def register_attention(name: str, forward, mask_function) -> str:
+    """Register an attention function and its mask function with transformers under ``name`` (idempotent)."""
+    if name not in _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+        AttentionInterface.register(name, forward)
+        AttentionMaskInterface.register(name, mask_function)
+        _registered.add(name)
+    return name
 
 
 def register() -> str:
-    """Register the attention and mask functions with transformers (idempotent); returns ATTENTION_NAME."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-        AttentionInterface.register(ATTENTION_NAME, linear_attention_forward)
-        AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
-        _registered = True
-    return ATTENTION_NAME
+    """Register fastattn's linear attention with transformers; returns ATTENTION_NAME."""
+    return register_attention(ATTENTION_NAME, linear_attention_forward, padding_mask)

@@ -13,15 +13,10 @@ import torch
 from torch import Tensor
 
 from ... import _ext
+from .extension import backward, forward, step  # noqa: F401  (the backend's op functions)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_DV = 256
-
-
-def _ops():
-    if not _ext.available():
-        raise RuntimeError(f"fastattn: the C++ extension fastattn._C is not built: {_ext.load_error()}")
-    return torch.ops.fastattn
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,29 +45,3 @@ def supports(q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, str]:
     if not 1 <= Dv <= _MAX_DV:
         return False, f"value dim Dv={Dv} is outside the CUDA kernels' 1..{_MAX_DV}"
     return True, ""
-
-
-def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | None, key_mask: Tensor | None,
-            causal: bool, normalize: bool, eps: float):
-    """q, k [B, H, T, D]; v [B, Hv, T, Dv] -> (o [B, H, T, Dv], S [B, H, D, Dv], z [B, H, D] | None,
-    den [B, H, T] | None)."""
-    o, S, z, den = _ops().linear_attn_fwd(q, k, v, S0, z0, key_mask, bool(causal), bool(normalize), float(eps))
-    if not normalize:  # zero-element z, den stand for None (decided by the flag: T = 0 also gives an empty den)
-        z = den = None
-    return o, S, z, den
-
-
-def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-             den: Tensor | None, S0: Tensor | None, z0: Tensor | None, key_mask: Tensor | None, causal: bool,
-             normalize: bool, eps: float):
-    """-> (dq [B, H, T, D], dk [B, H, T, D], dv [B, Hv, T, Dv] summed over each GQA group, dS0 [B, H, D, Dv],
-    dz0 [B, H, D] | None)."""
-    dq, dk, dv, dS0, dz0 = _ops().linear_attn_bwd(do, dS, dz, q, k, v, den, S0, z0, key_mask, bool(causal),
-                                                  bool(normalize), float(eps))
-    return dq, dk, dv, dS0, (dz0 if normalize else None)
-
-
-def step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor | None, normalize: bool, eps: float) -> Tensor:
-    """One decode token: q, k [B, H, D]; v [B, Hv, Dv]; updates S [B, H, D, Dv] (and z [B, H, D]) in place;
-    returns o [B, H, Dv]. A single kernel launch, no host synchronisation (CUDA-graph capturable)."""
-    return _ops().linear_attn_step(q, k, v, S, z if normalize else None, bool(normalize), float(eps))
