@@ -12,7 +12,7 @@ from .ops.linear_attn.interface import linear_attention, linear_attention_step
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "feature_maps", "dof", "hf", "models", "distill", "ddro", "rshtr", "pcfg", "cli")
+_SUBMODULES = ("backends", "feature_maps", "dof", "hf", "models", "distill", "ddro", "pcfg", "cli")
 
 __all__ = ["linear_attention", "linear_attention_step", "backend_info", "__version__", *_SUBMODULES]
 
