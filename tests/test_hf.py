@@ -6,7 +6,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import fastattn  # noqa: E402
 from fastattn import hf  # noqa: E402
 
 

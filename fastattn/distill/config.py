@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 RULES = ("uniform", "dof", "dof_clip", "sqrt")          # allocation rules compared at the same budget
 LOSSES = ("softmax", "l2", "output_mse", "direct")

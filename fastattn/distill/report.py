@@ -83,7 +83,7 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    files = _plots(metrics, out)
+    _plots(metrics, out)
     cfg = metrics["config"]
     teacher = metrics["teacher"]["heldout"]
     lines = [

@@ -12,8 +12,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ... import _ext
-from .extension import backward, forward, step  # noqa: F401  (the backend's op functions)
+from .extension import backward, forward, kernels_serve, step  # noqa: F401  (the backend's op functions)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_DV = 256
@@ -30,13 +29,9 @@ def supports(q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, str]:
 
     Takes the sequence shapes (q, k [B, H, T, D], v [B, Hv, T, Dv]) and the decode-step shapes ([B, H, D], [B, Hv, Dv]).
     """
-    if not _ext.available():
-        return False, f"extension fastattn._C not built: {_ext.load_error()}"
-    if not _ext.has_kernel("linear_attn_fwd", "CUDA"):
-        return False, "fastattn._C was built without CUDA kernels (needs a CUDA torch and nvcc at build time)"
-    devices = {t.device.type for t in (q, k, v)}
-    if devices != {"cuda"}:
-        return False, f"tensors are on {sorted(devices)}, the cuda backend needs CUDA tensors"
+    ok, why = kernels_serve("cuda", "CUDA", q, k, v)
+    if not ok:
+        return ok, why
     if q.dtype not in _DTYPES:
         return False, f"dtype {q.dtype} is not supported by the CUDA kernels (float16, bfloat16, float32)"
     D, Dv, max_d = q.shape[-1], v.shape[-1], _max_feature_dim()

@@ -16,6 +16,19 @@ def ops():
     return torch.ops.fastattn
 
 
+def kernels_serve(device_type: str, dispatch_key: str, *tensors: Tensor) -> tuple[bool, str]:
+    """(True, "") when the extension is loaded with ``dispatch_key`` kernels and every tensor is on
+    ``device_type``; else (False, reason). The per-backend shape/dtype limits come on top."""
+    if not _ext.available():
+        return False, f"extension fastattn._C not built: {_ext.load_error()}"
+    if not _ext.has_kernel("linear_attn_fwd", dispatch_key):
+        return False, f"fastattn._C was built without {dispatch_key} kernels"
+    devices = {t.device.type for t in tensors}
+    if devices != {device_type}:
+        return False, f"tensors are on {sorted(devices)}, the {device_type} backend needs {dispatch_key} tensors"
+    return True, ""
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | None, key_mask: Tensor | None,
             causal: bool, normalize: bool, eps: float):
     """q, k [B, H, T, D]; v [B, Hv, T, Dv] -> (o [B, H, T, Dv], S [B, H, D, Dv], z [B, H, D] | None,

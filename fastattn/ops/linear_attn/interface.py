@@ -119,7 +119,6 @@ def _check_tensor(name: str, t, rank: int, shape_doc: str) -> None:
 
 def _check_inputs(q, k, v, key_mask, state, causal, normalize, eps, qkv_doc):
     """Shared checks of linear_attention (rank 4) and linear_attention_step (rank 3) after the layout change."""
-    rank = q.dim()
     if q.dtype not in _FLOAT:
         raise TypeError(f"q must be a floating tensor (fp16, bf16, fp32, fp64), got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
