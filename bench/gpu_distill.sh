@@ -21,7 +21,9 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
     [ -f fastattn/_C*.so ] || python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-    python3 -m fastattn.cli distill --model /root/m/SmolLM2-135M-Instruct.Q4_1.gguf --preset full --out "$OUT/distill" "$@" \
-      2>&1 | tr '\r' '\n' | grep -v "it/s" | tee "$OUT/distill.log" ;;
+    python3 -m fastattn.cli distill --model /root/m/SmolLM2-135M-Instruct.Q4_1.gguf --preset full --out /root/distill "$@" \
+      2>&1 | tr '\r' '\n' | grep -v "it/s" | tee "$OUT/distill.log"
+    # at most 8 files come back: pack the report, plots, metrics and per-run metrics (no adapters) into one archive
+    tar czf "$OUT/distill_results.tgz" -C /root/distill --exclude='adapters' --exclude='ckpt.pt' . ;;
   *) echo "usage: $0 split|stage1|run" >&2; exit 2 ;;
 esac
