@@ -22,7 +22,7 @@ def _flag_type(field: dataclasses.Field):
 
 def make_parser(parser):
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                        help="quick: ~15 min on a 2-core CPU; full: one GPU; tiny: smoke test")
+                        help="quick: 10-20 min on a 2-core CPU; full: one GPU; tiny: smoke test")
     parser.add_argument("--config", default=None, help="YAML file of config keys (below command-line flags)")
     for field in dataclasses.fields(DistillConfig):
         if field.name == "preset":
