@@ -9,12 +9,13 @@ import importlib
 
 from .backends import backend_info
 from .ops.linear_attn.interface import linear_attention, linear_attention_step
+from .ops.seq_logps.interface import seq_logps
 
 __version__ = "0.1.0"
 
 _SUBMODULES = ("backends", "feature_maps", "dof", "hf", "models", "distill", "ddro", "pcfg", "cli")
 
-__all__ = ["linear_attention", "linear_attention_step", "backend_info", "__version__", *_SUBMODULES]
+__all__ = ["linear_attention", "linear_attention_step", "seq_logps", "backend_info", "__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str):

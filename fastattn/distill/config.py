@@ -72,7 +72,7 @@ class DistillConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # a 2-core CPU in 10-20 minutes (18 min measured on a shared machine): short context, one seed
+    # a 2-core CPU in 10-20 minutes (11 min measured): short context, one seed
     "quick": dict(context=128, batch_size=4, calib_sequences=8, train_sequences=48, epochs=32, eval_sequences=8,
                   rules=("uniform", "dof", "dof_clip"), seeds=(0,), dof_samples=512, gen_tokens=16,
                   throughput_lengths=(512,), throughput_gen_context=256),
