@@ -150,10 +150,17 @@ class _PositiveRandomFeatures(FeatureMap):
         # A fixed per-head key shift (NaN = unset): set by ``calibrate_key_shift`` so that every call feeding one
         # recurrent state (prefill, then decode steps) uses the same key scale. Saved in the state dict.
         self.register_buffer("key_shift", torch.full((num_heads,), float("nan")))
+        self._calibrated: bool | None = False   # cached so the hot path never syncs with the device
 
     @property
     def key_shift_calibrated(self) -> bool:
-        return bool(torch.isfinite(self.key_shift).all())
+        if self._calibrated is None:
+            self._calibrated = bool(torch.isfinite(self.key_shift).all())
+        return self._calibrated
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._calibrated = None  # key_shift may have been loaded
 
     @torch.no_grad()
     def calibrate_key_shift(self, k: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -164,6 +171,7 @@ class _PositiveRandomFeatures(FeatureMap):
         if key_mask is not None:
             logf = logf.masked_fill(~key_mask[:, None, :, None], float("-inf"))
         self.key_shift.copy_(logf.amax(dim=(0, 2, 3)))
+        self._calibrated = None
         return self.key_shift
 
     def _projections(self) -> Tensor:

@@ -52,8 +52,9 @@ def _key_mask(attention_mask: Tensor | None, T: int) -> Tensor | None:
     if attention_mask.dim() != 2:
         raise ValueError("fastattn attention expects the 2D padding mask of its own mask function; got "
                          f"shape {tuple(attention_mask.shape)}")
-    mask = attention_mask[:, -T:].bool() if T else attention_mask[:, :0].bool()
-    return None if bool(mask.all()) else mask
+    # no all-True check here: it would cost a host sync in every layer (the mask function already drops
+    # masks without padding once per forward)
+    return attention_mask[:, -T:].bool() if T else attention_mask[:, :0].bool()
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling, dropout):
