@@ -52,15 +52,18 @@ def _selected(mask: Tensor) -> Tensor:
     return mask.reshape(-1).nonzero().squeeze(-1)
 
 
+def _setup(hidden: Tensor, weight: Tensor, labels: Tensor, token_chunk: int, vocab_chunk: int):
+    """Sizes, tile sizes, accumulation dtype and the token-flattened hidden [B*T, d] / labels [B*T]."""
+    B, T, d = hidden.shape
+    tc, vc = _chunks(token_chunk, vocab_chunk)
+    return (B, T, d, weight.shape[0], tc, vc, acc_dtype(hidden.dtype), hidden.reshape(B * T, d),
+            labels.reshape(B * T))
+
+
 def forward(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, token_chunk: int = 0,
             vocab_chunk: int = 0) -> tuple[Tensor, Tensor]:
     """Returns (logps [B], lse [B, T]) in the accumulation dtype; lse is 0 where mask is False."""
-    B, T, d = hidden.shape
-    V = weight.shape[0]
-    tc, vc = _chunks(token_chunk, vocab_chunk)
-    acc = acc_dtype(hidden.dtype)
-    h_flat = hidden.reshape(B * T, d)
-    lab_flat = labels.reshape(B * T)
+    B, T, d, V, tc, vc, acc, h_flat, lab_flat = _setup(hidden, weight, labels, token_chunk, vocab_chunk)
     idx = _selected(mask)
     logps = hidden.new_zeros(B, dtype=acc)
     lse_flat = hidden.new_zeros(B * T, dtype=acc)
@@ -90,12 +93,7 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
 
     d logp / d logits_t = onehot(label_t) - softmax_t, recomputed tile by tile from the saved lse.
     """
-    B, T, d = hidden.shape
-    V = weight.shape[0]
-    tc, vc = _chunks(token_chunk, vocab_chunk)
-    acc = acc_dtype(hidden.dtype)
-    h_flat = hidden.reshape(B * T, d)
-    lab_flat = labels.reshape(B * T)
+    B, T, d, V, tc, vc, acc, h_flat, lab_flat = _setup(hidden, weight, labels, token_chunk, vocab_chunk)
     lse_flat = lse.reshape(B * T).to(acc)
     g_rows = grad.to(acc)
     idx = _selected(mask)
