@@ -1,0 +1,196 @@
+"""Triton backend of ``seq_logps``: host launchers for ``triton_kernels.py``.
+
+Forward: one fused kernel per (row tile, vocab split) computes the logits tiles of the response tokens and
+runs an online logsumexp over its vocabulary tiles (with the label logit picked out of the same tiles); the
+splits (there are several only when the row tiles alone would leave SMs idle) are merged on [S, N] partials.
+Nothing of size N x V is ever stored.
+
+Backward: ``grad_kernel`` recomputes the logits from the saved lse and writes the scaled softmax gradient
+``G = g (onehot - p)`` of a chunk of at most ``token_chunk`` rows into one reused [chunk, V] buffer (bf16 for
+bf16 inputs, fp32 otherwise); two GEMMs (cuBLAS on a GPU) then give ``dh = G @ W`` and ``dW += G^T @ h``, both
+accumulated in fp32. The default chunk keeps that buffer near ``G_BUFFER_BYTES`` however long the batch.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    from . import triton_kernels as _k
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
+    triton, _k = None, None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if _IMPORT_ERROR is None and _INTERPRET:
+    # the Triton 3.6 interpreter fixes (bf16 dots, rounding casts, numpy >= 2.4 loop bounds) live with the
+    # linear-attention kernels; they are idempotent and touch only the interpreter
+    from ..linear_attn.triton import _interpreter_compat
+    _interpreter_compat()
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+G_BUFFER_BYTES = 256 * 2 ** 20      # default size of the backward's [chunk, V] gradient buffer
+VOCAB_SPLITS: int | None = None     # testing hook: force the number of vocab splits of the forward
+_POISON = os.environ.get("FASTATTN_POISON") == "1"
+
+
+@dataclass(frozen=True)
+class _Config:
+    BM: int
+    BN: int
+    BK: int
+    warps: int
+    stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _config(dtype: torch.dtype, interpret: bool) -> _Config:
+    """Fixed tiles (no autotuning): 128 x 128 logits tiles, one 8-warp program each, for bf16/fp16 (wgmma on
+    Hopper); fp32 inputs use IEEE fp32 dots on 64 x 64 tiles. The interpreter uses the smallest legal tiles so
+    that CPU tests cover ragged tails of every dim at small sizes."""
+    if interpret:
+        return _Config(BM=16, BN=32, BK=16, warps=4, stages=1)
+    if dtype == torch.float32:
+        return _Config(BM=64, BN=64, BK=32, warps=4, stages=2)
+    return _Config(BM=128, BN=128, BK=64, warps=8, stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter runs: plan as for an H200
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _POISON else out
+
+
+def _rows(hidden: Tensor, labels: Tensor, mask: Tensor):
+    """The response tokens: flat indices [N], batch and time indices [N], hidden-row element offsets [N]
+    (int64) and labels [N]."""
+    T = hidden.shape[1]
+    idx = mask.reshape(-1).nonzero().squeeze(-1)
+    b = torch.div(idx, T, rounding_mode="floor")
+    t = idx - b * T
+    row_off = b * hidden.stride(0) + t * hidden.stride(1)
+    return idx, b, t, row_off, labels.reshape(-1)[idx]
+
+
+def _splits(n_row_tiles: int, n_vocab_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(vocab tiles per split, splits): split the vocabulary only as far as needed for ~2 programs per SM."""
+    want = VOCAB_SPLITS if VOCAB_SPLITS is not None else triton.cdiv(2 * _num_sms(device), n_row_tiles)
+    tps = triton.cdiv(n_vocab_tiles, max(1, min(want, n_vocab_tiles)))
+    return tps, triton.cdiv(n_vocab_tiles, tps)
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def forward(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, token_chunk: int = 0,
+            vocab_chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """hidden [B, T, d], weight [V, d], labels [B, T] int64, mask [B, T] bool -> (logps [B] fp32,
+    lse [B, T] fp32, 0 where mask is False). token_chunk / vocab_chunk are not used (the tiles are fixed)."""
+    B, T, d = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    logps = torch.zeros(B, dtype=torch.float32, device=dev)
+    lse_flat = torch.zeros(B * T, dtype=torch.float32, device=dev)
+    idx, b, _, row_off, lab = _rows(hidden, labels, mask)
+    N = idx.numel()
+    if N == 0:
+        return logps, lse_flat.reshape(B, T)
+    cfg = _config(hidden.dtype, _INTERPRET)
+    n_m = triton.cdiv(N, cfg.BM)
+    tps, S = _splits(n_m, triton.cdiv(V, cfg.BN), dev)
+    m_part, s_part, t_part = (_empty(S, N, dtype=torch.float32, device=dev) for _ in range(3))
+    _k.fwd_kernel[(n_m, S)](
+        hidden, row_off, lab, weight, m_part, s_part, t_part, N, V, hidden.stride(2), *weight.stride(), tps,
+        D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(hidden.dtype), num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    if S == 1:
+        lse = m_part[0] + torch.log(s_part[0])
+    else:   # merge the splits' (max, scaled sum) pairs: lse = M + log sum_s s_s exp(m_s - M)
+        M = m_part.amax(0)
+        lse = M + torch.log((s_part * torch.exp(m_part - M)).sum(0))
+    lse_flat[idx] = lse
+    logps.index_add_(0, b, t_part.sum(0) - lse)
+    return logps, lse_flat.reshape(B, T)
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result (fp32 accumulation); bf16 operands stay bf16 where the GEMM allows it."""
+    if a.dtype == torch.float32:
+        return a @ b.float()
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            return (a @ b).float()
+    return a.float() @ b.float()   # CPU (interpreter runs): no mixed-dtype GEMM there
+
+
+def _default_chunk(N: int, V: int, elt: int, BM: int) -> int:
+    return max(BM, (G_BUFFER_BYTES // (V * elt)) // BM * BM)
+
+
+def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, lse: Tensor,
+             token_chunk: int = 0, vocab_chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum_b grad[b] * logp_b``: (dhidden [B, T, d] hidden.dtype, 0 where mask is False;
+    dweight [V, d] weight.dtype). token_chunk bounds the rows per [chunk, V] gradient buffer (0: about
+    ``G_BUFFER_BYTES``)."""
+    B, T, d = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    dtype = hidden.dtype
+    dh_flat = torch.zeros(B * T, d, dtype=dtype, device=dev)
+    idx, b, t, row_off, lab = _rows(hidden, labels, mask)
+    N = idx.numel()
+    if N == 0:
+        return dh_flat.reshape(B, T, d), torch.zeros_like(weight)
+    cfg = _config(dtype, _INTERPRET)
+    g_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32   # fp16 G could underflow
+    w_gemm = weight if g_dtype == dtype else weight.float()
+    chunk = token_chunk if token_chunk > 0 else _default_chunk(N, V, torch.finfo(g_dtype).bits // 8, cfg.BM)
+    chunk = min(chunk, N)
+    G = _empty(chunk, V, dtype=g_dtype, device=dev)
+    lse_rows = lse.reshape(-1)[idx].float().contiguous()
+    g_rows = grad.float()[b].contiguous()
+    dw = None
+    for c0 in range(0, N, chunk):
+        c1 = min(c0 + chunk, N)
+        n = c1 - c0
+        Gc = G[:n]
+        grid = (triton.cdiv(n, cfg.BM) * triton.cdiv(V, cfg.BN),)
+        _k.grad_kernel[grid](
+            hidden, row_off[c0:c1], lab[c0:c1], lse_rows[c0:c1], g_rows[c0:c1], weight, Gc, n, V,
+            hidden.stride(2), *weight.stride(), Gc.stride(0),
+            D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(dtype), GROUP=8, num_warps=cfg.warps,
+            num_stages=cfg.stages)
+        dh_flat[idx[c0:c1]] = _mm_f32(Gc, w_gemm).to(dtype)                     # [n, d]
+        h_rows = hidden[b[c0:c1], t[c0:c1]]                                      # gathered [n, d]
+        part = _mm_f32(Gc.T, h_rows if g_dtype == dtype else h_rows.float())   # [V, d] fp32
+        dw = part if dw is None else dw.add_(part)
+    return dh_flat.reshape(B, T, d), dw.to(weight.dtype)
+
+
+def supports(hidden: Tensor, weight: Tensor) -> tuple[bool, str]:
+    """Whether this backend can serve a call with these inputs, and why not."""
+    if _IMPORT_ERROR is not None:
+        return False, f"triton is not importable ({_IMPORT_ERROR})"
+    if not hidden.is_cuda and not _INTERPRET:
+        return False, f"tensors are on {hidden.device.type}, not CUDA (and TRITON_INTERPRET is not set)"
+    if hidden.dtype not in _SUPPORTED:
+        return False, (f"dtype {hidden.dtype} is not supported (fp16/bf16/fp32 inputs, fp32 accumulation); "
+                       "fp64 (reference checks, gradcheck) is served by the torch backend")
+    if hidden.is_cuda and not _INTERPRET and torch.cuda.get_device_capability(hidden.device) < (8, 0):
+        return False, "needs an sm_80+ GPU (bf16 tensor-core dots)"
+    return True, ""
