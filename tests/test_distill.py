@@ -60,6 +60,26 @@ def test_losses_are_zero_only_for_a_perfect_student_and_differentiable(tiny_mode
         adapter.feature_map.zero_grad()
 
 
+def test_sampled_rows_give_the_loss_of_those_rows(tiny_model_dir):
+    """The softmax loss on sampled query rows equals the mean of the full per-row KL over those rows."""
+    from fastattn.distill.train import sample_rows
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    batch = capture_batch(model, ids)
+    hf.linearize(model, 12)
+    adapter = hf.adapters(model)[1]
+    log_p, a = attention_rows(adapter, batch[1], 8 ** -0.5)
+    per_row = (log_p.exp() * (log_p - torch.log(a + 1e-30))).nan_to_num().sum(-1)   # [B, H, T]
+    rows = sample_rows(40, 7, seed=3, step=5)
+    assert rows.shape == (7,) and rows.unique().numel() == 7
+    assert torch.equal(rows, sample_rows(40, 7, seed=3, step=5))        # a function of (seed, step)
+    assert not torch.equal(rows, sample_rows(40, 7, seed=3, step=6))
+    assert sample_rows(40, 0, 0, 0) is None and sample_rows(40, 40, 0, 0) is None
+    for name in ("softmax",):
+        loss, _ = LOSSES[name](adapter, batch[1], 8 ** -0.5, True, rows)
+        torch.testing.assert_close(loss, per_row[:, :, rows].mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_tiny_end_to_end_cli_run_and_resume(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["distill", "--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(out), "--budget", "8",

@@ -30,6 +30,7 @@ class DistillConfig:
     min_dim: int = 1
     feature_map: str = "prf"
     loss: str = "softmax"
+    loss_rows: int = 0                   # query rows per sequence sampled for each layerwise step (0: all T)
     lr_z: float = 0.02                   # the paper's learning rates
     lr_alpha: float = 0.2
     lr_other: float = 0.01               # parameters of other feature maps
@@ -50,6 +51,8 @@ class DistillConfig:
                      "budget", "dof_samples", "min_dim", "gen_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.loss_rows) < 0:
+            raise ValueError(f"loss_rows must be >= 0 (0: all rows), got {self.loss_rows}")
         self.rules = tuple(self.rules)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.softmax_layers = tuple(int(i) for i in self.softmax_layers)
@@ -76,10 +79,13 @@ PRESETS: dict[str, dict] = {
     "quick": dict(context=128, batch_size=4, calib_sequences=8, train_sequences=48, epochs=32, eval_sequences=8,
                   rules=("uniform", "dof", "dof_clip"), seeds=(0,), dof_samples=512, gen_tokens=16,
                   throughput_lengths=(512,), throughput_gen_context=256),
-    # one GPU: the paper's context, all rules, three seeds
-    "full": dict(context=1024, batch_size=8, calib_sequences=16, train_sequences=88, epochs=2, eval_sequences=12,
-                 rules=("uniform", "dof", "dof_clip", "sqrt"), seeds=(0, 1, 2), dof_samples=1024, gen_tokens=48,
-                 throughput_lengths=(2048, 16384), throughput_gen_context=8192),
+    # one GPU: the paper's context, all rules, three seeds, every sequence of the corpus at 1024 tokens
+    # (calibration 10, training 88, held-out 11 with the SmolLM2 tokenizer); 24 passes over the training
+    # sequences with 256 sampled query rows per sequence and step; the end-to-end second stage as an ablation
+    "full": dict(context=1024, batch_size=8, calib_sequences=10, train_sequences=88, epochs=24, eval_sequences=11,
+                 loss_rows=256, rules=("uniform", "dof", "dof_clip", "sqrt"), seeds=(0, 1, 2), dof_samples=1024,
+                 stage2="finetune", stage2_steps=100, gen_tokens=48, throughput_lengths=(2048, 16384),
+                 throughput_gen_context=8192),
     # the smallest run that exercises every stage (tests)
     "tiny": dict(context=32, batch_size=2, calib_sequences=2, train_sequences=4, epochs=1, eval_sequences=2,
                  rules=("uniform", "dof"), seeds=(0,), dof_samples=64, gen_tokens=4, throughput=False),

@@ -138,7 +138,8 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
                 steps = cfg.epochs * -(-train_ids.shape[0] // cfg.batch_size)
                 history = train_direct(model, train_ids, cfg, steps, progress=progress)
             else:
-                history = train_layerwise(model, teacher_batches, cfg, ckpt=run_dir / "ckpt.pt", progress=progress)
+                history = train_layerwise(model, teacher_batches, cfg, ckpt=run_dir / "ckpt.pt", progress=progress,
+                                          seed=seed)
             calibrate_key_shifts(model, calib_capture)
             result = {"rule": rule, "seed": seed, "dims": dims, "train_seconds": time.time() - t0,
                       "history": history, "heldout": heldout_loss(model, held_ids, cfg.batch_size),

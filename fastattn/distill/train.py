@@ -47,10 +47,20 @@ def _restore(path: Path | None, model, opt) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
+def sample_rows(T: int, count: int, seed: int, step: int) -> torch.Tensor | None:
+    """``count`` distinct query positions out of T for one step (None: all rows), a function of (seed, step)
+    alone so that a resumed run draws the same rows."""
+    if not count or count >= T:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(T, generator=g)[:count].sort().values
+
+
 def train_layerwise(model, teacher_batches: list[list[dict]], cfg, ckpt: Path | None = None,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, seed: int = 0) -> list[dict]:
     """Train every layer's feature map on its own teacher q/k; returns the per-step history
-    [{"step", "loss" (mean over layers), "per_layer": [...]}]."""
+    [{"step", "loss" (mean over layers), "per_layer": [...]}]. cfg.loss_rows > 0 evaluates each step's loss on
+    that many sampled query rows per sequence (see losses.py)."""
     from tqdm.auto import tqdm
     loss_fn = LOSSES[cfg.loss]
     ads = adapters(model)
@@ -63,12 +73,14 @@ def train_layerwise(model, teacher_batches: list[list[dict]], cfg, ckpt: Path | 
     bar = tqdm(total=total, initial=start, desc=f"layerwise {cfg.loss}", disable=not progress, leave=False)
     for step in range(start, total):
         batch = teacher_batches[step % len(teacher_batches)]
+        rows = sample_rows(batch[next(iter(ads))]["q"].shape[2], cfg.loss_rows, seed, step)
         opt.zero_grad(set_to_none=True)
-        per_layer = []
+        losses = []
         for i, adapter in ads.items():
-            loss, _ = loss_fn(adapter, batch[i], scaling, causal)
+            loss, _ = loss_fn(adapter, batch[i], scaling, causal, rows)
             loss.backward()                    # layers share no parameters: one backward each bounds memory
-            per_layer.append(loss.item())
+            losses.append(loss.detach())
+        per_layer = torch.stack(losses).tolist()   # one host sync per step
         opt.step()
         history.append({"step": step + 1, "loss": sum(per_layer) / len(per_layer), "per_layer": per_layer})
         bar.update(1)

@@ -82,6 +82,10 @@ if _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1":
 
 BT = 64                           # chunk length
 SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (None: from the GPU size)
+# Split-T target: programs per SM that the segment split aims for, forward and backward. One program per SM
+# leaves each SM one sequential chain of chunk loads; more segments hide load latency at the price of the
+# extra read of the segment-state pass. bench/linear_attn.py --sweep measures these on the GPU.
+PROGRAMS_PER_SM = {"fwd": 1, "bwd": 1}
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -116,15 +120,15 @@ def _num_sms(device: torch.device) -> int:
     return 132  # interpreter runs: plan as for an H200
 
 
-def _segments(NT: int, programs_per_segment: int, device: torch.device) -> tuple[int, int]:
+def _segments(NT: int, programs_per_segment: int, device: torch.device, direction: str) -> tuple[int, int]:
     """(chunks per segment, segments). Splitting T costs an extra read of k, v (and of q, do in the backward)
-    for the segment states, so T is split only when the grid would fill less than half the SMs, and then
-    into enough segments for about one program per SM."""
+    for the segment states, so T is split only when the grid would fill less than half of the target
+    (PROGRAMS_PER_SM[direction] programs on every SM), and then into enough segments to reach it."""
     if SEGMENT_CHUNKS is not None:
         cps = max(1, min(SEGMENT_CHUNKS, NT))
     else:
-        sms = _num_sms(device)
-        ns = 1 if 2 * programs_per_segment >= sms else min(NT, triton.cdiv(sms, programs_per_segment))
+        target = PROGRAMS_PER_SM[direction] * _num_sms(device)
+        ns = 1 if 2 * programs_per_segment >= target else min(NT, triton.cdiv(target, programs_per_segment))
         cps = triton.cdiv(NT, ns)
     return cps, triton.cdiv(NT, cps)
 
@@ -211,7 +215,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
         return o, S, z, den
     cfg = _config(D, Dv)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
-    CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev)
+    CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "fwd")
     split, align = _SPLIT[q.dtype], _aligned(q, k, v, o)
     mask_args = _mask_args(key_mask, q)
     if causal and NS == 1:
@@ -255,7 +259,7 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
         return dq, dk, dv, dS0, dz0
     cfg = _config(D, Dv)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
-    CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev)
+    CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "bwd")
     split, align = _SPLIT[q.dtype], _aligned(q, k, v, do, dq, dk, dv)
     mask_args = _mask_args(key_mask, q)
     mask, smb, smt, _ = mask_args
