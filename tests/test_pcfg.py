@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastattn.pcfg import LeveledPCFG, PCFGConfig
+from fastattn.pcfg.inference import conditional, inside
 
 SMALL = dict(depth=3, num_symbols=2, rules_per_symbol=(1, 2), rule_probs="dirichlet", seed=0)
 # seed 0: 419 strings in the union of the 8 languages, some with several derivations
@@ -44,13 +45,13 @@ def pad(strings: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
     return terminals, torch.tensor([len(s) for s in strings])
 
 
-@pytest.fixture(scope="module")
-def small():
+@pytest.fixture(scope="module", params=["matrix", "band"])
+def small(request):
     g = LeveledPCFG(PCFGConfig(**SMALL))
     langs = [enumerate_language(g, tuple(j)) for j in g.meta_tuples.tolist()]
     strings = sorted(set().union(*langs), key=lambda s: (len(s), s))
     terminals, lengths = pad(strings)
-    return g, langs, strings, g.inside(terminals, lengths, chunk_size=512)
+    return g, langs, strings, g.inside(terminals, lengths, chunk_size=512, method=request.param)
 
 
 def test_config_validation():
@@ -215,3 +216,48 @@ def test_encoding_round_trip_and_loss_mask():
     assert torch.equal(terminals, s.terminals) and torch.equal(lengths, s.lengths) and torch.equal(known_back, known)
     full = g.mask_metadata(s.meta, meta_depth=4)
     assert torch.equal(g.decode(g.encode(s.terminals, s.lengths, full)[0])[2], s.meta)
+
+
+@pytest.mark.parametrize("depth,seed", [(3, 1), (4, 0)])
+def test_matrix_matches_band_on_samples(depth, seed):
+    g = LeveledPCFG(depth=depth, seed=seed, rule_probs="dirichlet")
+    s = g.sample(12, seed=seed)
+    flipped = s.terminals.clone()
+    flipped[::2, 3] = (flipped[::2, 3] + 1) % g.num_terminals              # some non-members and dead prefixes
+    a = g.inside(flipped, s.lengths)                                      # matrix, chunks sized by the byte budget
+    b = g.inside(flipped, s.lengths, method="band", chunk_size=5)
+    assert torch.equal(a.log_seq.isfinite(), b.log_seq.isfinite())
+    assert torch.equal(a.log_prefix.isfinite(), b.log_prefix.isfinite())
+    fin = b.log_prefix.isfinite()
+    torch.testing.assert_close(a.log_prefix[fin], b.log_prefix[fin], rtol=1e-10, atol=1e-10)
+    fin = b.log_seq.isfinite()
+    torch.testing.assert_close(a.log_seq[fin], b.log_seq[fin], rtol=1e-10, atol=1e-10)
+    tiny = inside(g, flipped, s.lengths, max_chunk_bytes=1)               # one document per chunk
+    torch.testing.assert_close(tiny.log_prefix, a.log_prefix)
+
+
+def test_conditional_is_the_own_metadata_column():
+    g = LeveledPCFG(depth=3, seed=2)
+    s = g.sample(20, seed=3)
+    other = s.meta.flip(0)
+    res = g.inside(s.terminals, s.lengths)
+    index = (other * g.num_alternatives ** torch.arange(g.depth - 1, -1, -1)).sum(-1)    # product order
+    assert torch.equal(g.meta_tuples[index], other)
+    seq, prefix = conditional(g, s.terminals, s.lengths, other, chunk_size=7)
+    torch.testing.assert_close(seq, res.log_seq[torch.arange(20), index])
+    torch.testing.assert_close(prefix, res.log_prefix[torch.arange(20), index])
+    assert conditional(g, s.terminals, s.lengths, s.meta)[0].isfinite().all()
+    with pytest.raises(ValueError):
+        conditional(g, s.terminals, s.lengths, s.meta[:, :2])
+    with pytest.raises(ValueError):
+        g.inside(s.terminals, s.lengths, method="nope")
+
+
+@pytest.mark.gpu
+def test_matrix_on_cuda_matches_cpu():
+    g = LeveledPCFG(depth=4, seed=0)
+    s = g.sample(64, seed=0)
+    cpu = g.inside(s.terminals, s.lengths)
+    gpu = g.inside(s.terminals.cuda(), s.lengths.cuda())
+    torch.testing.assert_close(gpu.log_prefix.cpu(), cpu.log_prefix)
+    torch.testing.assert_close(gpu.bayes_loss(s.meta.cuda()).cpu(), cpu.bayes_loss(s.meta))

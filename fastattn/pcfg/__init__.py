@@ -4,6 +4,6 @@
 inside/prefix dynamic programme (``LeveledPCFG.inside`` is a shortcut). Importing this package loads torch only.
 """
 from .grammar import LeveledPCFG, PCFGConfig, PCFGSample
-from .inference import InsideResult, inside
+from .inference import InsideResult, conditional, inside
 
-__all__ = ["LeveledPCFG", "PCFGConfig", "PCFGSample", "InsideResult", "inside"]
+__all__ = ["LeveledPCFG", "PCFGConfig", "PCFGSample", "InsideResult", "conditional", "inside"]

@@ -266,7 +266,7 @@ class LeveledPCFG:
         return terminals, lengths, known
 
     # ----- inference shortcut --------------------------------------------------------------------------------------
-    def inside(self, terminals: Tensor, lengths: Tensor, chunk_size: int = 64):
+    def inside(self, terminals: Tensor, lengths: Tensor, chunk_size: int | None = None, method: str = "matrix"):
         """Exact per-metadata sequence and prefix log-probabilities; see :func:`fastattn.pcfg.inference.inside`."""
         from .inference import inside
-        return inside(self, terminals, lengths, chunk_size=chunk_size)
+        return inside(self, terminals, lengths, chunk_size=chunk_size, method=method)

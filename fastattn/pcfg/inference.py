@@ -15,6 +15,13 @@ so the root carries all K^D tuples in ``LeveledPCFG.meta_tuples`` order.
 
 Membership (the boolean semiring) is ``log p > -inf``: the scaled contractions below only lose a term when it is
 below 1e-308 relative to the largest term sharing its span start, far beyond any grammar this module is meant for.
+
+Two implementations of the same charts, picked by ``inside(..., method=)``:
+- ``"matrix"`` (default, fast, any device): charts indexed by (start, end) are [P, P] matrices, so concatenating
+  two spans is a matrix product: beta_a = sum P(a -> b c) B_b @ B_c and pi_a = pi_b + B_b @ Pi_c (strictly upper
+  triangular, so the sibling's prefix is never empty). Linear float64, each span scaled by V^length so values stay
+  within ~[1e-60, 1e120] for the grammars meant here; zero stays exactly zero, so membership is exact.
+- ``"band"``: the log-space (start, length) charts restricted to each height's length band (the reference).
 """
 from __future__ import annotations
 
@@ -193,31 +200,171 @@ class InsideResult:
         return torch.where(self.valid, prefix - ahead, 0.0)
 
 
-def inside(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor, chunk_size: int = 64) -> InsideResult:
+def _level_rules(pcfg: LeveledPCFG, i: int, device, n: int, meta: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Level i's rule probabilities [N, K, A, B, C] and [N, K, A, B, C, D]; with ``meta`` [N, D] each document's
+    own rule set only (K = 1)."""
+    r2, r3 = (r.to(device) for r in pcfg.rule_tensors[i])
+    if meta is None:
+        return r2.expand(n, *r2.shape), r3.expand(n, *r3.shape)
+    return r2[meta[:, i]][:, None], r3[meta[:, i]][:, None]
+
+
+def _matrix_scores(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor,
+                   meta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(log_seq [N, M], log_prefix [N, M, T+1]) of one chunk by (start, end) matrix charts.
+
+    M = K^D (every metadata tuple), or M = 1 with ``meta`` [N, D] (each document's own tuple).
+    Charts B (inside) and Pi (prefix) are [N, M, A, P, P] with P = T + 1 positions; entry (s, e) of a level-i
+    symbol a is scaled by V^(e - s). Only row 0 of the root is needed, so the root's left factors keep row 0.
+    """
+    n, width = terminals.shape
+    dev, dt = terminals.device, torch.float64
+    size = width + 1
+    scale = float(pcfg.num_terminals)
+    valid = torch.arange(width, device=dev) < lengths[:, None]
+    onehot = torch.nn.functional.one_hot(terminals.clamp(0, pcfg.num_terminals - 1), pcfg.num_terminals)
+    diag = (onehot * valid[..., None]).to(dt).transpose(1, 2) * scale                      # [N, V, T]
+    beta = torch.diag_embed(diag, offset=1)[:, None]                                          # [N, 1, V, P, P]
+    pi = beta                                       # a terminal's only non-empty prefix is itself
+    for i in reversed(range(pcfg.depth)):
+        r2, r3 = _level_rules(pcfg, i, dev, n, meta)
+        kk, na, nb = r2.shape[1:4]
+        m = beta.shape[1]
+        rows = 1 if i == 0 else size
+        # every product left_b @ [B_c | Pi_c] in one batched matmul: [N, M, B*R, P] @ [N, M, P, 2*C*P]
+        right = torch.cat([beta, pi], dim=2).permute(0, 1, 3, 2, 4).reshape(n, m, size, 2 * nb * size)
+        prod = (beta[..., :rows, :].reshape(n, m, nb * rows, size) @ right).view(n, m, nb, rows, 2, nb, size)
+        bb, bp = prod[:, :, :, :, 0], prod[:, :, :, :, 1]                                        # [N, M, B, R, C, P]
+        # a -> b c:  B_b B_c;  prefix: Pi_b (b's yield covers the prefix) + B_b Pi_c (c's does)
+        beta_new = torch.einsum("nkabc,nmbicj->nkmaij", r2, bb)
+        pi_new = torch.einsum("nkab,nmbij->nkmaij", r2.sum(-1) + r3.sum((-1, -2)), pi[..., :rows, :]) \
+            + torch.einsum("nkabc,nmbicj->nkmaij", r2 + r3.sum(-1), bp)
+        if r3.any():
+            # a -> b c d:  (B_b B_c) B_d and (B_b B_c) Pi_d, the pair products contracted over (b, c) first;
+            # then one matmul contracting (d, position): [N, M, K*A*R, D*P] @ [N, M, D*P, 2P]
+            w = torch.einsum("nkabcd,nmbicj->nmkaidj", r3, bb).reshape(n, m, kk * na * rows, nb * size)
+            both = torch.cat([beta, pi], dim=-1).reshape(n, m, nb * size, 2 * size)
+            tail = (w @ both).view(n, m, kk, na, rows, 2, size).permute(0, 2, 1, 3, 5, 4, 6)
+            beta_new = beta_new + tail[:, :, :, :, 0]
+            pi_new = pi_new + tail[:, :, :, :, 1]
+        beta, pi = beta_new.flatten(1, 2), pi_new.flatten(1, 2)                                 # [N, K*M, A, R, P]
+    beta, pi = beta[:, :, 0, 0], pi[:, :, 0, 0]                                                 # [N, K^D, P]
+    unscale = torch.arange(size, device=dev, dtype=dt) * math.log(scale)
+    log_seq = (beta.gather(-1, lengths[:, None, None].expand(-1, beta.shape[1], 1))[..., 0].log()
+               - lengths[:, None].to(dt) * math.log(scale))
+    log_prefix = pi.log() - unscale
+    log_prefix[..., 0] = 0.0
+    return log_seq, log_prefix
+
+
+def _band_scores(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """(log_seq [N, K^D], log_prefix [N, K^D, T+1]) of one chunk by the log-space band charts."""
+    n, w = terminals.shape
+    m = pcfg.num_alternatives ** pcfg.depth
+    beta, pi = _charts(pcfg, terminals, lengths)
+    lo = 2 ** pcfg.depth
+    at = (lengths - lo).clamp(0, beta.shape[-1] - 1)
+    seq = beta.gather(-1, at[:, None, None].expand(-1, m, 1))[..., 0]
+    in_band = (lengths >= lo) & (lengths < lo + beta.shape[-1])
+    log_seq = torch.where(in_band[:, None], seq, -math.inf)
+    log_prefix = torch.full((n, m, w + 1), -math.inf, dtype=torch.float64, device=terminals.device)
+    log_prefix[..., 0] = 0.0
+    k = min(pi.shape[-1], w)
+    log_prefix[..., 1:k + 1] = pi[..., :k]
+    return log_seq, log_prefix
+
+
+METHODS = {"matrix": _matrix_scores, "band": _band_scores}
+
+
+def matrix_chunk_bytes(pcfg: LeveledPCFG, width: int) -> int:
+    """Estimated peak bytes per document of the ``"matrix"`` method at padded length ``width``.
+
+    The level below the root dominates: pair products and the ternary contraction over K^(D-2) child tuples.
+    """
+    kk, sym = pcfg.num_alternatives, max(pcfg.sizes)
+    tuples = kk ** max(pcfg.depth - 2, 0)
+    mats = tuples * (2 * sym * sym + 3 * kk * sym * sym + 6 * kk * sym) + 4 * kk * tuples * sym
+    return 8 * (width + 1) ** 2 * mats
+
+
+def _chunks(order: Tensor, lengths: Tensor, chunk_size: int | None, budget: int, cost) -> list[Tensor]:
+    """Split length-sorted ``order`` into chunks of at most ``chunk_size`` docs or, when None, ``budget`` bytes."""
+    if chunk_size is not None:
+        return list(order.split(chunk_size))
+    out, start, lens = [], 0, lengths[order].tolist()
+    while start < len(lens):
+        end = start + 1
+        while end < len(lens) and (end + 1 - start) * cost(max(lens[end], 1)) <= budget:
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
+
+
+def inside(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor, chunk_size: int | None = None,
+           method: str = "matrix", max_chunk_bytes: int | None = None) -> InsideResult:
     """Exact inside and prefix log-probabilities of documents under every metadata tuple.
 
     terminals [N, T] long (terminal ids; entries at k >= lengths ignored), lengths [N]. Runs on terminals' device
-    in float64, ``chunk_size`` documents at a time (sorted by length so chunks are trimmed to their longest).
-    Memory per chunk grows like chunk_size * K^(D-1) * T * 9^(D-1) doubles; lower chunk_size if it does not fit.
+    in float64, a chunk of documents at a time (sorted by length so chunks are trimmed to their longest).
+    method: "matrix" (batched matrix products, the fast path; see the module docstring) or "band" (log space).
+    chunk_size: documents per chunk; None = as many as fit ``max_chunk_bytes`` (default 1 GiB on CPU, a quarter
+    of the free memory on CUDA) for "matrix", 64 for "band". Memory of "band" grows like
+    chunk_size * K^(D-1) * T * 9^(D-1) doubles; lower chunk_size if it does not fit.
     """
-    if chunk_size < 1:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if terminals.dim() != 2 or lengths.shape != terminals.shape[:1]:
+        raise ValueError(f"terminals must be [N, T] and lengths [N]; got {tuple(terminals.shape)} and "
+                         f"{tuple(lengths.shape)}")
     n, width = terminals.shape
     dev = terminals.device
     lengths = lengths.to(dev)
+    if method == "band" and chunk_size is None:
+        chunk_size = 64
+    if max_chunk_bytes is None:
+        max_chunk_bytes = _default_budget(dev)
     m = pcfg.num_alternatives ** pcfg.depth
     log_seq = torch.full((n, m), -math.inf, dtype=torch.float64, device=dev)
     log_prefix = torch.full((n, m, width + 1), -math.inf, dtype=torch.float64, device=dev)
     log_prefix[..., 0] = 0.0
     order = lengths.argsort()
-    for chunk in order.split(chunk_size):
+    for chunk in _chunks(order, lengths, chunk_size, max_chunk_bytes, lambda w: matrix_chunk_bytes(pcfg, w)):
         w = max(int(lengths[chunk].max()), 1)
-        beta, pi = _charts(pcfg, terminals[chunk, :w], lengths[chunk])
-        lo = 2 ** pcfg.depth
-        at = (lengths[chunk] - lo).clamp(0, beta.shape[-1] - 1)
-        seq = beta.gather(-1, at[:, None, None].expand(-1, m, 1))[..., 0]
-        in_band = (lengths[chunk] >= lo) & (lengths[chunk] < lo + beta.shape[-1])
-        log_seq[chunk] = torch.where(in_band[:, None], seq, -math.inf)
-        k = min(pi.shape[-1], w)
-        log_prefix[chunk, :, 1:k + 1] = pi[..., :k]
+        seq, prefix = METHODS[method](pcfg, terminals[chunk, :w], lengths[chunk])
+        log_seq[chunk] = seq
+        log_prefix[chunk, :, :w + 1] = prefix
     return InsideResult(log_seq, log_prefix, lengths, pcfg.meta_tuples.to(dev))
+
+
+def conditional(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor, meta: Tensor,
+                chunk_size: int | None = None, max_chunk_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Scores of each document under its own metadata only: (log p(w | j) [N], log p(w_1..w_k | j) [N, T+1]).
+
+    meta [N, D] long, a full tuple per document. K^D times cheaper than :func:`inside`: the grammatical-accuracy
+    check (``log_seq > -inf`` is exact membership in L(G_j)).
+    """
+    n, width = terminals.shape
+    dev = terminals.device
+    lengths, meta = lengths.to(dev), meta.to(dev, torch.long)
+    if meta.shape != (n, pcfg.depth) or bool(((meta < 0) | (meta >= pcfg.num_alternatives)).any()):
+        raise ValueError(f"meta must be [N, D] = {(n, pcfg.depth)} with entries in [0, {pcfg.num_alternatives})")
+    if max_chunk_bytes is None:
+        max_chunk_bytes = _default_budget(dev)
+    log_seq = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
+    log_prefix = torch.full((n, width + 1), -math.inf, dtype=torch.float64, device=dev)
+    order = lengths.argsort()
+    cost = lambda w: matrix_chunk_bytes(pcfg, w) // pcfg.num_alternatives ** max(pcfg.depth - 2, 0)  # noqa: E731
+    for chunk in _chunks(order, lengths, chunk_size, max_chunk_bytes, cost):
+        w = max(int(lengths[chunk].max()), 1)
+        seq, prefix = _matrix_scores(pcfg, terminals[chunk, :w], lengths[chunk], meta[chunk])
+        log_seq[chunk] = seq[:, 0]
+        log_prefix[chunk, :w + 1] = prefix[:, 0]
+    return log_seq, log_prefix
+
+
+def _default_budget(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 ** 30
