@@ -15,6 +15,18 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "linear_attn_step(Tensor q, Tensor k, Tensor v, Tensor(a!) S, Tensor(b!)? z, bool normalize, float eps) "
       "-> Tensor");
+  // Fused GLM subspace Hessian (fastattn/ops/subspace_hvp): (P g [s], P H P^T [s, s]); P absent: generated from
+  // seed with sketch code 1 (gaussian) or 2 (rademacher); loss / reg are the codes of glm.LOSSES / REGULARISERS.
+  m.def(
+      "subspace_hvp_glm_fused(Tensor A, Tensor x, Tensor y, Tensor? P, int s, int sketch, int seed, float scale, "
+      "int loss, int reg, float lam, float loss_scale) -> (Tensor, Tensor)");
+  // seq_logps over the response tokens (mask True): (logps [B], lse [B, T]); the backward gives (dhidden, dweight)
+  m.def(
+      "lm_head_logps_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor mask, int token_chunk, "
+      "int vocab_chunk) -> (Tensor, Tensor)");
+  m.def(
+      "lm_head_logps_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor labels, Tensor mask, Tensor lse, "
+      "int token_chunk, int vocab_chunk) -> (Tensor, Tensor)");
 }
 
 // `import fastattn._C` loads this library (and with it the registrations above); it exposes no Python symbols.

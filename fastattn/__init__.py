@@ -10,12 +10,14 @@ import importlib
 from .backends import backend_info
 from .ops.linear_attn.interface import linear_attention, linear_attention_step
 from .ops.seq_logps.interface import seq_logps
+from .ops.subspace_hvp.interface import subspace_hvp
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "feature_maps", "dof", "hf", "models", "distill", "ddro", "pcfg", "cli")
+_SUBMODULES = ("backends", "feature_maps", "dof", "hf", "models", "distill", "ddro", "pcfg", "rshtr", "cli")
 
-__all__ = ["linear_attention", "linear_attention_step", "seq_logps", "backend_info", "__version__", *_SUBMODULES]
+__all__ = ["linear_attention", "linear_attention_step", "seq_logps", "subspace_hvp", "backend_info", "__version__",
+           *_SUBMODULES]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,162 @@
+// CPU kernel of the fused GLM subspace Hessian (op fastattn::subspace_hvp_glm_fused; math in
+// fastattn/ops/subspace_hvp/reference.py, sketch hash in fastattn/ops/subspace_hvp/sketch.py).
+//
+// f(x) = loss_scale * sum_i loss(a_i . x; y_i) + lam * sum_j reg(x_j). A is streamed in blocks of kRows rows:
+// per block one GEMM gives [z | B] = A_blk [x | P^T] (a cache-sized tile, never the whole m x s matrix), the loss
+// derivatives are taken on z, and B^T diag(loss'') B, B^T loss' are accumulated into [s, s], [s] in the
+// accumulation type (fp32 for fp32 inputs, fp64 for fp64). Gaussian / Rademacher P are generated here from the seed
+// with the counter hash every backend shares. Blocks run in order and BLAS tiles are deterministic, so a call is
+// reproducible.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "../sketch_hash.h"
+
+namespace fastattn {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kRows = 512;  // rows of A per block: B tile of kRows x s stays in cache
+
+// P [s, n] of the hashed kinds (1 gaussian, 2 rademacher) in fp64, then cast: the reference's recipe.
+Tensor generate_sketch(int64_t s, int64_t n, int64_t kind, int64_t seed, double scale, const at::TensorOptions& opt) {
+  Tensor P = at::empty({s, n}, opt.dtype(at::kDouble));
+  double* p = P.data_ptr<double>();
+  const uint32_t key = sketch_key(seed);
+  at::parallel_for(0, s, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      double* row = p + i * n;
+      for (int64_t j = 0; j < n; ++j) {
+        const uint32_t h1 = sketch_h1(key, i, j);
+        if (kind == 1) {
+          const uint32_t h2 = sketch_h2(h1);
+          const double u1 = static_cast<double>((h1 >> 8) + 1u) * 0x1p-24;
+          const double u2 = static_cast<double>(h2 >> 8) * 0x1p-24;
+          row[j] = scale * std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+        } else {
+          row[j] = scale * (1.0 - 2.0 * static_cast<double>(h1 >> 31));
+        }
+      }
+    }
+  });
+  return P.to(opt.dtype());
+}
+
+// loss'(z; y), loss''(z; y) of fastattn/ops/subspace_hvp/glm.py LOSSES by code, elementwise.
+template <typename T>
+void loss_derivatives(int64_t code, const T* z, const T* y, T* d1, T* d2, int64_t len, T scale) {
+  for (int64_t i = 0; i < len; ++i) {
+    const T zi = z[i], yi = y[i];
+    T a, b;
+    if (code == 0) {
+      a = zi - yi;
+      b = T(1);
+    } else {
+      const T sg = T(1) / (T(1) + std::exp(-zi));
+      const T q = sg * (T(1) - sg);
+      if (code == 1) {
+        a = sg - yi;
+        b = q;
+      } else {
+        a = (sg - yi) * q;
+        b = q * (q + (sg - yi) * (T(1) - T(2) * sg));
+      }
+    }
+    d1[i] = scale * a;
+    d2[i] = scale * b;
+  }
+}
+
+// reg'(x), reg''(x) of REGULARISERS by code (1 l2, 2 nonconvex), times lam.
+template <typename T>
+void reg_derivatives(int64_t code, const T* x, T* d1, T* d2, int64_t len, T lam) {
+  at::parallel_for(0, len, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const T v = x[j];
+      if (code == 1) {
+        d1[j] = lam * v;
+        d2[j] = lam;
+      } else {
+        const T q = T(1) + v * v;
+        d1[j] = lam * T(2) * v / (q * q);
+        d2[j] = lam * (T(2) - T(6) * v * v) / (q * q * q);
+      }
+    }
+  });
+}
+
+void check_inputs(const Tensor& A, const Tensor& x, const Tensor& y, const std::optional<Tensor>& P, int64_t s,
+                  int64_t sketch) {
+  TORCH_CHECK(A.dim() == 2, "subspace_hvp_glm_fused: A must be [m, n], got ", A.sizes());
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "subspace_hvp_glm_fused: A must be float32 or float64, got ", A.scalar_type());
+  const int64_t m = A.size(0), n = A.size(1);
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, "subspace_hvp_glm_fused: x must be [n] = [", n, "], got ",
+              x.sizes());
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == m, "subspace_hvp_glm_fused: y must be [m] = [", m, "], got ",
+              y.sizes());
+  TORCH_CHECK(x.scalar_type() == A.scalar_type() && y.scalar_type() == A.scalar_type(),
+              "subspace_hvp_glm_fused: A, x, y must share one dtype");
+  TORCH_CHECK(s >= 1, "subspace_hvp_glm_fused: s must be >= 1, got ", s);
+  if (P.has_value() && P->defined()) {
+    TORCH_CHECK(P->dim() == 2 && P->size(0) == s && P->size(1) == n,
+                "subspace_hvp_glm_fused: P must be [s, n] = [", s, ", ", n, "], got ", P->sizes());
+    TORCH_CHECK(P->scalar_type() == A.scalar_type(), "subspace_hvp_glm_fused: P must have A's dtype");
+  } else {
+    TORCH_CHECK(sketch == 1 || sketch == 2, "subspace_hvp_glm_fused: without P, sketch must be 1 (gaussian) or 2 "
+                "(rademacher), got ", sketch);
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> subspace_hvp_glm_cpu(const Tensor& A, const Tensor& x, const Tensor& y,
+                                                const std::optional<Tensor>& P, int64_t s, int64_t sketch,
+                                                int64_t seed, double scale, int64_t loss, int64_t reg, double lam,
+                                                double loss_scale) {
+  check_inputs(A, x, y, P, s, sketch);
+  TORCH_CHECK(A.device().is_cpu(), "subspace_hvp_glm_fused (CPU kernel): A must be a CPU tensor");
+  const int64_t m = A.size(0), n = A.size(1);
+  const Tensor Pm = (P.has_value() && P->defined()) ? *P : generate_sketch(s, n, sketch, seed, scale, A.options());
+  // [x | P^T] as one right-hand side [n, s + 1]: one GEMM per row block yields z and the B tile together.
+  const Tensor rhs = at::cat({x.unsqueeze(1), Pm.t()}, 1).contiguous();
+  Tensor H = at::zeros({s, s}, A.options());
+  Tensor Pg = at::zeros({s}, A.options());
+  const Tensor yc = y.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "subspace_hvp_glm_cpu", [&] {
+    Tensor d1 = at::empty({kRows}, A.options()), d2 = at::empty({kRows}, A.options());
+    for (int64_t r = 0; r < m; r += kRows) {
+      const int64_t rows = std::min(kRows, m - r);
+      const Tensor zb = at::mm(A.narrow(0, r, rows), rhs);        // [rows, s + 1]: column 0 is z = A x
+      const Tensor z = zb.select(1, 0).contiguous();
+      const Tensor B = zb.narrow(1, 1, s);
+      loss_derivatives<scalar_t>(loss, z.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>() + r,
+                                 d1.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), rows,
+                                 static_cast<scalar_t>(loss_scale));
+      const Tensor w1 = d1.narrow(0, 0, rows), w2 = d2.narrow(0, 0, rows);
+      H.addmm_(B.t(), B * w2.unsqueeze(1));
+      Pg.addmv_(B.t(), w1);
+    }
+    if (reg != 0 && lam != 0.0) {
+      const Tensor xc = x.contiguous();
+      Tensor r1 = at::empty({n}, A.options()), r2 = at::empty({n}, A.options());
+      reg_derivatives<scalar_t>(reg, xc.data_ptr<scalar_t>(), r1.data_ptr<scalar_t>(), r2.data_ptr<scalar_t>(), n,
+                                static_cast<scalar_t>(lam));
+      H.addmm_(Pm * r2.unsqueeze(0), Pm.t());
+      Pg.addmv_(Pm, r1);
+    }
+  });
+  return {Pg, (H + H.t()) * 0.5};
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("subspace_hvp_glm_fused", &subspace_hvp_glm_cpu); }
+
+}  // namespace fastattn

@@ -1,0 +1,38 @@
+// The counter hash behind seeded sketch matrices P (fastattn/ops/subspace_hvp/sketch.py documents the recipe;
+// the C++ CPU kernel, the CUDA kernel and its glue share this header so every backend generates the same P).
+// Plain C++, usable from host code and, under nvcc, from device code.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTATTN_HOST_DEVICE __host__ __device__
+#else
+#define FASTATTN_HOST_DEVICE
+#endif
+
+namespace fastattn {
+
+// lowbias32 integer finaliser.
+FASTATTN_HOST_DEVICE inline uint32_t sketch_mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The key of a seed (its low 32 bits).
+FASTATTN_HOST_DEVICE inline uint32_t sketch_key(int64_t seed) {
+  return sketch_mix32(static_cast<uint32_t>(seed) ^ 0x9E3779B9u);
+}
+
+// First and second hash of entry (row, col) of P.
+FASTATTN_HOST_DEVICE inline uint32_t sketch_h1(uint32_t key, int64_t row, int64_t col) {
+  return sketch_mix32(static_cast<uint32_t>(col) ^ sketch_mix32(static_cast<uint32_t>(row) + key));
+}
+
+FASTATTN_HOST_DEVICE inline uint32_t sketch_h2(uint32_t h1) { return sketch_mix32(h1 ^ 0x85EBCA6Bu); }
+
+}  // namespace fastattn

@@ -1,0 +1,112 @@
+"""Triton backend of the GLM subspace Hessian: host launcher of ``triton_kernels.glm_gram_kernel``.
+
+Column tiles of BS <= 128 columns of B = A P^T; s <= 256 is one program per block (one or two tiles, no redundant
+work); larger s runs the pairs (a < b) of tiles, recomputing each tile once per partner. Each of G <= #SM
+programs accumulates into its own partial slot, summed here in a fixed order: results are deterministic.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from .sketch import seed_key
+
+try:
+    import triton
+    from . import triton_kernels as _k
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
+    triton, _k = None, None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+if _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1":
+    from ..linear_attn.triton import _interpreter_compat
+    _interpreter_compat()
+
+BK = 32
+MAX_BS = 128
+INPUT_PRECISION = "tf32x3"     # fp32 accuracy on tensor cores; "ieee" (CUDA cores) or "tf32" (fast, ~1e-3)
+STAGES = (3, 2, 1)             # software-pipelining depths tried in order (fewer when shared memory runs out)
+
+
+def supports(A: Tensor, x: Tensor, *rest: Tensor) -> tuple[bool, str]:
+    if _IMPORT_ERROR is not None:
+        return False, f"triton is not importable ({_IMPORT_ERROR})"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not A.is_cuda and not interpret:
+        return False, f"tensors are on {A.device.type}, not CUDA (and TRITON_INTERPRET is not set)"
+    if A.dtype != torch.float32:
+        return False, f"dtype {A.dtype}: the Triton GLM kernel takes float32 (fp64 goes to torch / cpu)"
+    return True, ""
+
+
+def _tile(s: int) -> int:
+    return min(MAX_BS, max(16, triton.next_power_of_2(s)))
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs(NT: int, device: torch.device) -> Tensor:
+    """[npairs, 4] int32 rows (ta, tb, owns diagonal/Pg tile ta, owns tb); every (a <= b) block once."""
+    if NT == 1:
+        rows = [(0, 0, 1, 0)]
+    else:
+        rows = [(a, b, int(b == a + 1), int(a == NT - 2 and b == NT - 1)) for a in range(NT) for b in range(a + 1, NT)]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4   # interpreter runs: a few programs, so the grid-stride loop is exercised
+
+
+def _block_rows(m: int, sms: int) -> int:
+    """64-row blocks, halved (down to 16) while there are fewer data blocks than SMs (tall-skinny A)."""
+    bm = 64
+    while bm > 16 and triton.cdiv(m, bm) < sms:
+        bm //= 2
+    return bm
+
+
+_stage_choice: dict[tuple, int] = {}
+
+
+def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, seed: int, scale: float,
+        loss: int, reg: int, lam: float, loss_scale: float) -> tuple[Tensor, Tensor]:
+    """A [m, n], x [n], y [m] fp32; P [s, n] or None (generated from ``seed``) -> (Pg [s], PHPt [s, s]) fp32."""
+    m, n = A.shape
+    dev = A.device
+    BS = _tile(s)
+    NT = triton.cdiv(s, BS)
+    sms = _num_sms(dev)
+    BM = _block_rows(m, sms)
+    RA = triton.cdiv(m, BM)
+    R = RA + (triton.cdiv(n, BM) if reg != 0 and lam != 0.0 else 0)
+    G = max(1, min(R, sms))
+    pairs = _pairs(NT, dev)
+    GP = torch.zeros(G, s, s, dtype=torch.float32, device=dev)
+    PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
+    Pt = P if P is not None else GP
+    sPs, sPn = (P.stride(0), P.stride(1)) if P is not None else (0, 0)
+    args = (A, x, y, Pt, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam), float(loss_scale),
+            A.stride(0), A.stride(1), sPs, sPn)
+    meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=BK, BS=BS, PREC=INPUT_PRECISION,
+                num_warps=8 if BS >= 128 else 4)
+    grid = (G, pairs.shape[0])
+    key = (BS, BM, NT > 1, loss, reg, sketch)
+    for stages in STAGES[STAGES.index(_stage_choice.get(key, STAGES[0])):]:
+        try:
+            _k.glm_gram_kernel[grid](*args, **meta, num_stages=stages)
+            _stage_choice[key] = stages
+            break
+        except triton.runtime.errors.OutOfResources:
+            if stages == STAGES[-1]:
+                raise
+    H = GP.sum(0)
+    blk = torch.arange(s, device=dev) // BS
+    H = (H + H.T) * torch.where(blk[:, None] == blk[None, :], 0.5, 1.0)   # only blocks a <= b were filled
+    return PG.sum(0), H

@@ -1,0 +1,196 @@
+"""fastattn.subspace_hvp: every path against P H P^T from explicit fp64 Hessians (torch.autograd.functional)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import backends
+from fastattn.ops.subspace_hvp import GLM, LOSSES, REGULARISERS, Sketch, make_sketch
+from fastattn.ops.subspace_hvp import reference
+
+from .tolerances import assert_close
+
+F64 = torch.float64
+
+
+def glm_backends() -> list[str]:
+    names = ["torch"]
+    if backends.availability("cpu")[0] and backends.get("subspace_hvp", "cpu").supports(
+            torch.zeros(1, 1), torch.zeros(1))[0]:
+        names.append("cpu")
+    if os.environ.get("TRITON_INTERPRET") == "1" and backends.availability("triton")[0]:
+        names.append("triton")
+    return names
+
+
+def make_glm(m, n, loss, reg, lam=0.3, seed=0, dtype=F64, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, n, generator=g, dtype=F64) / n ** 0.5
+    if rank is not None:
+        A = (torch.randn(m, rank, generator=g, dtype=F64) @ torch.randn(rank, n, generator=g, dtype=F64)) / n ** 0.5
+    y = (torch.rand(m, generator=g) > 0.5).to(F64)
+    x = torch.randn(n, generator=g, dtype=F64)
+    return GLM(A.to(dtype), y.to(dtype), loss, reg, lam, loss_scale=0.7), x.to(dtype)
+
+
+def explicit(fun, x64, P64):
+    H = torch.autograd.functional.hessian(fun, x64)
+    g = torch.autograd.functional.jacobian(fun, x64)
+    return P64 @ g, P64 @ H @ P64.T
+
+
+def _check(got, ref, dtype, name):
+    assert_close(f"{name} Pg", got[0], ref[0], dtype)
+    assert_close(f"{name} PHPt", got[1], ref[1], dtype)
+    assert torch.equal(got[1], got[1].T), f"{name}: PHPt not exactly symmetric"
+
+
+GLM_CASES = [  # (m, n, s, loss, reg, P): ragged sizes, one and several column tiles, hashed and explicit P
+    (37, 29, 5, "logistic", "nonconvex", "gaussian"),
+    (70, 50, 1, "sigmoid_mse", "l2", "tensor"),
+    (19, 65, 33, "squared", "nonconvex", "rademacher"),
+    (65, 40, 150, "sigmoid_mse", "none", "tensor"),
+    (33, 20, 300, "logistic", "nonconvex", "gaussian"),
+]
+
+
+@pytest.mark.parametrize("backend", glm_backends())
+@pytest.mark.parametrize("case", GLM_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_glm_paths_against_explicit_hessian(case, backend):
+    m, n, s, loss, reg, kind = case
+    glm64, x64 = make_glm(m, n, loss, reg)
+    sk = make_sketch("gaussian" if kind == "tensor" else kind, s, n, seed=11)
+    P64 = sk.materialize(n, F64)
+    ref = explicit(glm64, x64, P64)
+    dtypes = [torch.float32] + ([F64] if backend in ("torch", "cpu") else [])
+    for dtype in dtypes:
+        glm, x = glm64.to(dtype), x64.to(dtype)
+        P = sk if kind != "tensor" else P64.to(dtype)
+        _check(fastattn.subspace_hvp(glm, x, P, backend=backend), ref, dtype, f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", glm_backends())
+def test_glm_kernels_read_strided_A_and_P(backend):
+    glm64, x64 = make_glm(30, 45, "logistic", "nonconvex")
+    At = glm64.A.T.contiguous().T                     # column-major view
+    P64 = torch.randn(45, 7, dtype=F64).T
+    ref = explicit(glm64, x64, P64)
+    glm = GLM(At.float(), glm64.y.float(), "logistic", "nonconvex", glm64.lam, glm64.loss_scale)
+    got = fastattn.subspace_hvp(glm, x64.float(), P64.float(), backend=backend)
+    _check(got, ref, torch.float32, backend)
+
+
+def test_regulariser_only_and_every_registry_entry_against_autograd():
+    x = torch.randn(11, dtype=F64)
+    for name, r in REGULARISERS.items():
+        d1 = torch.func.grad(lambda v: r.value(v).sum())(x)
+        d2 = torch.func.vmap(torch.func.grad(torch.func.grad(lambda t: r.value(t))))(x)
+        assert torch.allclose(r.d1(x), d1, atol=1e-12) and torch.allclose(r.d2(x), d2, atol=1e-12), name
+    z, y = torch.randn(13, dtype=F64) * 3, (torch.rand(13) > 0.5).double()
+    for name, f in LOSSES.items():
+        d1 = torch.func.vmap(torch.func.grad(f.value))(z, y)
+        d2 = torch.func.vmap(torch.func.grad(torch.func.grad(f.value)))(z, y)
+        assert torch.allclose(f.d1(z, y), d1, atol=1e-12) and torch.allclose(f.d2(z, y), d2, atol=1e-12), name
+
+
+def _nonglm(x):
+    return (x[:-1] ** 2 - x[1:]).pow(2).sum() + torch.sin(x).prod() + (x ** 4).sum() / 7
+
+
+@pytest.mark.parametrize("mode,chunk", [("hvp", None), ("hvp", 3), ("restricted", None)])
+def test_general_autodiff_paths_against_explicit_hessian(mode, chunk):
+    x = torch.randn(17, dtype=F64)
+    P = make_sketch("gaussian", 8, 17, seed=2).materialize(17, F64)
+    ref = explicit(_nonglm, x, P)
+    _check(fastattn.subspace_hvp(_nonglm, x, P, mode=mode, chunk_size=chunk), ref, F64, mode)
+    _check(fastattn.subspace_hvp(_nonglm, x.float(), P.float(), mode=mode, chunk_size=chunk), ref, torch.float32,
+           mode)
+
+
+def test_reverse_over_reverse_matches_explicit_over_several_params():
+    x = torch.randn(17, dtype=F64)
+    P = make_sketch("rademacher", 6, 17, seed=5).materialize(17, F64)
+    a, b = x[:10].clone().requires_grad_(), x[10:].clone().view(7, 1).requires_grad_()
+    loss = _nonglm(torch.cat([a, b.view(-1)]))
+    grads = torch.autograd.grad(loss, [a, b], create_graph=True)
+    for chunk in (None, 4):
+        _check(reference.reverse_over_reverse(grads, [a, b], P, chunk_size=chunk), explicit(_nonglm, x, P), F64,
+               "reverse-over-reverse")
+
+
+def test_glm_autodiff_and_fused_paths_agree():
+    glm, x = make_glm(40, 30, "sigmoid_mse", "nonconvex")
+    sk = make_sketch("gaussian", 9, 30, seed=4)
+    P = sk.materialize(30, F64)
+    outs = [fastattn.subspace_hvp(glm, x, sk), fastattn.subspace_hvp(lambda v: glm(v), x, P),
+            fastattn.subspace_hvp(glm, x, P, backend="torch")]
+    for o in outs[1:]:
+        assert_close("Pg", o[0], outs[0][0], F64)
+        assert_close("PHPt", o[1], outs[0][1], F64)
+
+
+def test_sketch_kinds_and_determinism():
+    n, s = 64, 8
+    for kind in ("gaussian", "rademacher", "orthonormal", "coordinate"):
+        a = make_sketch(kind, s, n, seed=3).materialize(n, F64)
+        assert torch.equal(a, make_sketch(kind, s, n, seed=3).materialize(n, F64)), kind
+        assert not torch.equal(a, make_sketch(kind, s, n, seed=4).materialize(n, F64)), kind
+    P = make_sketch("orthonormal", s, n, seed=0).materialize(n, F64)
+    assert torch.allclose(P @ P.T, torch.eye(s, dtype=F64), atol=1e-12)
+    C = make_sketch("coordinate", s, n, seed=0).materialize(n, F64)
+    assert torch.equal(C @ C.T, torch.eye(s, dtype=F64)) and (C.sum(0) <= 1).all()
+    R = make_sketch("rademacher", s, n, seed=0, scale="jl").materialize(n, F64)
+    assert torch.allclose(R.abs(), torch.full_like(R, s ** -0.5))
+    G = make_sketch("gaussian", 64, 4096, seed=0).materialize(4096, F64) * 64.0   # unit variance entries
+    assert abs(G.mean().item()) < 0.01 and abs(G.var().item() - 1) < 0.02
+    assert abs(torch.diagonal(G @ G.T / 4096).mean().item() - 1) < 0.02
+
+
+def test_bad_inputs_raise_clear_errors():
+    glm, x = make_glm(5, 4, "logistic", "none")
+    with pytest.raises(ValueError, match="x must"):
+        fastattn.subspace_hvp(glm, x[:3], make_sketch("gaussian", 2, 4, 0))
+    with pytest.raises(ValueError, match="P must"):
+        fastattn.subspace_hvp(glm, x, torch.zeros(2, 5, dtype=F64))
+    with pytest.raises(TypeError, match="P must match"):
+        fastattn.subspace_hvp(glm, x, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="GLM.loss"):
+        GLM(glm.A, glm.y, "hinge")
+    with pytest.raises(ValueError, match="GLM.y"):
+        GLM(glm.A, glm.y[:2])
+    with pytest.raises(ValueError, match="sketch kind"):
+        Sketch("sparse", 2, 0, 1.0)
+    with pytest.raises(RuntimeError, match="general function"):
+        fastattn.subspace_hvp(_nonglm, x, torch.zeros(2, 4, dtype=F64), backend="cpu")
+    with pytest.raises(ValueError, match="mode"):
+        fastattn.subspace_hvp(_nonglm, x, torch.zeros(2, 4, dtype=F64), mode="fd")
+    with pytest.raises(RuntimeError, match="triton"):
+        fastattn.subspace_hvp(glm, x, make_sketch("gaussian", 2, 4, 0), backend="triton")   # fp64
+
+
+def test_op_is_registered_with_fake_impl():
+    glm, x = make_glm(12, 9, "logistic", "nonconvex", dtype=torch.float32)
+    P = make_sketch("gaussian", 4, 9, seed=1).materialize(9)
+    torch.library.opcheck(torch.ops.fastattn.subspace_hvp_glm.default,
+                          (glm.A, x, glm.y, P, 4, 0, 0, 1.0, 1, 2, 0.3, 1.0, "torch"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("m,n,s,kind", [(1000, 777, 64, "tensor"), (513, 1500, 200, "gaussian"),
+                                        (300, 4000, 130, "rademacher"), (2000, 600, 300, "tensor")])
+def test_gpu_glm_kernels_against_fp64(backend, m, n, s, kind):
+    if not backends.availability(backend)[0]:
+        pytest.skip(backends.availability(backend)[1])
+    glm64, x64 = make_glm(m, n, "sigmoid_mse", "nonconvex")
+    sk = make_sketch("gaussian" if kind == "tensor" else kind, s, n, seed=9)
+    P64 = sk.materialize(n, F64)
+    ref = reference.glm_explicit(glm64, x64, P64)
+    glm = glm64.to(torch.float32, "cuda")
+    P = sk if kind != "tensor" else P64.float().cuda()
+    got = fastattn.subspace_hvp(glm, x64.float().cuda(), P, backend=backend)
+    _check(tuple(t.cpu() for t in got), ref, torch.float32, backend)
