@@ -1,47 +1,23 @@
 """`fastattn distill`: preset < --config file.yaml < command-line flags; writes the run directory."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import sys
 from pathlib import Path
 
+from ..driver_config import add_flags
+from ..driver_config import resolve as resolve_config
 from .config import PRESETS, DistillConfig, make_config
 
 
-def _flag_type(field: dataclasses.Field):
-    default = field.default
-    if isinstance(default, bool):
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, tuple):
-        inner = int if field.name in ("seeds", "softmax_layers", "throughput_lengths") else str
-        return lambda s: tuple(inner(x) for x in s.split(",") if x != "")
-    return type(default)
-
-
 def make_parser(parser):
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                        help="quick: 10-20 min on a 2-core CPU; full: one GPU; tiny: smoke test")
-    parser.add_argument("--config", default=None, help="YAML file of config keys (below command-line flags)")
-    for field in dataclasses.fields(DistillConfig):
-        if field.name == "preset":
-            continue
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            type=_flag_type(field), help=f"(default from the preset: {field.default!r})")
-    return parser
+    return add_flags(parser, DistillConfig, PRESETS, "quick", "quick: 10-20 min on a 2-core CPU; full: one GPU; "
+                     "tiny: smoke test", int_tuples=("seeds", "softmax_layers", "throughput_lengths"))
 
 
 def resolve(args) -> DistillConfig:
-    overrides = {}
-    if args.config:
-        import yaml
-        overrides.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    for field in dataclasses.fields(DistillConfig):
-        value = getattr(args, field.name, None)
-        if field.name != "preset" and value is not None:
-            overrides[field.name] = value
-    return make_config(overrides.pop("preset", args.preset), **overrides)
+    return resolve_config(args, DistillConfig, make_config)
 
 
 def main(args) -> int:

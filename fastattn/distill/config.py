@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..driver_config import from_preset
+
 RULES = ("uniform", "dof", "dof_clip", "sqrt")          # allocation rules compared at the same budget
 LOSSES = ("softmax", "l2", "output_mse", "direct")
 STAGE2 = ("none", "finetune")
@@ -93,10 +95,4 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str = "quick", **overrides) -> DistillConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}")
-    return DistillConfig(**{**PRESETS[preset], **overrides, "preset": preset})
+    return from_preset(DistillConfig, PRESETS, preset, **overrides)

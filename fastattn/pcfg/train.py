@@ -1,0 +1,132 @@
+"""The training loop: next-token loss on terminals and EOS, fresh seeded samples per step, checkpoints, resume,
+and the metadata-free cooldown branch. A plain loop over ``training_batch(step)``: a DDP wrapper shards it by
+passing rank/world (the batch of a step is the same global batch whatever the world size)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import PCFGRunConfig
+from .data import DocumentSource, training_batch
+from .grammar import LeveledPCFG
+from .model import build_model
+
+
+def lr_at(step: int, cfg: PCFGRunConfig) -> float:
+    """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def autocast(device: torch.device, cfg: PCFGRunConfig):
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def token_losses(model: nn.Module, tokens: Tensor) -> Tensor:
+    """-log p(tokens[:, t] | tokens[:, :t]) [B, L-1] in fp32 (entry t-1 scores token t)."""
+    logits = model(input_ids=tokens).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def make_optimizer(model: nn.Module, cfg: PCFGRunConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _save(path: Path, step: int, model, opt, history) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "history": history}, tmp)
+    tmp.replace(path)
+
+
+def load_trained(cfg: PCFGRunConfig, pcfg: LeveledPCFG, seed: int, run_dir: Path, device) -> nn.Module:
+    model = build_model(cfg, pcfg, seed)
+    model.load_state_dict(torch.load(Path(run_dir) / "model.pt", map_location="cpu"))
+    return model.to(device).eval()
+
+
+def train_run(cfg: PCFGRunConfig, pcfg: LeveledPCFG, meta_depth: int, seed: int, run_dir: Path,
+              device: torch.device, branch_from: Path | None = None, progress: bool = True,
+              log=print) -> tuple[nn.Module, dict]:
+    """Train one model; returns (model in eval mode, {"history", "train_seconds", ...}).
+
+    A finished run (``train.json`` + ``model.pt``) is loaded instead of retrained; an interrupted one resumes from
+    ``ckpt.pt``. A D_M > 0 run with ``cfg.cooldown_steps`` writes ``branch.pt`` when it reaches step
+    ``steps - cooldown_steps``; ``branch_from=<that file>`` trains the metadata-free cooldown from there.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / "train.json"
+    if cfg.resume and done.exists() and (run_dir / "model.pt").exists():
+        return load_trained(cfg, pcfg, seed, run_dir, device), json.loads(done.read_text())
+    model = build_model(cfg, pcfg, seed).to(device)
+    opt = make_optimizer(model, cfg)
+    ckpt, start, history = run_dir / "ckpt.pt", 0, []
+    resume_from = ckpt if cfg.resume and ckpt.exists() else branch_from
+    if resume_from is not None:
+        state = torch.load(resume_from, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, history = state["step"], list(state["history"])
+        log(f"{run_dir.name}: resumed at step {start} from {resume_from}")
+    branch_step = cfg.steps - cfg.cooldown_steps
+    source = DocumentSource(pcfg, seed, cfg.dataset_size)
+    model.train()
+    t0, window = time.time(), []
+    steps = range(start, cfg.steps)
+    if progress:
+        try:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc=run_dir.name, leave=False, mininterval=5)
+        except ImportError:
+            pass
+    for step in steps:
+        if step == branch_step and cfg.cooldown_steps and meta_depth > 0 and branch_from is None:
+            _save(run_dir / "branch.pt", step, model, opt, history)
+        p_meta = 0.0 if branch_from is not None and step >= branch_step else cfg.p_meta
+        batch = {k: v.to(device) for k, v in training_batch(source, cfg.batch_size, step, meta_depth,
+                                                           p_meta).items()}
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast(device, cfg):
+            losses = token_losses(model, batch["tokens"])
+        mask = batch["loss_mask"][:, 1:].float()
+        loss = masked_mean(losses, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        window.append(loss.detach())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            row = {"step": step + 1, "loss": float(torch.stack(window).mean()), "lr": lr_at(step, cfg),
+                   "p_meta": p_meta, "seconds": time.time() - t0}
+            history.append(row)
+            window = []
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            _save(ckpt, step + 1, model, opt, history)
+    seconds = time.time() - t0
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    result = {"meta_depth": meta_depth, "seed": seed, "cooldown": branch_from is not None, "history": history,
+              "train_seconds": seconds, "steps_run": cfg.steps - start,
+              "final_loss": history[-1]["loss"] if history else float("nan")}
+    done.write_text(json.dumps(result, indent=1))
+    ckpt.unlink(missing_ok=True)
+    if history:
+        log(f"{run_dir.name}: {cfg.steps - start} steps in {seconds:.0f}s, final train loss {history[-1]['loss']:.4f}")
+    return model.eval(), result
