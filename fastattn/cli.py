@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("fastattn.distill.cli", "distill a pre-trained model's softmax attention into linear attention"),
     "env": ("fastattn.env_report", "show what is built and importable, and why not"),
     "bench": ("fastattn.bench_command", "run the linear-attention microbenchmark (bench/linear_attn.py)"),
+    "pcfg": ("fastattn.pcfg.cli", "metadata conditioning on leveled PCFG data: train, exact Bayes references, figures"),
 }
 
 

@@ -1,0 +1,205 @@
+"""The experiment: train every (D_M, seed) run (and its metadata-free cooldown branch), evaluate figures A-C with
+the exact Bayes references, summarise the issue's targets. Every run's training and evaluation are saved in its
+directory as they finish, so a rerun resumes."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import evaluate as ev
+from .config import PCFGRunConfig
+from .grammar import LeveledPCFG
+from .inference import inside
+from .model import build_model, num_parameters
+from .train import train_run
+
+
+def resolve_device(cfg: PCFGRunConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def run_keys(cfg: PCFGRunConfig) -> list[tuple[str, int, int, bool]]:
+    """(key, D_M, seed, cooldown) of every model, in training order (a cooldown after its base run)."""
+    keys = []
+    for seed in cfg.seeds:
+        for d in cfg.meta_depths:
+            keys.append((f"dm{d}_s{seed}", d, seed, False))
+            if cfg.cooldown_steps and d > 0:
+                keys.append((f"dm{d}_s{seed}_cool", d, seed, True))
+    return keys
+
+
+class Evaluator:
+    """The shared held-out sets and their DP (computed once), and the per-model evaluation."""
+
+    def __init__(self, cfg: PCFGRunConfig, pcfg: LeveledPCFG, device, log=print):
+        self.cfg, self.pcfg, self.device = cfg, pcfg, device
+        t0 = time.time()
+        s = cfg.eval_seed
+        self.loss_set = ev.eval_set(pcfg, cfg.eval_sequences, s, device)
+        self.probe_train = pcfg.sample(cfg.probe_train, seed=s + 1)
+        self.probe_test = ev.eval_set(pcfg, cfg.probe_test, s + 2, device)
+        self.pool = pcfg.sample(20 * cfg.gen_samples, seed=s + 3)
+        self.prompts = ev.prompt_sets(self.pool, cfg.positions, cfg.gen_samples)
+        used = torch.unique(torch.cat(list(self.prompts.values())))
+        pool_dp = inside(pcfg, self.pool.terminals[used].to(device), self.pool.lengths[used].to(device))
+        remap = torch.full((len(self.pool.lengths),), -1, dtype=torch.long)
+        remap[used] = torch.arange(len(used))
+        sub = type(self.pool)(self.pool.terminals[used], self.pool.lengths[used], self.pool.meta[used])
+        self.reference = {
+            "loss": ev.bayes_losses(pcfg, self.loss_set, cfg.meta_depths),
+            "probe_ceiling": ev.bayes_probe_ceiling(self.probe_test, cfg.positions).tolist(),
+            "identification": ev.identification_reference(pool_dp, sub, {k: remap[i] for k, i in self.prompts.items()}),
+            "prompt_counts": {str(k): len(i) for k, i in self.prompts.items()},
+            "dp_seconds": time.time() - t0}
+        log(f"evaluation sets and exact DP: {self.reference['dp_seconds']:.1f}s")
+
+    def probes(self, model) -> list:
+        cfg, pos = self.cfg, self.cfg.positions
+        xtr = ev.probe_features(model, self.pcfg, self.probe_train, pos, cfg, self.device)
+        xte = ev.probe_features(model, self.pcfg, self.probe_test.docs, pos, cfg, self.device)
+        acc = ev.fit_probes(xtr, self.probe_train.meta, ev.position_valid(self.probe_train, pos), xte,
+                            self.probe_test.docs.meta, ev.position_valid(self.probe_test.docs, pos),
+                            self.pcfg.num_alternatives, cfg.probe_steps, self.device)
+        return acc.tolist()                                                                  # [L+1, P, D]
+
+    def __call__(self, model, meta_depth: int, seed: int) -> dict:
+        t0 = time.time()
+        out = {"loss": ev.loss_by_mode(model, self.pcfg, self.loss_set, meta_depth, self.cfg, self.device),
+               "probes": self.probes(model),
+               "grammar": ev.grammatical_accuracy(model, self.pcfg, self.pool, self.prompts, self.cfg, self.device,
+                                                  seed=10_000 + seed)}
+        out["eval_seconds"] = time.time() - t0
+        return out
+
+
+def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
+    out = Path(cfg.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
+    pcfg = LeveledPCFG(**cfg.grammar_kwargs())
+    size = num_parameters(build_model(cfg, pcfg, 0))
+    metrics = {"config": cfg.to_dict(), "device": str(device), "torch": torch.__version__,
+               "grammar": {"depth": pcfg.depth, "sizes": list(pcfg.sizes), "vocab_size": pcfg.vocab_size,
+                           "rules": [[[[[list(rhs), p] for rhs, p in rules] for rules in rule_set]
+                                      for rule_set in level] for level in pcfg.rules]},
+               "model": {"preset": cfg.model, "parameters": size, "attention": cfg.attention}}
+    log(f"grammar D={pcfg.depth} sizes {list(pcfg.sizes)} K={pcfg.num_alternatives}; model {cfg.model} "
+        f"({size / 1e6:.2f}M parameters, {cfg.attention}) on {device}")
+    evaluator = Evaluator(cfg, pcfg, device, log)
+    metrics["reference"] = evaluator.reference
+    metrics["runs"] = {}
+    for key, d, seed, cool in run_keys(cfg):
+        run_dir = out / "runs" / key
+        branch = out / "runs" / f"dm{d}_s{seed}" / "branch.pt" if cool else None
+        model, train = train_run(cfg, pcfg, d, seed, run_dir, device, branch_from=branch, progress=progress, log=log)
+        done = run_dir / "eval.json"
+        if cfg.resume and done.exists():
+            result = json.loads(done.read_text())
+        else:
+            result = evaluator(model, d, seed)
+            done.write_text(json.dumps(result))
+        metrics["runs"][key] = {"meta_depth": d, "seed": seed, "cooldown": cool, "train": train, **result}
+        g = result["grammar"]
+        log(f"{key}: all-MASK loss {result['loss']['mask']['average']:.4f}, metadata loss "
+            f"{result['loss']['meta']['average']:.4f}; grammatical accuracy "
+            + " ".join(f"k={k}:{v['accuracy']:.2f}" for k, v in g.items()) + f" ({result['eval_seconds']:.0f}s)")
+        del model
+    for seed in cfg.seeds:   # branch checkpoints are only needed until the cooldown runs exist
+        for d in cfg.meta_depths:
+            (out / "runs" / f"dm{d}_s{seed}" / "branch.pt").unlink(missing_ok=True)
+    control = out / "runs" / "random_init.json"
+    if cfg.resume and control.exists():
+        metrics["random_init"] = json.loads(control.read_text())
+    else:
+        model = build_model(cfg, pcfg, 999_983).to(device).eval()
+        metrics["random_init"] = {"probes": evaluator.probes(model)}
+        control.write_text(json.dumps(metrics["random_init"]))
+    metrics["summary"] = summarize(metrics)
+    return metrics
+
+
+def _mean(xs) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def best_layer_curve(probes: list) -> list[float]:
+    """Probe accuracy per position, averaged over levels, at the best layer for each position."""
+    acc = torch.tensor(probes).mean(-1)                                                     # [L+1, P]
+    return acc.max(0).values.tolist()
+
+
+def summarize(metrics: dict) -> dict:
+    """Per D_M (mean over seeds) and the issue's three targets, per seed, from the run results."""
+    cfg = metrics["config"]
+    positions = [str(k) for k in cfg["positions"]]
+    third = max(1, len(positions) // 3)
+    short, long = positions[:third], positions[-third:]
+    runs = metrics["runs"]
+    base = {(r["meta_depth"], r["seed"]): r for r in runs.values() if not r["cooldown"]}
+    cool = {(r["meta_depth"], r["seed"]): r for r in runs.values() if r["cooldown"]}
+    seeds, depths = cfg["seeds"], cfg["meta_depths"]
+
+    def acc(r, ks):
+        return _mean([r["grammar"][k]["accuracy"] for k in ks if k in r["grammar"]])
+
+    def probe(r, ks):
+        curve = best_layer_curve(r["probes"])
+        return _mean([curve[positions.index(k)] for k in ks])
+
+    out = {"short_positions": short, "long_positions": long, "per_meta_depth": {}, "targets": {}}
+    for d in depths:
+        rs = [base[(d, s)] for s in seeds if (d, s) in base]
+        row = {"n": len(rs)}
+        for mode in ("mask", "meta"):
+            vals = [r["loss"][mode]["average"] for r in rs]
+            row[f"loss_{mode}"] = _mean(vals)
+            row[f"loss_{mode}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        row["grammar"] = {k: _mean([r["grammar"][k]["accuracy"] for r in rs if k in r["grammar"]])
+                          for k in positions}
+        row["probe_best_layer"] = [_mean(v) for v in zip(*(best_layer_curve(r["probes"]) for r in rs))]
+        out["per_meta_depth"][str(d)] = row
+    if 0 not in depths:
+        return out
+    headline, probes, cooldown = {}, {}, {}
+    for d in depths:
+        if d == 0:
+            continue
+        for s in seeds:
+            if (d, s) not in base or (0, s) not in base:
+                continue
+            b, r0 = base[(d, s)], base[(0, s)]
+            diff = {k: b["grammar"][k]["accuracy"] - r0["grammar"][k]["accuracy"] for k in positions
+                    if k in b["grammar"] and k in r0["grammar"]}
+            ds, dl = acc(b, short) - acc(r0, short), acc(b, long) - acc(r0, long)
+            headline[f"dm{d}_s{s}"] = {"diff": diff, "short": ds, "long": dl, "holds": ds < 0 < dl}
+            ps = probe(b, short) - probe(r0, short)
+            probes[f"dm{d}_s{s}"] = {"short_diff": ps, "holds": ps < 0}
+            if (d, s) in cool:
+                c = cool[(d, s)]
+                cooldown[f"dm{d}_s{s}"] = {"short_base": ds, "short_cooldown": acc(c, short) - acc(r0, short),
+                                           "long_base": dl, "long_cooldown": acc(c, long) - acc(r0, long),
+                                           "diff_cooldown": {k: c["grammar"][k]["accuracy"] -
+                                                             r0["grammar"][k]["accuracy"] for k in diff}}
+    masks = {str(d): out["per_meta_depth"][str(d)]["loss_mask"] for d in depths}
+    spread = max(masks.values()) - min(masks.values())
+    out["targets"] = {
+        "grammar_short_negative_long_positive": {"runs": headline,
+                                                 "holds_every_seed": bool(headline) and all(
+                                                     v["holds"] for v in headline.values())},
+        "probes_worse_at_short_positions": {"runs": probes,
+                                            "holds_every_seed": bool(probes) and all(
+                                                v["holds"] for v in probes.values())},
+        "all_mask_loss_about_equal": {"loss_mask": masks, "spread": spread,
+                                      "relative_spread": spread / masks["0"] if masks.get("0") else float("nan"),
+                                      "bayes_mask": metrics["reference"]["loss"]["mask"]["average"]},
+        "cooldown": cooldown}
+    return out

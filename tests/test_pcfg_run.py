@@ -1,0 +1,162 @@
+"""PCFG driver: seeded batches and their loss mask, trainer determinism/resume/cooldown branch, evaluation
+pieces against the exact DP, and a tiny end-to-end CLI run on CPU."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from fastattn.pcfg import LeveledPCFG  # noqa: E402
+from fastattn.pcfg import evaluate as ev  # noqa: E402
+from fastattn.pcfg.config import make_config  # noqa: E402
+from fastattn.pcfg.data import DocumentSource, training_batch  # noqa: E402
+from fastattn.pcfg.train import train_run  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    cfg = make_config("tiny", out="unused")
+    return cfg, LeveledPCFG(**cfg.grammar_kwargs())
+
+
+def test_config_validation():
+    assert make_config("tiny", meta_depths=(0, "D", 1, -1)).meta_depths == (0, 3, 1)
+    for bad in (dict(meta_depths=(4,)), dict(p_meta=1.5), dict(cooldown_steps=30), dict(model="huge"),
+                dict(attention="sparse"), dict(steps=0), dict(positions=(-1,))):
+        with pytest.raises(ValueError):
+            make_config("tiny", **bad)
+    with pytest.raises(ValueError):
+        make_config("nope")
+    with pytest.raises(ValueError):
+        make_config("tiny", not_a_key=1)
+
+
+def test_training_batch_determinism_sharding_and_loss_mask(tiny):
+    cfg, g = tiny
+    src = DocumentSource(g, seed=3)
+    a = training_batch(src, 16, step=7, meta_depth=2, p_meta=0.5)
+    b = training_batch(DocumentSource(g, seed=3), 16, step=7, meta_depth=2, p_meta=0.5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = training_batch(src, 16, step=8, meta_depth=2, p_meta=0.5)
+    assert not (a["tokens"].shape == other["tokens"].shape and torch.equal(a["tokens"], other["tokens"]))
+    # same documents and coin flips for every D_M: only the metadata slots differ
+    c = training_batch(src, 16, step=7, meta_depth=0, p_meta=0.5)
+    body = slice(g.prefix_width, None)
+    assert torch.equal(a["tokens"][:, body], c["tokens"][:, body]) and torch.equal(a["has_meta"], c["has_meta"])
+    assert (c["tokens"][:, 1:g.prefix_width] == g.mask_id).all()
+    slots = a["tokens"][:, 1:g.prefix_width]
+    assert (slots[~a["has_meta"]] == g.mask_id).all() and (slots[a["has_meta"], 2:] == g.mask_id).all()
+    assert (slots[a["has_meta"], :2] == g.meta_id(torch.arange(2), a["meta"][a["has_meta"], :2])).all()
+    assert 0 < int(a["has_meta"].sum()) < 16
+    # the loss mask covers exactly the terminals and EOS
+    target = a["tokens"][a["loss_mask"]]
+    assert ((target < g.num_terminals) | (target == g.eos_id)).all()
+    assert int(a["loss_mask"].sum()) == int(((a["tokens"] < g.num_terminals) | (a["tokens"] == g.eos_id)).sum())
+    # rank slices of the global batch
+    parts = [training_batch(src, 16, step=7, meta_depth=2, p_meta=0.5, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat([p["meta"] for p in parts]), torch.cat([a["meta"][0::2], a["meta"][1::2]]))
+    fixed = DocumentSource(g, seed=3, dataset_size=5)
+    batch = training_batch(fixed, 32, step=0, meta_depth=0, p_meta=0.0)
+    assert len({tuple(r) for r in batch["tokens"].tolist()}) <= 5
+
+
+def test_trainer_is_deterministic_resumes_and_branches(tiny, tmp_path):
+    cfg, g = tiny
+    cfg = make_config("tiny", steps=12, warmup_steps=2, cooldown_steps=4, ckpt_every=5, log_every=4)
+    m1, r1 = train_run(cfg, g, 3, 0, tmp_path / "a", CPU, progress=False, log=lambda *_: None)
+    m2, r2 = train_run(cfg, g, 3, 0, tmp_path / "b", CPU, progress=False, log=lambda *_: None)
+    assert [h["loss"] for h in r1["history"]] == [h["loss"] for h in r2["history"]]
+    assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert (tmp_path / "a" / "branch.pt").exists() and not (tmp_path / "a" / "ckpt.pt").exists()
+    # resume from an interrupted run's checkpoint gives the same model
+    state = torch.load(tmp_path / "a" / "branch.pt")
+    (tmp_path / "c").mkdir()
+    torch.save(state, tmp_path / "c" / "ckpt.pt")
+    m3, r3 = train_run(cfg, g, 3, 0, tmp_path / "c", CPU, progress=False, log=lambda *_: None)
+    assert r3["steps_run"] == 4
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(m1.state_dict().values(), m3.state_dict().values()))
+    # the cooldown branch starts from the same state but trains its last steps without metadata
+    m4, r4 = train_run(cfg, g, 3, 0, tmp_path / "d", CPU, branch_from=tmp_path / "a" / "branch.pt",
+                       progress=False, log=lambda *_: None)
+    assert r4["cooldown"] and r4["history"][-1]["p_meta"] == 0.0 and r1["history"][-1]["p_meta"] == cfg.p_meta
+    assert not all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m4.state_dict().values()))
+    # a finished run is loaded, not retrained
+    m5, r5 = train_run(cfg, g, 3, 0, tmp_path / "a", CPU, progress=False, log=lambda *_: None)
+    assert r5 == json.loads((tmp_path / "a" / "train.json").read_text())
+
+
+def test_model_next_token_distribution_sums_to_one_and_losses_index_targets(tiny):
+    cfg, g = tiny
+    from fastattn.pcfg.model import build_model
+    model = build_model(cfg, g, 0).eval()
+    docs = g.sample(6, seed=1)
+    known = g.mask_metadata(docs.meta, 0)
+    tokens, loss_mask = g.encode(docs.terminals, docs.lengths, known)
+    with torch.no_grad():
+        logp = model(input_ids=tokens).logits.log_softmax(-1)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(tokens.shape))
+    losses = ev.position_losses(model, g, docs, known, cfg, CPU)                    # [N, T+1]
+    want = -logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0] * loss_mask[:, 1:]
+    torch.testing.assert_close(losses.sum(), want.sum())
+    for n in range(6):
+        k = int(docs.lengths[n])                   # entry k scores EOS
+        torch.testing.assert_close(losses[n, k], -logp[n, g.prefix_width + k - 1, g.eos_id])
+
+
+def test_probes_recover_a_linear_signal_and_bayes_ceiling():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(2, (200, 2), generator=gen)
+    x = torch.randn(3, 2, 200, 8, generator=gen)
+    x[1, :, :, 0] += 4 * (y[:, 0] - 0.5)                  # layer 1 encodes j_0 linearly
+    valid = torch.ones(2, 200, dtype=torch.bool)
+    acc = ev.fit_probes(x[:, :, :100], y[:100], valid[:, :100], x[:, :, 100:], y[100:], valid[:, 100:], 2, 100, CPU)
+    assert acc.shape == (3, 2, 2)
+    assert (acc[1, :, 0] > 0.9).all() and (acc[0] < 0.8).all() and (acc[:, :, 1] < 0.8).all()
+    g = LeveledPCFG(depth=3, seed=0)
+    es = ev.eval_set(g, 64, 5, CPU)
+    ceiling = ev.bayes_probe_ceiling(es, (0, 4, 100))
+    assert ceiling.shape == (3, 3) and (ceiling[2] == 0).all()      # nobody has 100 terminals
+    assert (ceiling[1] >= 0.5 - 0.2).all() and (ceiling <= 1).all()
+
+
+def test_grammatical_accuracy_of_the_true_grammar_is_one(tiny):
+    cfg, g = tiny
+    pool = g.sample(40, seed=2)
+    prompts = ev.prompt_sets(pool, (0, 3, 8), 10)
+    assert all((pool.lengths[i] >= k).all() for k, i in prompts.items())
+    seq, _ = ev.conditional(g, pool.terminals, pool.lengths, pool.meta)
+    assert (seq > -math.inf).all()
+    flipped = pool.terminals.clone()
+    flipped[:, 0] = (flipped[:, 0] + 1) % g.num_terminals
+    bad, _ = ev.conditional(g, flipped, pool.lengths, pool.meta)
+    assert (bad == -math.inf).any()
+
+
+def test_tiny_end_to_end_cli(tmp_path, capsys):
+    from fastattn.cli import main
+    out = tmp_path / "run"
+    assert main(["pcfg", "--preset", "tiny", "--out", str(out), "--threads", "1", "--progress", "0"]) == 0
+    for name in ("report.md", "metrics.json", "config.json", "command.txt", "training.png", "fig_cooldown.png",
+                 "fig_a_loss.png", "fig_a_loss.json", "fig_b_probes.png", "fig_b_probes.json",
+                 "fig_c_grammar.png", "fig_c_grammar.json"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["runs"]) == {"dm0_s0", "dm3_s0", "dm3_s0_cool"}
+    run = metrics["runs"]["dm3_s0"]
+    assert len(run["probes"]) == 3 and len(run["probes"][0]) == 3          # [L+1, P, D]
+    ref = metrics["reference"]
+    assert ref["loss"]["meta"]["3"]["average"] < ref["loss"]["mask"]["average"]   # metadata lowers the Bayes loss
+    # every model is worse than Bayes on average (up to sampling noise of 16 documents)
+    assert run["loss"]["mask"]["average"] > ref["loss"]["mask"]["average"] - 0.05
+    assert "Targets" in (out / "report.md").read_text()
+    # rerun resumes everything from the run directory
+    assert main(["pcfg", "--preset", "tiny", "--out", str(out), "--threads", "1", "--progress", "0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["runs"]["dm3_s0"]["loss"] == run["loss"]
