@@ -100,7 +100,7 @@ def _nonglm(x):
     return (x[:-1] ** 2 - x[1:]).pow(2).sum() + torch.sin(x).prod() + (x ** 4).sum() / 7
 
 
-@pytest.mark.parametrize("mode,chunk", [("hvp", None), ("hvp", 3), ("restricted", None)])
+@pytest.mark.parametrize("mode,chunk", [("hvp", None), ("hvp", 3), ("vjp", 4), ("restricted", None)])
 def test_general_autodiff_paths_against_explicit_hessian(mode, chunk):
     x = torch.randn(17, dtype=F64)
     P = make_sketch("gaussian", 8, 17, seed=2).materialize(17, F64)
@@ -108,6 +108,16 @@ def test_general_autodiff_paths_against_explicit_hessian(mode, chunk):
     _check(fastattn.subspace_hvp(_nonglm, x, P, mode=mode, chunk_size=chunk), ref, F64, mode)
     _check(fastattn.subspace_hvp(_nonglm, x.float(), P.float(), mode=mode, chunk_size=chunk), ref, torch.float32,
            mode)
+
+
+def test_forward_over_reverse_falls_back_where_forward_ad_fails():
+    X, Y = torch.randn(9, 3, dtype=F64), torch.randn(9, 1, dtype=F64)
+
+    def f(x):   # torch's mse_loss has a forward-AD formula that writes into a ZeroTensor under vmap(jvp(grad))
+        return torch.nn.functional.mse_loss(torch.tanh(X @ x[:6].view(2, 3).T) @ x[6:].view(1, 2).T, Y)
+
+    x, P = torch.randn(8, dtype=F64), torch.randn(3, 8, dtype=F64)
+    _check(fastattn.subspace_hvp(f, x, P), explicit(f, x, P), F64, "fallback")
 
 
 def test_reverse_over_reverse_matches_explicit_over_several_params():

@@ -65,7 +65,8 @@ def subspace_hvp(fun_or_glm: GLM | Callable[[Tensor], Tensor], x: Tensor, P: Ten
     P: [s, n] of x's dtype/device, or a ``Sketch`` (gaussian / rademacher: generated inside the GLM kernels from
         the seed; other kinds are materialised first).
     chunk_size: rows of P per vmapped forward-over-reverse batch (general path; None: all s at once).
-    mode: general path only: "hvp" (vmap(jvp(grad f))) or "restricted" (Hessian of u -> f(x + P^T u) at 0).
+    mode: general path only: "hvp" (vmap(jvp(grad f))), "vjp" (vmap(vjp(grad f))) or "restricted" (Hessian of
+        u -> f(x + P^T u) at 0).
     Returns PHPt symmetrised, in x's dtype.
     """
     if isinstance(fun_or_glm, GLM):

@@ -3,6 +3,8 @@
 General paths (any differentiable ``fun``; x [n], P [s, n]):
 - ``forward_over_reverse``: H P^T row by row as ``vmap(jvp(grad f))`` over the s rows of P, in chunks of
   ``chunk_size`` rows to bound memory (s x n tangents live at once otherwise); then P (H P^T), symmetrised.
+- ``vjp_of_grad``: reverse-over-reverse, vmap of the vjp of grad f (also the fallback of the above when an op's
+  forward-mode formula fails).
 - ``restricted``: the Hessian of phi(u) = f(x + P^T u) at u = 0 (torch.func.hessian), the same matrix.
 - ``reverse_over_reverse``: from a gradient built with ``create_graph=True`` (closures of nn.Modules, where f
   cannot be re-traced functionally): one batched backward per chunk of rows (``is_grads_batched``).
@@ -12,6 +14,7 @@ B formed ``row_chunk`` rows at a time (this is the "unfused torch matmuls" path:
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import torch
@@ -21,6 +24,7 @@ from .glm import GLM, LOSSES, REGULARISERS
 from .sketch import Sketch
 
 ROW_CHUNK = 8192
+log = logging.getLogger("fastattn")
 
 
 def symmetrize(H: Tensor) -> Tensor:
@@ -37,7 +41,23 @@ def forward_over_reverse(fun: Callable[[Tensor], Tensor], x: Tensor, P: Tensor,
         return torch.func.jvp(grad_f, (x,), (v,))[1]
 
     g = grad_f(x)
-    HPt = torch.func.vmap(hvp, chunk_size=chunk_size)(P)        # [s, n], row i = H p_i
+    try:
+        HPt = torch.func.vmap(hvp, chunk_size=chunk_size)(P)    # [s, n], row i = H p_i
+    except RuntimeError as e:
+        if "ZeroTensor" not in str(e):
+            raise
+        # Some ops' forward-mode formulas (torch's mse_loss backward, for one) write into ZeroTensor tangents;
+        # reverse-over-reverse gives the same H P^T.
+        log.info("fastattn: forward-over-reverse HVP failed (%s); using reverse-over-reverse", e)
+        return vjp_of_grad(fun, x, P, chunk_size)
+    return P @ g, symmetrize(P @ HPt.T)
+
+
+def vjp_of_grad(fun: Callable[[Tensor], Tensor], x: Tensor, P: Tensor,
+                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """(P g, P H P^T) by reverse-over-reverse: vmap of the vjp of grad f (H is symmetric, so vjp = HVP)."""
+    g, vjp_fn = torch.func.vjp(torch.func.grad(fun), x.detach())
+    HPt = torch.func.vmap(lambda v: vjp_fn(v)[0], chunk_size=chunk_size)(P)
     return P @ g, symmetrize(P @ HPt.T)
 
 
@@ -70,7 +90,8 @@ def reverse_over_reverse(grads: Sequence[Tensor], params: Sequence[Tensor], P: T
     return P @ g.detach(), symmetrize(P @ HPt.T)
 
 
-AUTODIFF_MODES = {"hvp": forward_over_reverse, "restricted": lambda fun, x, P, chunk_size: restricted(fun, x, P)}
+AUTODIFF_MODES = {"hvp": forward_over_reverse, "vjp": vjp_of_grad,
+                  "restricted": lambda fun, x, P, chunk_size: restricted(fun, x, P)}
 
 
 def glm_explicit(glm: GLM, x: Tensor, P: Tensor, row_chunk: int = ROW_CHUNK) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,44 @@
+"""Drawing the sketch P [s, n] of one iteration, deterministically from (seed, iteration)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.subspace_hvp.sketch import HASHED_KINDS, Sketch, default_scale, make_sketch
+
+_M63 = (1 << 63) - 1
+
+
+def iteration_seed(seed: int, k: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for iteration k (and parameter group / stream) of a run with ``seed``."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(k) + 1) * 0xBF58476D1CE4E5B9 + int(stream) * 0x94D049BB133111EB)
+    z &= (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _M63
+
+
+def _torch_rng(kind: str, s: int, n: int, seed: int, scale: float, dtype, device) -> Tensor:
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(s, n, generator=gen, dtype=dtype, device=dev) * scale
+    # rademacher
+    return (torch.randint(0, 2, (s, n), generator=gen, device=dev).to(dtype) * 2 - 1) * scale
+
+
+def draw(kind: str, s: int, n: int, seed: int, scale: str | float = "unit", source: str = "torch",
+         dtype: torch.dtype = torch.float64, device="cpu") -> tuple[Tensor, Sketch | None]:
+    """(P [s, n] of ``dtype`` on ``device``, the Sketch a GLM kernel may generate itself or None).
+
+    kinds: gaussian / rademacher (``source`` "torch": torch RNG; "hash": the shared counter hash, returned as a
+    Sketch too), orthonormal, coordinate (see fastattn.ops.subspace_hvp.sketch), identity (P = I, s must be n).
+    """
+    if kind == "identity":
+        if s != n:
+            raise ValueError(f"the identity sketch needs s = n, got s={s}, n={n}")
+        return torch.eye(n, dtype=dtype, device=device), None
+    if kind in HASHED_KINDS and source == "torch":
+        return _torch_rng(kind, s, n, seed, default_scale(kind, s, n, scale), dtype, device), None
+    sk = make_sketch(kind, s, n, seed, scale)
+    return sk.materialize(n, dtype, device), (sk if sk.code else None)
