@@ -160,3 +160,33 @@ def test_tiny_end_to_end_cli(tmp_path, capsys):
     # rerun resumes everything from the run directory
     assert main(["pcfg", "--preset", "tiny", "--out", str(out), "--threads", "1", "--progress", "0"]) == 0
     assert json.loads((out / "metrics.json").read_text())["runs"]["dm3_s0"]["loss"] == run["loss"]
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_left_padded_prompts_sample_like_unpadded_ones(tiny, attention):
+    cfg, g = tiny
+    from fastattn.pcfg.model import build_model
+    cfg = make_config("tiny", attention=attention)
+    model = build_model(cfg, g, 0).eval()
+    docs = g.sample(2, seed=4)
+    head = torch.tensor([g.bos_id] + [g.mask_id] * g.depth)
+    short = torch.cat([head, docs.terminals[0, :2]])[None]
+    padded = torch.cat([torch.full((1, 5), g.pad_id), short], dim=1)
+    mask = (padded != g.pad_id).long()
+    with torch.no_grad():
+        want = model(input_ids=short).logits[0, -1]
+        got = model(input_ids=padded, attention_mask=mask).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    terminals, lengths = ev.sample_continuations(model, g, docs.terminals, torch.tensor([2, 5]), cfg, CPU, seed=0)
+    assert terminals.shape == (2, 3 ** g.depth + 1)
+    assert torch.equal(terminals[0, :2], docs.terminals[0, :2]) and torch.equal(terminals[1, :5], docs.terminals[1, :5])
+    assert ((lengths >= torch.tensor([2, 5])) & (lengths <= 3 ** g.depth + 1)).all()
+
+
+def test_linear_attention_model_trains(tiny, tmp_path):
+    _, g = tiny
+    cfg = make_config("tiny", attention="linear", steps=6, warmup_steps=1, cooldown_steps=0, log_every=3)
+    model, result = train_run(cfg, g, 1, 0, tmp_path / "lin", CPU, progress=False, log=lambda *_: None)
+    from fastattn.hf import linearized_layers
+    assert all(linearized_layers(model)) and math.isfinite(result["final_loss"])
+    assert any("fastattn.feature_map" in k for k in torch.load(tmp_path / "lin" / "model.pt"))

@@ -150,52 +150,68 @@ def prompt_sets(pool: PCFGSample, positions, n: int) -> dict[int, Tensor]:
 
 
 @torch.no_grad()
-def sample_continuations(model: nn.Module, pcfg: LeveledPCFG, prefix: Tensor, cfg: PCFGRunConfig, device,
-                         seed: int) -> tuple[Tensor, Tensor]:
-    """Sample (temperature 1, terminals and EOS only) after ``[BOS] MASK*D w_1..w_k``; prefix [N, k].
+def sample_continuations(model: nn.Module, pcfg: LeveledPCFG, prompts: Tensor, prompt_lengths: Tensor,
+                         cfg: PCFGRunConfig, device, seed: int) -> tuple[Tensor, Tensor]:
+    """Sample (temperature 1, terminals and EOS only) after ``[BOS] MASK*D w_1..w_k``, prompts of mixed k.
 
-    Returns the whole documents (terminals [N, 3^D + 1], lengths [N]); a document without EOS within 3^D
-    terminals gets length 3^D + 1, which no grammar accepts.
+    prompts [N, K] (row n uses its first ``prompt_lengths[n]`` terminals; rows are left-padded, which RoPE's
+    relative positions make harmless). Returns whole documents (terminals [N, 3^D + 1], lengths [N]); one
+    without EOS within 3^D terminals gets length 3^D + 1, which no grammar accepts.
     """
-    n, k = prefix.shape
+    n = len(prompt_lengths)
     limit = 3 ** pcfg.depth
-    head = torch.cat([torch.full((n, 1), pcfg.bos_id), torch.full((n, pcfg.depth), pcfg.mask_id)], dim=1)
-    ids = torch.cat([head, prefix.long()], dim=1).to(device)
+    width = int(prompt_lengths.max()) if n else 0
+    pad = width - prompt_lengths                                                             # [N]
+    head = torch.cat([torch.full((1,), pcfg.bos_id), torch.full((pcfg.depth,), pcfg.mask_id)])
+    ids = torch.full((n, width + pcfg.prefix_width), pcfg.pad_id, dtype=torch.long)        # pad[n] PADs first
+    for row in range(n):
+        ids[row, int(pad[row]):] = torch.cat([head, prompts[row, :int(prompt_lengths[row])].long()])
+    attention = (torch.arange(ids.shape[1])[None] >= pad[:, None]).long()
     suppress = [t for t in range(pcfg.vocab_size) if t >= pcfg.num_terminals and t != pcfg.eos_id]
     torch.manual_seed(seed)
     with autocast(device, cfg):
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=limit - k + 1, eos_token_id=pcfg.eos_id,
-                             pad_token_id=pcfg.pad_id, suppress_tokens=suppress)
-    body = out[:, pcfg.prefix_width:].cpu()
-    is_eos = body == pcfg.eos_id
+        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=limit - int(prompt_lengths.min()) + 1, eos_token_id=pcfg.eos_id,
+                             pad_token_id=pcfg.pad_id, suppress_tokens=suppress).cpu()
+    # row n's document starts after its pads and prefix: column pad[n] + prefix_width
+    at = pad[:, None] + pcfg.prefix_width + torch.arange(limit + 1)[None]
+    doc = torch.where(at < out.shape[1], out.gather(1, at.clamp(max=out.shape[1] - 1)), pcfg.pad_id)
+    is_eos = doc == pcfg.eos_id
     lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1), limit + 1)
-    terminals = torch.zeros(n, limit + 1, dtype=torch.long)
-    width = min(body.shape[1], limit + 1)
-    terminals[:, :width] = torch.where(body[:, :width] < pcfg.num_terminals, body[:, :width], 0)
+    terminals = torch.where(doc < pcfg.num_terminals, doc, 0)
     return terminals, lengths
 
 
 def grammatical_accuracy(model: nn.Module, pcfg: LeveledPCFG, pool: PCFGSample, prompts: dict[int, Tensor],
                          cfg: PCFGRunConfig, device, seed: int) -> dict:
-    """Figure C for one model: {k: {"accuracy", "n", "eos_rate"}} by exact membership under the own metadata."""
-    out = {}
-    for k, idx in prompts.items():
-        if len(idx) == 0:
-            continue
-        chunks = []
-        for rows in _batches(len(idx), cfg.eval_batch_size):
-            part = idx[rows]
-            chunks.append(sample_continuations(model, pcfg, pool.terminals[part, :k], cfg, device, seed + k))
-        terminals = torch.cat([c[0] for c in chunks])
-        lengths = torch.cat([c[1] for c in chunks])
-        ok = lengths <= 3 ** pcfg.depth
-        member = torch.zeros(len(idx), dtype=torch.bool)
-        if ok.any():
-            seq, _ = conditional(pcfg, terminals[ok].to(device), lengths[ok].to(device), pool.meta[idx][ok].to(device))
-            member[ok] = (seq > float("-inf")).cpu()
-        out[str(k)] = {"accuracy": float(member.float().mean()), "n": len(idx), "eos_rate": float(ok.float().mean())}
-    return out
+    """Figure C for one model: {k: {"accuracy", "n", "eos_rate"}} by exact membership under the own metadata.
+
+    All prompt lengths are sampled together, ``eval_batch_size`` prompts per generate call.
+    """
+    ks = [k for k, idx in prompts.items() if len(idx)]
+    doc = torch.cat([prompts[k] for k in ks]) if ks else torch.zeros(0, dtype=torch.long)
+    klen = torch.cat([torch.full((len(prompts[k]),), k) for k in ks]) if ks else torch.zeros(0, dtype=torch.long)
+    terminals, lengths = [], []
+    for i, rows in enumerate(_batches(len(doc), cfg.eval_batch_size)):
+        t, n = sample_continuations(model, pcfg, pool.terminals[doc[rows]], klen[rows], cfg, device, seed + i)
+        terminals.append(t)
+        lengths.append(n)
+    if not ks:
+        return {}
+    terminals, lengths = torch.cat(terminals), torch.cat(lengths)
+    ok = lengths <= 3 ** pcfg.depth
+    member = torch.zeros(len(doc), dtype=torch.bool)
+    if ok.any():
+        seq, _ = conditional(pcfg, terminals[ok].to(device), lengths[ok].to(device), pool.meta[doc[ok]].to(device))
+        member[ok] = (seq > float("-inf")).cpu()
+    # the sampled documents must keep their prompts
+    kept = (terminals[:, :klen.max()] == pool.terminals[doc, :klen.max()]) | \
+        (torch.arange(int(klen.max()))[None] >= klen[:, None])
+    if not kept.all():
+        raise RuntimeError("sampled documents lost their prompts")
+    return {str(k): {"accuracy": float(member[klen == k].float().mean()), "n": int((klen == k).sum()),
+                     "eos_rate": float(ok[klen == k].float().mean())} for k in ks}
 
 
 def identification_reference(pool_dp: InsideResult, pool: PCFGSample, prompts: dict[int, Tensor]) -> dict:
