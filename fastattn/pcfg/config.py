@@ -117,9 +117,9 @@ PRESETS: dict[str, dict] = {
                 lr=3e-3, warmup_steps=60, cooldown_steps=120, ckpt_every=200, eval_sequences=384, threads=1,
                 probe_train=768, probe_test=384, positions=(0, 1, 2, 4, 8, 16, 32), gen_samples=64,
                 eval_batch_size=128),
-    # one H200, ~10M-parameter model, under 9 minutes
-    "gpu": dict(depth=5, model="10m", meta_depths=(0, 1, 3, "D"), seeds=(0, 1), steps=3000, batch_size=64,
-                lr=1e-3, warmup_steps=200, cooldown_steps=600, ckpt_every=500, log_every=100, eval_sequences=1024,
+    # one H200, ~10M-parameter model, under 9 minutes (an estimate: 8 runs x 1500 steps + 6 cooldown branches)
+    "gpu": dict(depth=5, model="10m", meta_depths=(0, 1, 3, "D"), seeds=(0, 1), steps=1500, batch_size=128,
+                lr=1.5e-3, warmup_steps=150, cooldown_steps=300, ckpt_every=500, log_every=100, eval_sequences=1024,
                 probe_train=2048, probe_test=1024, positions=(0, 1, 2, 4, 8, 16, 32, 64), gen_samples=256,
                 eval_batch_size=512),
 }

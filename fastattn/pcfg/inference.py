@@ -309,7 +309,7 @@ def inside(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor, chunk_size: in
     terminals [N, T] long (terminal ids; entries at k >= lengths ignored), lengths [N]. Runs on terminals' device
     in float64, a chunk of documents at a time (sorted by length so chunks are trimmed to their longest).
     method: "matrix" (batched matrix products, the fast path; see the module docstring) or "band" (log space).
-    chunk_size: documents per chunk; None = as many as fit ``max_chunk_bytes`` (default 1 GiB on CPU, a quarter
+    chunk_size: documents per chunk; None = as many as fit ``max_chunk_bytes`` (default 1 GiB on CPU, an eighth
     of the free memory on CUDA) for "matrix", 64 for "band". Memory of "band" grows like
     chunk_size * K^(D-1) * T * 9^(D-1) doubles; lower chunk_size if it does not fit.
     """
@@ -367,4 +367,4 @@ def conditional(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor, meta: Ten
 
 
 def _default_budget(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 ** 30
+    return torch.cuda.mem_get_info(device)[0] // 8 if device.type == "cuda" else 2 ** 30

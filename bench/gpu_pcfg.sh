@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The PCFG metadata-conditioning experiment on one H200 (gpu preset: D=5 grammar, ~10M-parameter Llama,
+# D_M 0/1/3/5 x 2 seeds + metadata-free cooldown branches), in one device call:
+#   OUT=$OUT bash bench/gpu_pcfg.sh [extra fastattn pcfg flags]
+# Stops itself after TIME_S seconds (default 540) and packs whatever exists: $OUT/pcfg_results.tgz (report.md,
+# metrics.json, figures PNG+JSON, config.json, command.txt, per-run train/eval JSON; no weights or checkpoints),
+# $OUT/report.md and $OUT/pcfg.log. A rerun on the same (warm) machine resumes the finished runs.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+RUN=${RUN:-/root/pcfg}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -c "import torch, transformers, matplotlib; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
+timeout "${TIME_S:-540}" python3 -m fastattn.cli pcfg --preset gpu --out "$RUN" --progress 0 "$@" > "$OUT/pcfg.log" 2>&1
+rc=$?
+echo "fastattn pcfg exit code $rc (124 = stopped at TIME_S)"
+tar czf "$OUT/pcfg_results.tgz" -C "$RUN" --exclude='*.pt' --exclude='*.tmp' . 2>/dev/null
+[ -f "$RUN/report.md" ] && cp "$RUN/report.md" "$OUT/report.md"
+tail -30 "$OUT/pcfg.log"
+exit $rc
