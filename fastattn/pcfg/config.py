@@ -113,8 +113,8 @@ PRESETS: dict[str, dict] = {
                  cooldown_steps=10, ckpt_every=10, log_every=10, eval_sequences=16, probe_train=32, probe_test=16,
                  probe_steps=20, positions=(0, 2, 8), gen_samples=8, eval_batch_size=16),
     # the 2-core CPU in about 30-40 minutes (D=4: documents have 16..81 terminals, so no k=64 prompts)
-    "cpu": dict(depth=4, model="small", meta_depths=(0, 1, 3, "D"), seeds=(0, 1), steps=600, batch_size=32,
-                lr=3e-3, warmup_steps=60, cooldown_steps=120, ckpt_every=200, eval_sequences=384, threads=1,
+    "cpu": dict(depth=4, model="small", meta_depths=(0, 1, 3, "D"), seeds=(0, 1), steps=1200, batch_size=32,
+                lr=3e-3, warmup_steps=100, cooldown_steps=240, ckpt_every=200, eval_sequences=384, threads=1,
                 probe_train=768, probe_test=384, positions=(0, 1, 2, 4, 8, 16, 32), gen_samples=64,
                 eval_batch_size=128),
     # one H200, ~10M-parameter model, under 9 minutes (an estimate: 8 runs x 1500 steps + 6 cooldown branches)
