@@ -19,7 +19,8 @@ def build_model(cfg: PCFGRunConfig, pcfg: LeveledPCFG, seed: int) -> nn.Module:
     conf = LlamaConfig(vocab_size=pcfg.vocab_size, hidden_size=size["hidden_size"],
                        intermediate_size=size["intermediate_size"], num_hidden_layers=size["num_layers"],
                        num_attention_heads=size["num_heads"], num_key_value_heads=size["num_heads"],
-                       max_position_embeddings=pcfg.prefix_width + 3 ** pcfg.depth + 1, rope_theta=10000.0,
+                       max_position_embeddings=pcfg.prefix_width + 2 * 3 ** pcfg.depth + 2,  # left-padded prompts
+                       rope_theta=10000.0,
                        bos_token_id=pcfg.bos_id, eos_token_id=pcfg.eos_id, pad_token_id=pcfg.pad_id,
                        tie_word_embeddings=True, attention_dropout=0.0)
     conf._attn_implementation = "sdpa"
