@@ -1,0 +1,234 @@
+"""Experiment (b): SmolLM2-135M-Instruct on a task with a programmatic verifier (two-number addition).
+
+1. Responses to training prompts are sampled from the reference model and labelled by the verifier (the first
+   integer in the response equals the sum). Unpaired rows feed DDRO / RDRO / KTO; for DPO each prompt with both a
+   correct and an incorrect sample gives (chosen, rejected) pairs.
+2. Every loss trains a fresh copy of the reference model with the same budget (steps x batch), per seed.
+3. Verifier accuracy on held-out prompts, greedy and sampled, against the reference model.
+
+Model "tiny-random" is a randomly initialised two-layer Llama with a character tokenizer (CPU smoke test).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DDROConfig
+from .trainer import DDROTrainer
+
+_INT = re.compile(r"-?\d+")
+
+
+@dataclass
+class VerifierConfig:
+    model: str = "smollm2-135m"
+    preset: str = "gpu"
+    losses: tuple[str, ...] = ("ddro", "rdro", "dpo", "kto")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train_prompts: int = 512
+    eval_prompts: int = 256
+    samples_per_prompt: int = 8          # sampled responses per training prompt (temperature 1)
+    eval_samples: int = 4                # sampled responses per held-out prompt (besides greedy)
+    max_new_tokens: int = 24
+    max_operand: int = 99
+    steps: int = 200                     # the same budget for every loss
+    batch_size: int = 32
+    learning_rate: float = 5e-6
+    beta: float = 0.1
+    device: str = "auto"
+    out: str = "runs/ddro/verifier"
+
+    def __post_init__(self):
+        self.losses = tuple(self.losses)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        for name in ("train_prompts", "eval_prompts", "samples_per_prompt", "max_new_tokens", "steps",
+                     "batch_size", "max_operand"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bad = [x for x in self.losses if x not in ("ddro", "rdro", "dpo", "kto", "bco")]
+        if bad or not self.losses:
+            raise ValueError(f"losses must be a non-empty subset of ddro, rdro, dpo, kto, bco; got {self.losses}")
+
+
+PRESETS = {
+    "gpu": {},
+    "tiny": dict(model="tiny-random", losses=("ddro", "rdro", "dpo", "kto"), seeds=(0,), train_prompts=6,
+                 eval_prompts=3, samples_per_prompt=4, eval_samples=1, max_new_tokens=4, max_operand=9, steps=2,
+                 batch_size=4, learning_rate=1e-3, device="cpu"),
+}
+
+
+def make_config(preset: str | None = None, **overrides) -> VerifierConfig:
+    preset = preset or overrides.pop("preset", "gpu")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+    return VerifierConfig(**{**PRESETS[preset], **overrides, "preset": preset})
+
+
+# ---------------------------------------------------------------------------------------------- task + model
+def problems(n: int, seed: int, max_operand: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        out.append((f"What is {a} + {b}? Reply with the number only.", a + b))
+    return out
+
+
+def verify(response: str, answer: int) -> bool:
+    """The first integer in the response is the answer."""
+    m = _INT.search(response)
+    return m is not None and int(m.group()) == answer
+
+
+class CharTokenizer:
+    """Characters <-> ids 3..98 (printable ASCII); bos 1, eos 2, pad 0 (the tiny-random model's tokenizer)."""
+    bos_token_id, eos_token_id, pad_token_id, chat_template = 1, 2, 0, None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [3 + min(max(ord(c) - 32, 0), 95) for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i) - 3 + 32) for i in ids if int(i) >= 3)
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype):
+    if name == "tiny-random":
+        import transformers
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+        return transformers.LlamaForCausalLM(cfg).to(device, dtype), CharTokenizer()
+    from .. import models
+    model, tok = models.load(name, dtype=dtype, device=device)
+    return model, tok
+
+
+def _prompt_text(tok, question: str) -> str:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+    return question + "\n"
+
+
+@torch.no_grad()
+def generate(model, tok, questions: list[str], n: int, sample: bool, max_new_tokens: int, seed: int) -> list[list[str]]:
+    """n responses per question (greedy when sample=False)."""
+    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    out = []
+    eos = getattr(tok, "eos_token_id", None)
+    for q in questions:
+        enc = tok(_prompt_text(tok, q), add_special_tokens=False, return_tensors="pt")
+        ids = enc["input_ids"].to(dev)
+        gen = model.generate(input_ids=ids.repeat(n, 1), attention_mask=torch.ones_like(ids).repeat(n, 1),
+                             max_new_tokens=max_new_tokens, do_sample=sample, temperature=1.0 if sample else None,
+                             top_p=None, top_k=None, pad_token_id=getattr(tok, "pad_token_id", None) or eos or 0,
+                             eos_token_id=eos)
+        out.append([tok.decode(g[ids.shape[1]:], skip_special_tokens=True) for g in gen])
+    return out
+
+
+def accuracy(model, tok, probs, cfg: VerifierConfig, seed: int) -> dict:
+    qs = [q for q, _ in probs]
+    greedy = generate(model, tok, qs, 1, False, cfg.max_new_tokens, seed)
+    sampled = generate(model, tok, qs, cfg.eval_samples, True, cfg.max_new_tokens, seed + 1)
+    g = sum(verify(r[0], a) for r, (_, a) in zip(greedy, probs)) / len(probs)
+    s = sum(verify(x, a) for r, (_, a) in zip(sampled, probs) for x in r) / (len(probs) * cfg.eval_samples)
+    return {"greedy": g, "sampled": s}
+
+
+def build_datasets(model, tok, cfg: VerifierConfig) -> tuple[list[dict], list[dict]]:
+    """(unpaired rows, paired rows) in TRL's formats, from the reference model's samples."""
+    probs = problems(cfg.train_prompts, 1000, cfg.max_operand)
+    samples = generate(model, tok, [q for q, _ in probs], cfg.samples_per_prompt, True, cfg.max_new_tokens, 7)
+    unpaired, paired = [], []
+    for (q, a), resp in zip(probs, samples):
+        prompt = [{"role": "user", "content": q}]
+        good = [r for r in resp if verify(r, a)]
+        bad = [r for r in resp if not verify(r, a)]
+        unpaired += [{"prompt": prompt, "completion": [{"role": "assistant", "content": r}], "label": verify(r, a)}
+                     for r in resp if r.strip()]
+        paired += [{"prompt": prompt, "chosen": [{"role": "assistant", "content": c}],
+                    "rejected": [{"role": "assistant", "content": r}]} for c, r in zip(good, bad) if c.strip()
+                   and r.strip()]
+    return unpaired, paired
+
+
+def run(cfg: VerifierConfig, log=print) -> dict:
+    from .trainer import resolve_device
+    dev, dtype = resolve_device(DDROConfig(device=cfg.device))
+    ref, tok = load_model(cfg.model, dev, dtype)
+    unpaired, paired = build_datasets(ref, tok, cfg)
+    n_pos = sum(r["label"] for r in unpaired)
+    log(f"{len(unpaired)} sampled responses, {n_pos} verified correct; {len(paired)} pairs")
+    held_out = problems(cfg.eval_prompts, 2000, cfg.max_operand)
+    result = {"config": asdict(cfg), "n_rows": len(unpaired), "n_correct": n_pos, "n_pairs": len(paired),
+              "reference": accuracy(ref, tok, held_out, cfg, 0), "runs": {}}
+    log(f"reference: {result['reference']}")
+    for loss in cfg.losses:
+        data = paired if loss == "dpo" else unpaired
+        if loss == "dpo" and not data or loss != "dpo" and not 0 < n_pos < len(unpaired):
+            result["runs"][loss] = {"skipped": "no usable data (needs both correct and incorrect samples)"}
+            continue
+        for seed in cfg.seeds:
+            policy = copy.deepcopy(ref)
+            tcfg = DDROConfig(loss_type=loss, learning_rate=cfg.learning_rate, beta=cfg.beta, max_steps=cfg.steps,
+                              per_device_train_batch_size=cfg.batch_size, seed=seed, device=str(dev),
+                              dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype],
+                              output_dir=str(Path(cfg.out) / f"{loss}_seed{seed}"), logging_steps=10,
+                              save_steps=max(cfg.steps, 1), max_length=160, max_prompt_length=128)
+            trainer = DDROTrainer(policy, tok, data, tcfg, ref_model=ref)
+            trainer.train(log=lambda s: None)
+            acc = accuracy(policy.eval(), tok, held_out, cfg, 0)
+            result["runs"].setdefault(loss, {})[str(seed)] = acc
+            log(f"{loss} seed {seed}: {acc}")
+            del policy, trainer
+    return result
+
+
+def write_report(result: dict, out: Path, command: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    ref = result["reference"]
+    lines = ["# DDRO experiment (b): SmolLM2 on a verifiable task (two-number addition)", "",
+             f"Command: `{command}`", "",
+             f"{result['n_rows']} sampled training responses, {result['n_correct']} verified correct, "
+             f"{result['n_pairs']} DPO pairs; same steps x batch for every loss.", "",
+             "| model | greedy accuracy | sampled accuracy | seeds |", "|---|---|---|---|",
+             f"| reference | {ref['greedy']:.3f} | {ref['sampled']:.3f} | - |"]
+    bars = {"reference": (ref["greedy"], 0.0)}
+    for loss, runs in result["runs"].items():
+        if "skipped" in runs:
+            lines.append(f"| {loss} | skipped: {runs['skipped']} | | |")
+            continue
+        g = torch.tensor([r["greedy"] for r in runs.values()], dtype=torch.float64)
+        s = torch.tensor([r["sampled"] for r in runs.values()], dtype=torch.float64)
+        sd = lambda t: float(t.std()) if t.numel() > 1 else 0.0
+        lines.append(f"| {loss} | {float(g.mean()):.3f} +- {sd(g):.3f} | {float(s.mean()):.3f} +- {sd(s):.3f} | "
+                     f"{len(runs)} |")
+        bars[loss] = (float(g.mean()), sd(g))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(list(bars), [v[0] for v in bars.values()], yerr=[v[1] for v in bars.values()], capsize=3)
+        ax.set(ylabel="held-out greedy verifier accuracy", title="same training budget per loss")
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=120)
+        plt.close(fig)
+        lines += ["", "![accuracy](accuracy.png)"]
+    except ImportError:
+        pass
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
