@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("fastattn.distill.cli", "distill a pre-trained model's softmax attention into linear attention"),
     "env": ("fastattn.env_report", "show what is built and importable, and why not"),
     "ddro": ("fastattn.ddro.cli", "DDRO/RDRO experiments: consistency (synthetic), verifier (SmolLM2)"),
+    "rshtr": ("fastattn.rshtr.cli", "random-subspace homogenized trust region: problems x methods, report and plots"),
     "bench": ("fastattn.bench_command", "run the linear-attention microbenchmark (bench/linear_attn.py)"),
     "pcfg": ("fastattn.pcfg.cli", "metadata conditioning on leveled PCFG data: train, exact Bayes references, figures"),
 }

@@ -16,6 +16,15 @@ from .test_subspace_hvp import glm_backends
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LAPACK with 2 threads on a contended 2-core machine is 100x slower than with one (measured: eigh 401^2)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _random_instance(s, seed, indefinite=True):
     g = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(s, s, generator=g, dtype=F64))[0]

@@ -1,8 +1,9 @@
 """Options of the RSHTR iteration (every constant of the algorithm) and of the experiment driver."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 SKETCH_KINDS = ("gaussian", "rademacher", "orthonormal", "coordinate", "identity")
 SKETCH_SOURCES = ("torch", "hash")
@@ -101,24 +102,79 @@ def _choice(name: str, value, allowed) -> None:
 
 @dataclass
 class ExperimentConfig:
-    """`fastattn rshtr`: problems x methods x seeds, written into ``out``."""
+    """`fastattn rshtr`: problems x methods x subspace dims x seeds, written into ``out``.
+
+    ``dims_by_problem``: per-problem subspace dims overriding ``subspace_dims``, as "name:d1,d2;name2:d3".
+    """
     out: str = "runs/rshtr"
     preset: str = "cpu"
-    problems: list[str] = field(default_factory=lambda: ["glm_rankdef"])
-    methods: list[str] = field(default_factory=lambda: ["rshtr", "hsodm", "rs_gd", "rs_newton", "gd", "lbfgs"])
-    subspace_dims: list[int] = field(default_factory=lambda: [50])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    size: str = "cpu"                     # problem sizes: "smoke", "cpu", "gpu" (problems.py)
+    problems: tuple[str, ...] = ("glm_rankdef",)
+    methods: tuple[str, ...] = ("rshtr", "hsodm", "rs_gd", "rs_newton", "gd", "lbfgs")
+    subspace_dims: tuple[int, ...] = (50,)
+    dims_by_problem: str = ""
+    seeds: tuple[int, ...] = (0,)         # seeds of the methods' sketches
+    data_seed: int = 0                    # seed of the problem data (fixed across method seeds)
     gtol: float = 1e-10
     max_iter: int = 500
     max_time: float = 60.0
     dtype: str = "float64"
     device: str = "cpu"
+    backend: str = "auto"
+    threads: int = 1                      # torch.set_num_threads for CPU runs (0: leave as is)
 
     def __post_init__(self):
         _choice("dtype", self.dtype, ("float32", "float64"))
-        if not self.problems or not self.methods or not self.seeds or not self.subspace_dims:
-            raise ValueError("problems, methods, seeds and subspace_dims must be non-empty")
+        _choice("size", self.size, ("smoke", "cpu", "gpu"))
+        for name in ("problems", "methods", "subspace_dims", "seeds"):
+            setattr(self, name, tuple(getattr(self, name)))
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be non-empty")
         if any(s < 1 for s in self.subspace_dims):
             raise ValueError(f"subspace_dims must be >= 1, got {self.subspace_dims}")
+        self.subspace_dims_by_problem  # parse once: raises on a malformed spec
         if self.max_time <= 0 or self.max_iter < 1:
             raise ValueError("max_time must be > 0 and max_iter >= 1")
+
+    @property
+    def subspace_dims_by_problem(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for part in filter(None, (p.strip() for p in self.dims_by_problem.split(";"))):
+            name, sep, dims = part.partition(":")
+            if not sep or not dims:
+                raise ValueError(f"dims_by_problem entries are 'problem:d1,d2', got {part!r}")
+            out[name.strip()] = tuple(int(d) for d in dims.split(","))
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_ALL_METHODS = ("rshtr", "hsodm", "hsodm_mf", "rs_gd", "rs_newton", "gd", "lbfgs", "newton_cg", "trust_ncg",
+                "trust_krylov")
+
+PRESETS: dict[str, dict] = {
+    # seconds: every problem at toy size, the main methods
+    "smoke": dict(size="smoke", problems=("glm_rankdef", "rosenbrock", "saddle"),
+                  methods=("rshtr", "hsodm", "rs_gd", "gd", "lbfgs"), subspace_dims=(20,), seeds=(0,),
+                  gtol=1e-8, max_iter=60, max_time=5.0),
+    # the committed CPU experiment (2 shared cores, one thread): rank-deficient GLM at n = 10^4 with every method
+    # and three sketch seeds, the other problems with fewer dims
+    "cpu": dict(size="cpu", problems=("glm_rankdef", "glm_rankdef_reg", "breast_cancer_rf", "rosenbrock", "saddle",
+                                      "mlp_digits"),
+                methods=_ALL_METHODS, subspace_dims=(100,), seeds=(0, 1, 2),
+                dims_by_problem="glm_rankdef:100,200,400;glm_rankdef_reg:200;breast_cancer_rf:600;"
+                                "rosenbrock:100;saddle:100;mlp_digits:100",
+                gtol=1e-10, max_iter=2000, max_time=30.0),
+    # one GPU, float64 (the H200's fp64 rate is ample for these sizes)
+    "gpu": dict(size="gpu", problems=("glm_rankdef", "glm_rankdef_reg", "breast_cancer_rf", "rosenbrock", "saddle",
+                                      "mlp_digits"),
+                methods=_ALL_METHODS, subspace_dims=(200,), seeds=(0, 1, 2),
+                dims_by_problem="glm_rankdef:200,400,800;breast_cancer_rf:600,1200;rosenbrock:200,1000",
+                gtol=1e-10, max_iter=5000, max_time=120.0, device="cuda", threads=0),
+}
+
+
+def make_config(preset: str = "cpu", **overrides) -> ExperimentConfig:
+    from ..driver_config import from_preset
+    return from_preset(ExperimentConfig, PRESETS, preset, **overrides)
