@@ -74,7 +74,7 @@ def test_plan_aggregate_and_threshold_helpers():
         plan(ExperimentConfig(methods=("adam",)))
     with pytest.raises(ValueError, match="dims_by_problem"):
         ExperimentConfig(dims_by_problem="saddle")
-    assert make_config("cpu").subspace_dims_by_problem["glm_rankdef"] == (100, 200, 400)
+    assert make_config("cpu_more").subspace_dims_by_problem["breast_cancer_rf"] == (600,)
 
 
 def test_cli_writes_the_run_directory(tmp_path, capsys):

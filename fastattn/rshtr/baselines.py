@@ -1,11 +1,13 @@
 """Methods of the comparison, all returning ``OptimizeResult`` with a per-iteration history.
 
 METHODS maps a name to ``run(problem, s, seed, gtol, max_iter, max_time, backend) -> OptimizeResult``:
-  rshtr       RSHTR (this package), Gaussian sketch of dimension s
+  rshtr       RSHTR (this package) with its default options: Gaussian sketch of dimension s, entries N(0, 1/n)
+  rshtr_jl    the same with entries N(0, 1/s) (sketch_scale "jl")
   hsodm       full-space HSODM: RSHTR with P = I, Hessian formed (dense eigh up to n = 1000, else Lanczos)
   hsodm_mf    full-space HSODM with matrix-free Lanczos on F (one HVP per Lanczos step)
   rs_gd       random-subspace gradient descent: x - eta P^T P g, Armijo backtracking with step doubling
   rs_newton   random-subspace regularised Newton (Fuji, Poirion, Takeda 2022): d = -(Hs + mu I)^-1 gs,
+              (both with Gaussian P of entries N(0, 1/s), as in that paper)
               mu = c1 max(0, -lambda_min(Hs)) + c2 |g|^gamma, Armijo backtracking from eta = 1
   gd          gradient descent, Armijo backtracking with step doubling
   lbfgs       torch.optim.LBFGS (history 20, strong Wolfe), one iteration per step
@@ -81,6 +83,13 @@ def run_rshtr(problem, s, seed, gtol, max_iter, max_time, backend="auto", **opti
                     backend=backend, **options)
 
 
+def run_rshtr_jl(problem, s, seed, gtol, max_iter, max_time, backend="auto"):
+    """RSHTR with the sketch scaled to entries N(0, 1/s) (E P^T P = I): Hs keeps the scale of H."""
+    r = run_rshtr(problem, s, seed, gtol, max_iter, max_time, backend, sketch_scale="jl")
+    r.method = "rshtr_jl"
+    return r
+
+
 DENSE_EIG_MAX_N = 1000
 LANCZOS = {"eig_solver": "lanczos", "lanczos_iters": 300, "lanczos_tol": 1e-10}
 
@@ -107,7 +116,7 @@ def run_rs_gd(problem, s, seed, gtol, max_iter, max_time, backend="auto"):
     n = problem.n
 
     def direction(k, x, g, oracle):
-        P, _ = draw("gaussian", s, n, iteration_seed(seed, k), "unit", "torch", x.dtype, x.device)
+        P, _ = draw("gaussian", s, n, iteration_seed(seed, k), "jl", "torch", x.dtype, x.device)
         gs = P @ g
         return -(P.T @ gs), -gs.dot(gs).item(), 0.0
 
@@ -118,7 +127,7 @@ def run_rs_newton(problem, s, seed, gtol, max_iter, max_time, backend="auto", c1
     n = problem.n
 
     def direction(k, x, g, oracle):
-        P, sk = draw("gaussian", s, n, iteration_seed(seed, k), "unit", "torch", x.dtype, x.device)
+        P, sk = draw("gaussian", s, n, iteration_seed(seed, k), "jl", "torch", x.dtype, x.device)
         gs = (P @ g).double()
         Hs = oracle.subspace_hessian(x, P, sk).double()
         lam_min = torch.linalg.eigvalsh(Hs)[0].item()
@@ -215,6 +224,7 @@ def _torchmin(method: str):
 
 METHODS: dict[str, Callable[..., OptimizeResult]] = {
     "rshtr": run_rshtr,
+    "rshtr_jl": run_rshtr_jl,
     "hsodm": run_hsodm,
     "hsodm_mf": run_hsodm_mf,
     "rs_gd": run_rs_gd,
@@ -225,7 +235,7 @@ METHODS: dict[str, Callable[..., OptimizeResult]] = {
     "trust_ncg": _torchmin("trust-ncg"),
     "trust_krylov": _torchmin("trust-krylov"),
 }
-SUBSPACE_METHODS = ("rshtr", "rs_gd", "rs_newton")   # once per (subspace dim, seed); the others are deterministic
+SUBSPACE_METHODS = ("rshtr", "rshtr_jl", "rs_gd", "rs_newton")   # once per (subspace dim, seed); the others are deterministic
 TORCHMIN_METHODS = ("newton_cg", "trust_ncg", "trust_krylov")
 
 

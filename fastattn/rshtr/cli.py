@@ -12,8 +12,8 @@ from .config import PRESETS, ExperimentConfig, make_config
 
 
 def make_parser(parser):
-    return add_flags(parser, ExperimentConfig, PRESETS, "cpu", "smoke: seconds; cpu: the committed 2-core run; "
-                     "gpu: one GPU", int_tuples=("subspace_dims", "seeds"))
+    return add_flags(parser, ExperimentConfig, PRESETS, "cpu", "smoke: seconds; cpu, cpu_more: the committed "
+                     "2-core runs; gpu: one GPU", int_tuples=("subspace_dims", "seeds"))
 
 
 def resolve(args) -> ExperimentConfig:

@@ -84,17 +84,30 @@ def minimize(fun: GLM | Callable[[Tensor], Tensor], x0: Tensor, subspace_dim: in
             break
         t0 = clock()
         it_seed = iteration_seed(opts.seed, k)
-        P, sketch = draw(opts.sketch, s, n, it_seed, opts.sketch_scale, opts.sketch_source, x.dtype, x.device)
-        gs = P @ g
+        identity = opts.sketch == "identity"       # P = I: no products with P (it is only formed for Hs)
+        if identity:
+            P, sketch, gs = None, None, g
+        else:
+            P, sketch = draw(opts.sketch, s, n, it_seed, opts.sketch_scale, opts.sketch_source, x.dtype, x.device)
+            gs = P @ g
         t1 = clock()
         if opts.matrix_free:
             full_hvp = oracle.hvp(x)
-            Hs, hvp = None, (lambda u: (P @ full_hvp(P.T @ u.to(x.dtype))).to(torch.float64))
+            if identity:
+                def hvp(u):
+                    return full_hvp(u.to(x.dtype)).to(torch.float64)
+            else:
+                def hvp(u):
+                    return (P @ full_hvp(P.T @ u.to(x.dtype))).to(torch.float64)
+            Hs = None
         else:
-            Hs, hvp = oracle.subspace_hessian(x, P, sketch), None
+            Pm = torch.eye(n, dtype=x.dtype, device=x.device) if identity else P
+            Hs, hvp = oracle.subspace_hessian(x, Pm, sketch), None
+            del Pm
         t2 = clock()
         step = subspace_step(opts, k, gs, Hs, hvp, it_seed)
-        D = P.T @ step.d.to(x.dtype)
+        del Hs
+        D = step.d.to(x.dtype) if identity else P.T @ step.d.to(x.dtype)
         t3 = clock()
         eta, _, evals, ok = step_length(opts, lambda e: oracle.value(x + e * D), f, step, D.norm().item(), x.dtype)
         t4 = clock()
