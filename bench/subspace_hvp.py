@@ -1,0 +1,166 @@
+"""Subspace-Hessian microbenchmark: (P g, P H P^T) of a GLM (sigmoid-MSE + nonconvex regulariser), fp32.
+
+Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5) before it is timed:
+  fused-triton        fastattn backend "triton" (B = A P^T stays in registers; tf32x3 dots)
+  fused-triton-seed   the same with P generated in the kernel from a seed (no P read)
+  fused-cuda          fastattn backend "cuda" (SIMT fp32 kernel, B tile in shared memory)
+  fused-cuda-seed     the same with P generated in the kernel
+  vmap-autodiff       torch.func.vmap over jvp(grad f) (forward-over-reverse), then P (H P^T)
+  unfused-torch       B = A @ P.T (fp32 cuBLAS, TF32 off), B^T diag(w) B, B^T l' + regulariser terms
+  fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
+Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
+triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
+
+    python bench/subspace_hvp.py --out bench/results        # writes subspace_hvp_<device>.json and .md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+import fastattn  # noqa: E402
+from fastattn import backends  # noqa: E402
+from fastattn.ops.subspace_hvp import GLM, make_sketch  # noqa: E402
+from fastattn.ops.subspace_hvp import reference  # noqa: E402
+from linear_attn import environment, time_cpu, time_gpu  # noqa: E402
+
+GPU_SHAPES = [(16384, 16384, 256), (4096, 65536, 128)]
+CPU_SHAPES = [(2048, 2048, 64), (512, 8192, 32)]
+TOL = 1e-5
+
+
+def problem(m: int, n: int, s: int, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    A = (torch.randn(m, n, generator=g) / n ** 0.5).to(device)
+    y = torch.rand(m, generator=g).to(device)
+    x = torch.randn(n, generator=g).to(device)
+    glm = GLM(A, y, "sigmoid_mse", "nonconvex", lam=1e-3)
+    sketch = make_sketch("gaussian", s, n, seed=seed + 1)
+    P = sketch.materialize(n, torch.float32, device)
+    return glm, x, sketch, P
+
+
+def rel_err(got, ref) -> float:
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def paths(glm, x, sketch, P, device):
+    """name -> (callable, held to TOL)."""
+    out = {}
+    names = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for b in names:
+        if backends.availability(b)[0]:
+            out[f"fused-{b}"] = (lambda b=b: fastattn.subspace_hvp(glm, x, P, backend=b), True)
+            out[f"fused-{b}-seed"] = (lambda b=b: fastattn.subspace_hvp(glm, x, sketch, backend=b), True)
+    out["vmap-autodiff"] = (lambda: fastattn.subspace_hvp(lambda v: glm(v), x, P), True)
+    out["unfused-torch"] = (lambda: reference.glm_explicit(glm, x, P, row_chunk=glm.m), True)
+    if device.type == "cuda" and backends.availability("triton")[0]:
+        from fastattn.ops.subspace_hvp import triton as tri
+
+        def tf32():
+            old = tri.INPUT_PRECISION
+            tri.INPUT_PRECISION = "tf32"
+            try:
+                return fastattn.subspace_hvp(glm, x, P, backend="triton")
+            finally:
+                tri.INPUT_PRECISION = old
+        out["fused-triton-tf32"] = (tf32, False)
+    return out
+
+
+def bench_shape(m, n, s, device) -> dict:
+    glm, x, sketch, P = problem(m, n, s, device)
+    glm64 = glm.to(torch.float64)
+    ref_P = reference.glm_explicit(glm64, x.double(), P.double(), row_chunk=4096)
+    ref_S = reference.glm_explicit(glm64, x.double(), sketch.materialize(n, torch.float64, device), row_chunk=4096)
+    del glm64
+    rows = {}
+    timer = time_gpu if device.type == "cuda" else time_cpu
+    for name, (fn, strict) in paths(glm, x, sketch, P, device).items():
+        row = {"strict": strict}
+        try:
+            t0 = time.perf_counter()
+            Pg, H = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row["first_call_s"] = time.perf_counter() - t0
+            ref = ref_S if name.endswith("-seed") else ref_P
+            row["rel_err_PHPt"] = rel_err(H, ref[1])
+            row["rel_err_Pg"] = rel_err(Pg, ref[0])
+            row["correct"] = max(row["rel_err_PHPt"], row["rel_err_Pg"]) <= TOL
+            if row["correct"] or not strict:
+                row["ms"] = timer(fn)
+        except Exception as e:  # noqa: BLE001 - a failing path is reported, the others still run
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows[name] = row
+        print(f"m={m} n={n} s={s} {name:>18}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in row.items()), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    flops = 2 * m * n * s
+    for row in rows.values():
+        if "ms" in row:
+            row["AP_tflops"] = flops / row["ms"] / 1e9
+    base = {k: rows[k].get("ms") for k in ("vmap-autodiff", "unfused-torch")}
+    for name, row in rows.items():
+        if name.startswith("fused") and "ms" in row:
+            row["speedup_vs_vmap"] = base["vmap-autodiff"] / row["ms"] if base["vmap-autodiff"] else None
+            row["speedup_vs_unfused"] = base["unfused-torch"] / row["ms"] if base["unfused-torch"] else None
+    return {"m": m, "n": n, "s": s, "paths": rows}
+
+
+def markdown(result: dict) -> str:
+    env = result["env"]
+    lines = ["# Subspace Hessian of a GLM (sigmoid-MSE + nonconvex regulariser), fp32", "",
+             f"Device: {env.get('gpu') or env.get('cpu')}; torch {env['torch']}, triton {env.get('triton')}, "
+             f"commit {env['commit']}. Median of triton.testing.do_bench (L2 flushed) on GPU.", "",
+             f"Correctness first: relative Frobenius error of P H P^T and P g against an fp64 reference must be "
+             f"<= {TOL:g} (paths marked informational are timed regardless).", "",
+             "| m | n | s | path | rel err PHPt | rel err Pg | correct | ms | A P^T TFLOP/s | x vs vmap | "
+             "x vs unfused |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for sh in result["shapes"]:
+        for name, r in sh["paths"].items():
+            def f(key, spec=".3g"):
+                v = r.get(key)
+                return "-" if v is None else format(v, spec)
+            note = "" if r.get("strict", True) else " (informational)"
+            err = f" ({r['error'][:80]})" if "error" in r else ""
+            lines.append(f"| {sh['m']} | {sh['n']} | {sh['s']} | {name}{note}{err} | {f('rel_err_PHPt', '.2e')} | "
+                         f"{f('rel_err_Pg', '.2e')} | {r.get('correct', '-')} | {f('ms')} | {f('AP_tflops')} | "
+                         f"{f('speedup_vs_vmap', '.2f')} | {f('speedup_vs_unfused', '.2f')} |")
+    lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "
+              "m = n = 16384, s = 256, same numbers to 1e-5 relative."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "results"), help="directory for the JSON and markdown")
+    ap.add_argument("--quick", action="store_true", help="the first shape only")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    if args.quick:
+        shapes = shapes[:1]
+    result = {"env": environment(device), "shapes": [bench_shape(*sh, device) for sh in shapes]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "h200" if "H200" in (result["env"].get("gpu") or "") else device.type
+    (out / f"subspace_hvp_{tag}.json").write_text(json.dumps(result, indent=1))
+    (out / f"subspace_hvp_{tag}.md").write_text(markdown(result))
+    print(f"wrote {out / f'subspace_hvp_{tag}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
