@@ -223,7 +223,9 @@ def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool, probes: 
                (leaves, lambda: fastattn.linear_attention(*leaves, layout="bthd", backend=name)[0]), err)
     if fla_fn is not None:
         for normalize in (True, False):
-            probe = (probes or {}).get((D, T, normalize), {"fwd": "ok", "bwd": "ok"})
+            # no probe file (no --prepare run): everything is tried; with one, what it did not pass is skipped
+            probe = probes.get((D, T, normalize), {"fwd": "not probed", "bwd": "not probed"}) if probes \
+                else {"fwd": "ok", "bwd": "ok"}
             if probe.get("fwd") != "ok":
                 rows.append({"impl": "fla", "normalize": normalize, "B": B, "H": H, "T": T, "D": D, "Dv": Dv,
                              "fwd_ms": None, "fwd_bwd_ms": None, "note": f"probe: forward {probe['fwd']}"})
@@ -291,35 +293,27 @@ def _grid(args) -> tuple[list[int], list[int]]:
 
 
 def warm(args) -> None:
-    """Compile (no timing) every kernel the GPU grid launches for the feature dims in --D: ours at both split
-    settings the sweep can pick (one segment, several) and fla with normalize True/False. Fills Triton's disk
-    cache, so one such process per D can run in parallel before the timed run compiles nothing."""
+    """Compile (no timing) every triton kernel the GPU grid launches for the feature dims in --D, at both split
+    settings the sweep can pick (one segment, several). Fills Triton's disk cache, so one such process per D can
+    run in parallel before the timed run, which then compiles nothing of ours (fla: see probe_fla)."""
     from fastattn.ops.linear_attn import triton as tri
-    ours = [n for n in ("triton",) if backends.availability(n)[0]]
-    fla_fn = None if args.no_fla else _fla()
+    if not backends.availability("triton")[0]:
+        return
     Ts, Ds = _grid(args)
     t0 = time.time()
     for D in Ds:
         shapes = [(65536 // T, 8, T) for T in Ts] + ([(1, 9, 65536)] if D == 64 else [])
         for B, H, T in shapes:
             q, k, v, do = _inputs(B, H, T, D, 64, torch.bfloat16)
-            for name in ours:
-                for pps in (1, 8):
-                    tri.PROGRAMS_PER_SM.update(fwd=pps, bwd=pps)
-                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                    fastattn.linear_attention(*leaves, layout="bthd", backend=name)[0].backward(do)
-            if fla_fn is not None and (args.fla_dims is None or D in args.fla_dims):
-                for normalize in (True, False):
-                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                    try:
-                        fla_fn(*leaves, scale=1.0, normalize=normalize)[0].backward(do)
-                    except Exception as e:  # noqa: BLE001 - a crashing baseline is recorded by the timed run
-                        print(f"warm: fla D={D} T={T} normalize={normalize}: {type(e).__name__}: {str(e)[:100]}")
+            for pps in (1, 8):
+                tri.PROGRAMS_PER_SM.update(fwd=pps, bwd=pps)
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                fastattn.linear_attention(*leaves, layout="bthd", backend="triton")[0].backward(do)
             torch.cuda.synchronize()
         print(f"warm: D={D} compiled ({time.time() - t0:.0f}s)", flush=True)
 
 
-SWEEP_VALUES = (1, 2, 3, 4, 6, 8)
+SWEEP_VALUES = (1, 2, 4, 8)
 
 
 def sweep_split(dtype) -> dict:
@@ -373,76 +367,86 @@ def _partial(args, rows: list[dict]) -> None:
             f.write(line + "\n")
 
 
-def probe_fla(D: int, T: int, normalize: bool) -> dict:
-    """One fla chunk_linear_attn forward and forward+backward at (D, T): crashes (fla 0.6.0's backward makes
-    illegal memory accesses at some D, which poison the whole CUDA context) are found here, in a process of
-    their own, so that the timed run skips them instead of dying. Also compiles and autotunes fla there."""
-    row = {"D": D, "T": T, "normalize": normalize}
+def probe_fla(D: int, Ts: list[int]) -> None:
+    """fla chunk_linear_attn at feature dim D: every (T, normalize) forward first, then every forward+backward,
+    one JSON line per check. fla 0.6.0's backward makes illegal memory accesses at some D, which poison the
+    CUDA context: the first failure ends this process, and the timed run skips what failed or went unchecked
+    instead of dying. Also compiles and autotunes fla's kernels for this D."""
     fla_fn = _fla()
-    if fla_fn is None:
-        return {**row, "fwd": "unavailable", "bwd": "unavailable"}
-    q, k, v, do = _inputs(65536 // T, 8, T, D, 64, torch.bfloat16)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     for phase in ("fwd", "bwd"):
-        try:
-            o = fla_fn(*leaves, scale=1.0, normalize=normalize)[0]
-            if phase == "bwd":
-                o.backward(do)
-            torch.cuda.synchronize()
-            row[phase] = "ok" if bool(torch.isfinite(o).all()) else "non-finite output"
-        except Exception as e:  # noqa: BLE001 - the failure is the result
-            row[phase] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            row.setdefault("bwd", "not run")
-            break
-    return row
+        for T in Ts:
+            q, k, v, do = _inputs(65536 // T, 8, T, D, 64, torch.bfloat16)
+            for normalize in (True, False):
+                row = {"D": D, "T": T, "normalize": normalize, "phase": phase}
+                if fla_fn is None:
+                    print(json.dumps({**row, "result": "fla unavailable"}), flush=True)
+                    return
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                try:
+                    o = fla_fn(*leaves, scale=1.0, normalize=normalize)[0]
+                    if phase == "bwd":
+                        o.backward(do)
+                    torch.cuda.synchronize()
+                    ok = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(t.grad).all()) for t in leaves
+                                                               if phase == "bwd")
+                    print(json.dumps({**row, "result": "ok" if ok else "non-finite output"}), flush=True)
+                except Exception as e:  # noqa: BLE001 - the failure is the result
+                    print(json.dumps({**row, "result": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}),
+                          flush=True)
+                    os._exit(3)
 
 
 def prepare(args) -> None:
-    """Run every fla probe and the compile-only warm-up of our kernels in parallel worker processes (--jobs at
-    a time, one CUDA context each); writes <out>/fla_probe.json for the timed run."""
+    """The fla probes (one worker process per fla feature dim) and the compile-only warm-up of our kernels
+    (one per D), all in parallel (one CUDA context each); writes the probe results to --probe-file."""
     import concurrent.futures
     Ts, Ds = _grid(args)
-    fla_dims = Ds if args.fla_dims is None else [d for d in Ds if d in args.fla_dims]
-    if 64 not in fla_dims:
+    fla_dims = [] if args.no_fla else (Ds if args.fla_dims is None else [d for d in Ds if d in args.fla_dims])
+    if not args.no_fla and 64 not in fla_dims:
         fla_dims = fla_dims + [64]   # the B=1, H=9 row
     me = [sys.executable, str(Path(__file__).resolve())]
-    jobs = [me + ["--probe-fla", f"{D},{T},{int(n)}"] for D in fla_dims for T in Ts for n in (1, 0)]
-    if args.no_fla:
-        jobs = []
-    jobs = [me + ["--warm", "--D", str(D)] + (["--quick"] if args.quick else []) for D in Ds] + jobs
+    quick = ["--quick"] if args.quick else []
+    jobs = [me + ["--warm", "--D", str(D)] + quick for D in Ds] + [me + ["--probe-fla", str(D)] + quick
+                                                                  for D in fla_dims]
 
     def run(cmd):
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.prepare_timeout)
+            rc, stdout, stderr = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
-            p = subprocess.CompletedProcess(cmd, f"timeout after {args.prepare_timeout}s",
-                                            e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""),
-                                            e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
-        lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
-        if "--probe-fla" in cmd:
-            D, T, n = (int(x) for x in cmd[-1].split(","))
-            if lines:
-                return json.loads(lines[-1])
-            return {"D": D, "T": T, "normalize": bool(n), "fwd": f"process died (rc {p.returncode})",
-                    "bwd": "not run", "stderr": p.stderr[-300:]}
-        return {"warm": cmd[-1], "rc": p.returncode, "tail": (p.stdout + p.stderr)[-300:]}
+            rc = f"timeout after {args.prepare_timeout}s"
+            stdout, stderr = (x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        return cmd, rc, stdout, stderr
 
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run, jobs))
-    probes = [r for r in results if "normalize" in r]
-    for r in results:
-        if "warm" in r and r["rc"] != 0:
-            print(f"prepare: warm-up D={r['warm']} failed: {r['tail']}")
-    bad = [r for r in probes if r.get("fwd") != "ok" or r.get("bwd") != "ok"]
-    print(f"prepare: {len(jobs)} jobs in {time.time() - t0:.0f}s; fla failures: {bad}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fla_probe.json").write_text(json.dumps(probes, indent=1) + "\n")
+    probes = {}
+    for cmd, rc, stdout, stderr in results:
+        if "--warm" in cmd:
+            if rc != 0:
+                print(f"prepare: warm-up {cmd[-1]} failed (rc {rc}): {(stdout + stderr)[-300:]}")
+            continue
+        D = int(cmd[cmd.index("--probe-fla") + 1])
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                probes.setdefault((D, r["T"], r["normalize"]), {})[r["phase"]] = r["result"]
+        for T in Ts:
+            for n in (True, False):
+                entry = probes.setdefault((D, T, n), {})
+                for phase in ("fwd", "bwd"):
+                    entry.setdefault(phase, f"not probed: the probe process stopped first (rc {rc})")
+    rows = [{"D": D, "T": T, "normalize": n, **v} for (D, T, n), v in sorted(probes.items())]
+    bad = [r for r in rows if r["fwd"] != "ok" or r["bwd"] != "ok"]
+    print(f"prepare: {len(jobs)} jobs in {time.time() - t0:.0f}s; fla not ok: {bad}", flush=True)
+    path = Path(args.probe_file or Path(args.out) / "fla_probe.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def _fla_probe(args) -> dict:
-    path = Path(args.out) / "fla_probe.json"
+    path = Path(args.probe_file or Path(args.out) / "fla_probe.json")
     if not path.exists():
         return {}
     return {(r["D"], r["T"], r["normalize"]): r for r in json.loads(path.read_text())}
@@ -552,15 +556,14 @@ def main(argv=None) -> dict | None:
                    help="GPU: probe fla for crashes and compile every kernel in parallel processes, then exit")
     p.add_argument("--jobs", type=int, default=12, help="--prepare: worker processes at a time")
     p.add_argument("--prepare-timeout", type=int, default=240, help="--prepare: seconds per worker")
+    p.add_argument("--probe-file", default=None, help="fla probe results (default: <out>/fla_probe.json)")
     p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-fla", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu", action="store_true", help="run the CPU benchmark even when CUDA is present")
     p.add_argument("--out", default=str(ROOT / "results"), help="directory for the JSON and markdown results")
     args = p.parse_args(argv)
     if args.probe_fla:
-        D, T, n = (int(x) for x in args.probe_fla.split(","))
-        print(json.dumps(probe_fla(D, T, bool(n))), flush=True)
-        return None
+        return probe_fla(int(args.probe_fla), _grid(args)[0])
     if args.warm:
         return warm(args)
     if args.prepare:

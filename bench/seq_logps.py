@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,16 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastattn  # noqa: E402
+from linear_attn import commit as _commit  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 V, D = 49152, 576
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def logits_path(h, w, labels, mask):
