@@ -22,12 +22,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOGS/nvidia-smi.txt" 2>&1
 
-timeout 200 python3 bench/linear_attn.py --prepare --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
+timeout 150 python3 bench/linear_attn.py --prepare --prepare-timeout 140 --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
   --out "$LOGS" > "$LOGS/prepare.log" 2>&1 &
 prep=$!
 timeout 200 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1; el "build rc=$?"; tail -1 "$LOGS/build.log"
 python3 -m fastattn.cli env > "$LOGS/env.txt" 2>&1
-timeout 150 python3 -m pytest -q -m gpu tests/test_seq_logps_triton.py tests/test_subspace_hvp.py \
+timeout 120 python3 -m pytest -q -m gpu tests/test_seq_logps_triton.py tests/test_subspace_hvp.py \
   -p no:cacheprovider > "$LOGS/gpu_tests.log" 2>&1
 el "seq_logps/subspace_hvp GPU tests rc=$?"; grep -E "passed|failed" "$LOGS/gpu_tests.log" | tail -3
 wait $prep; el "prepare rc=$?"; tail -1 "$LOGS/prepare.log"
