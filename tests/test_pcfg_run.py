@@ -2,7 +2,6 @@
 pieces against the exact DP, and a tiny end-to-end CLI run on CPU."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -190,3 +189,13 @@ def test_linear_attention_model_trains(tiny, tmp_path):
     from fastattn.hf import linearized_layers
     assert all(linearized_layers(model)) and math.isfinite(result["final_loss"])
     assert any("fastattn.feature_map" in k for k in torch.load(tmp_path / "lin" / "model.pt"))
+
+
+def test_time_limit_skips_runs_and_still_reports(tmp_path):
+    from fastattn.cli import main
+    out = tmp_path / "late"
+    assert main(["pcfg", "--preset", "tiny", "--out", str(out), "--threads", "1", "--progress", "0",
+                 "--time-limit-s", "1e-9"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["runs"] == {} and metrics["skipped"] == ["dm0_s0", "dm3_s0", "dm3_s0_cool"]
+    assert "not made" in (out / "report.md").read_text()

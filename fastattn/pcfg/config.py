@@ -52,6 +52,7 @@ class PCFGRunConfig:
     ckpt_every: int = 200
     log_every: int = 50
     resume: bool = True
+    time_limit_s: float = 0.0                # > 0: start no new run after this many seconds; report what exists
     # ---- evaluation ----
     eval_sequences: int = 512                # figure A (next-token loss by inference mode)
     probe_train: int = 1024                  # figure B (linear probes), documents to fit / to score
@@ -96,6 +97,8 @@ class PCFGRunConfig:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
         if self.dataset_size < 0 or self.feature_dim < 0 or self.threads < 0:
             raise ValueError("dataset_size, feature_dim and threads must be >= 0")
+        if self.time_limit_s < 0:
+            raise ValueError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
 
@@ -117,11 +120,11 @@ PRESETS: dict[str, dict] = {
                 lr=3e-3, warmup_steps=100, cooldown_steps=240, ckpt_every=200, eval_sequences=384, threads=1,
                 probe_train=768, probe_test=384, positions=(0, 1, 2, 4, 8, 16, 32), gen_samples=64,
                 eval_batch_size=128),
-    # one H200, ~10M-parameter model, under 9 minutes (an estimate: 8 runs x 1500 steps + 6 cooldown branches)
-    "gpu": dict(depth=5, model="10m", meta_depths=(0, 1, 3, "D"), seeds=(0, 1), steps=1500, batch_size=128,
-                lr=1.5e-3, warmup_steps=150, cooldown_steps=300, ckpt_every=500, log_every=100, eval_sequences=1024,
-                probe_train=2048, probe_test=1024, positions=(0, 1, 2, 4, 8, 16, 32, 64), gen_samples=256,
-                eval_batch_size=512),
+    # one H200, ~10M-parameter model, meant for under 9 minutes (estimated, not measured: ~20 ms per step)
+    "gpu": dict(depth=5, model="10m", meta_depths=(0, 1, 3, "D"), seeds=(0, 1), steps=1200, batch_size=128,
+                lr=1.5e-3, warmup_steps=120, cooldown_steps=240, ckpt_every=400, log_every=100, eval_sequences=1024,
+                probe_train=2048, probe_test=1024, positions=(0, 1, 2, 4, 8, 16, 32, 64), gen_samples=128,
+                eval_batch_size=1024),
 }
 
 

@@ -105,9 +105,10 @@ def fit_probes(train_x: Tensor, train_y: Tensor, train_valid: Tensor, test_x: Te
     """
     lay, pos, _, hid = train_x.shape
     levels = train_y.shape[1]
-    mean = (train_x * train_valid[None, ..., None]).sum(2, keepdim=True) / train_valid.sum(1)[None, :, None, None].clamp(min=1)
-    std = (((train_x - mean) ** 2) * train_valid[None, ..., None]).sum(2, keepdim=True).div(
-        train_valid.sum(1)[None, :, None, None].clamp(min=1)).sqrt() + 1e-5
+    m = train_valid[None, ..., None].to(train_x.dtype)                                     # [1, P, N, 1]
+    count = m.sum(2, keepdim=True).clamp(min=1)
+    mean = (train_x * m).sum(2, keepdim=True) / count
+    std = (((train_x - mean) ** 2 * m).sum(2, keepdim=True) / count).sqrt() + 1e-5
     xs = [((x - mean) / std).to(device) for x in (train_x, test_x)]
     gen = torch.Generator().manual_seed(seed)
     weight = (0.01 * torch.randn(lay, pos, levels, hid, num_classes, generator=gen)).to(device).requires_grad_()

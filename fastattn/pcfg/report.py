@@ -210,6 +210,11 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if not metrics["runs"]:
+        text = f"# Metadata conditioning on leveled PCFG data\n\nCommand: `{command}`\n\nNo run finished; not made: " \
+            f"{', '.join(metrics.get('skipped', []))}.\n"
+        (out / "report.md").write_text(text)
+        return out / "report.md"
     figure_a(metrics, out)
     figure_b(metrics, out)
     figure_c(metrics, out)
@@ -221,9 +226,10 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
     eval_s = sum(r["eval_seconds"] for r in metrics["runs"].values())
     lines = [f"# Metadata conditioning on leveled PCFG data ({cfg['preset']} preset)", "",
              f"Command: `{command}`", "",
-             f"Device {metrics['device']}, torch {metrics['torch']}. Grammar: depth D={cfg['depth']}, symbols per level "
-             f"{metrics['grammar']['sizes'][1:]}, K={cfg['num_alternatives']} rule sets per level, rule probabilities "
-             f"{cfg['rule_probs']}, grammar seed {cfg['grammar_seed']}, vocabulary {metrics['grammar']['vocab_size']}. "
+             f"Device {metrics['device']}, torch {metrics['torch']}. Grammar: depth D={cfg['depth']}, symbols per "
+             f"level {metrics['grammar']['sizes'][1:]}, K={cfg['num_alternatives']} rule sets per level, rule "
+             f"probabilities {cfg['rule_probs']}, grammar seed {cfg['grammar_seed']}, vocabulary "
+             f"{metrics['grammar']['vocab_size']}. "
              f"Model: Llama-style `{cfg['model']}` ({metrics['model']['parameters'] / 1e6:.2f}M parameters, "
              f"{cfg['attention']} attention). Training: {cfg['steps']} steps x {cfg['batch_size']} fresh documents, "
              f"p_meta={cfg['p_meta']}, lr {cfg['lr']} (warmup {cfg['warmup_steps']}, cosine to "
@@ -231,6 +237,9 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
              f"ablation: last {cfg['cooldown_steps']} steps without metadata. Time: training {train_s / 60:.1f} min, "
              f"evaluation {eval_s / 60:.1f} min, exact DP of the reference sets {ref['dp_seconds']:.1f} s.", "",
              "## Targets", ""]
+    if metrics.get("skipped"):
+        lines[-2:-2] = [f"**Runs not made (time limit {cfg['time_limit_s']:.0f} s): {', '.join(metrics['skipped'])}.**",
+                        ""]
     t = summ.get("targets", {})
     if t:
         g, p, m = (t["grammar_short_negative_long_positive"], t["probes_worse_at_short_positions"],
@@ -238,9 +247,10 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
         lines += [f"Short prompts k in {summ['short_positions']}, long prompts k in {summ['long_positions']} "
                   "(first and last third of the positions).", "",
                   "| target | holds on every seed? | evidence |", "|---|---|---|",
-                  f"| accuracy(D_M>0) - accuracy(D_M=0) < 0 short, > 0 long | {'yes' if g['holds_every_seed'] else 'no'} "
-                  f"| " + "; ".join(f"{k}: short {_fmt(v['short'])}, long {_fmt(v['long'])}" for k, v in
-                                   g["runs"].items()) + " |",
+                  "| accuracy(D_M>0) - accuracy(D_M=0) < 0 short, > 0 long | "
+                  f"{'yes' if g['holds_every_seed'] else 'no'} | "
+                  + "; ".join(f"{k}: short {_fmt(v['short'])}, long {_fmt(v['long'])}"
+                              for k, v in g["runs"].items()) + " |",
                   f"| probes of D_M>0 models worse at short positions | {'yes' if p['holds_every_seed'] else 'no'} | "
                   + "; ".join(f"{k}: {_fmt(v['short_diff'])}" for k, v in p["runs"].items()) + " |",
                   f"| all-MASK average loss about equal across D_M | spread {m['spread']:.4f} nats "

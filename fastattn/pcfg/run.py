@@ -96,9 +96,14 @@ def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
         f"({size / 1e6:.2f}M parameters, {cfg.attention}) on {device}")
     evaluator = Evaluator(cfg, pcfg, device, log)
     metrics["reference"] = evaluator.reference
-    metrics["runs"] = {}
+    metrics["runs"], metrics["skipped"] = {}, []
+    started = time.time()
     for key, d, seed, cool in run_keys(cfg):
         run_dir = out / "runs" / key
+        if cfg.time_limit_s and time.time() - started > cfg.time_limit_s and not (run_dir / "eval.json").exists():
+            metrics["skipped"].append(key)
+            log(f"{key}: skipped (time limit of {cfg.time_limit_s:.0f}s reached)")
+            continue
         branch = out / "runs" / f"dm{d}_s{seed}" / "branch.pt" if cool else None
         model, train = train_run(cfg, pcfg, d, seed, run_dir, device, branch_from=branch, progress=progress, log=log)
         done = run_dir / "eval.json"
