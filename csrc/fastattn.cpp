@@ -20,6 +20,9 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "subspace_hvp_glm_fused(Tensor A, Tensor x, Tensor y, Tensor? P, int s, int sketch, int seed, float scale, "
       "int loss, int reg, float lam, float loss_scale) -> (Tensor, Tensor)");
+  // Fills out [s, n] with the seeded sketch of kind 1 (gaussian) or 2 (rademacher) times scale (the hash of
+  // fastattn/ops/subspace_hvp/sketch.py; values computed in fp64, then stored in out's dtype).
+  m.def("sketch_fill_(Tensor(a!) out, int kind, int seed, float scale) -> Tensor(a!)");
   // seq_logps over the response tokens (mask True): (logps [B], lse [B, T]); the backward gives (dhidden, dweight)
   m.def(
       "lm_head_logps_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor mask, int token_chunk, "

@@ -3,6 +3,7 @@
 // Plain C++, usable from host code and, under nvcc, from device code.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -34,5 +35,16 @@ FASTATTN_HOST_DEVICE inline uint32_t sketch_h1(uint32_t key, int64_t row, int64_
 }
 
 FASTATTN_HOST_DEVICE inline uint32_t sketch_h2(uint32_t h1) { return sketch_mix32(h1 ^ 0x85EBCA6Bu); }
+
+// Entry (row, col) of P / scale in fp64: kind 1 gaussian (Box-Muller on h1, h2), 2 rademacher (sign bit of h1).
+FASTATTN_HOST_DEVICE inline double sketch_value(uint32_t key, int64_t row, int64_t col, int64_t kind) {
+  const uint32_t h1 = sketch_h1(key, row, col);
+  if (kind == 1) {
+    const double u1 = static_cast<double>((h1 >> 8) + 1u) * 5.9604644775390625e-08;
+    const double u2 = static_cast<double>(sketch_h2(h1) >> 8) * 5.9604644775390625e-08;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+  }
+  return 1.0 - 2.0 * static_cast<double>(h1 >> 31);
+}
 
 }  // namespace fastattn

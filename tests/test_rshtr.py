@@ -176,10 +176,10 @@ def test_same_seed_same_run_and_other_seed_differs():
 def test_every_hvp_path_gives_the_same_iterates():
     glm = _rank_deficient_glm(25, 60, reg="nonconvex", lam=0.05)
     x0 = torch.full((60,), 0.1, dtype=F64)
-    runs = {f"glm-{b}": minimize(glm, x0, 12, max_iter=6, backend=b, gtol=0.0) for b in glm_backends() if b != "triton"}
-    runs["autodiff"] = minimize(lambda v: glm(v), x0, 12, max_iter=6, gtol=0.0, hvp_chunk=5)
-    runs["matrix-free lanczos"] = minimize(glm, x0, 12, max_iter=6, gtol=0.0, eig_solver="lanczos",
-                                           matrix_free=True)
+    torch_rng = {"sketch_source": "torch", "max_iter": 6, "gtol": 0.0}
+    runs = {f"glm-{b}": minimize(glm, x0, 12, backend=b, **torch_rng) for b in glm_backends() if b != "triton"}
+    runs["autodiff"] = minimize(lambda v: glm(v), x0, 12, hvp_chunk=5, **torch_rng)
+    runs["matrix-free lanczos"] = minimize(glm, x0, 12, eig_solver="lanczos", matrix_free=True, **torch_rng)
     runs["hash sketch, fused"] = minimize(glm, x0, 12, max_iter=6, gtol=0.0, sketch_source="hash")
     runs["hash sketch, autodiff"] = minimize(lambda v: glm(v), x0, 12, max_iter=6, gtol=0.0, sketch_source="hash")
     ref = runs.pop("glm-torch")

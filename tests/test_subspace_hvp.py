@@ -142,6 +142,19 @@ def test_glm_autodiff_and_fused_paths_agree():
         assert_close("PHPt", o[1], outs[0][1], F64)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_sketch_fill_kernel_matches_the_torch_hash(kind):
+    from fastattn.ops.subspace_hvp.sketch import _fill_kernel_serves
+    if not _fill_kernel_serves(torch.device("cpu"), F64):
+        pytest.skip("extension without sketch_fill_")
+    sk = make_sketch(kind, 37, 1001, seed=2 ** 40 + 17, scale=0.3)
+    for dtype in (F64, torch.float32):
+        got, ref = sk.materialize(1001, dtype), sk.materialize(1001, dtype, use_kernel=False)
+        assert torch.allclose(got, ref, rtol=1e-14 if dtype == F64 else 1e-6, atol=0), kind
+    assert torch.equal(make_sketch(kind, 4, 9, seed=1).materialize(9, F64),
+                       make_sketch(kind, 4, 9, seed=1).materialize(9, F64, use_kernel=False)) or kind == "gaussian"
+
+
 def test_sketch_kinds_and_determinism():
     n, s = 64, 8
     for kind in ("gaussian", "rademacher", "orthonormal", "coordinate"):

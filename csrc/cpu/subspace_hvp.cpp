@@ -2,9 +2,9 @@
 // fastattn/ops/subspace_hvp/reference.py, sketch hash in fastattn/ops/subspace_hvp/sketch.py).
 //
 // f(x) = loss_scale * sum_i loss(a_i . x; y_i) + lam * sum_j reg(x_j). A is streamed in blocks of kRows rows:
-// per block one GEMM gives [z | B] = A_blk [x | P^T] (a cache-sized tile, never the whole m x s matrix), the loss
-// derivatives are taken on z, and B^T diag(loss'') B, B^T loss' are accumulated into [s, s], [s] in the
-// accumulation type (fp32 for fp32 inputs, fp64 for fp64). Gaussian / Rademacher P are generated here from the seed
+// per block one GEMM gives the tile B = A_blk P^T (kRows x s, never the whole m x s matrix) and a GEMV the margins
+// z = A_blk x, the loss derivatives are taken on z, and B^T diag(loss'') B, B^T loss' are accumulated into [s, s],
+// [s] in the accumulation type (fp32 for fp32 inputs, fp64 for fp64). Gaussian / Rademacher P are generated here from the seed
 // with the counter hash every backend shares. Blocks run in order and BLAS tiles are deterministic, so a call is
 // reproducible.
 #include <ATen/ATen.h>
@@ -26,28 +26,33 @@ using at::Tensor;
 
 constexpr int64_t kRows = 512;  // rows of A per block: B tile of kRows x s stays in cache
 
-// P [s, n] of the hashed kinds (1 gaussian, 2 rademacher) in fp64, then cast: the reference's recipe.
-Tensor generate_sketch(int64_t s, int64_t n, int64_t kind, int64_t seed, double scale, const at::TensorOptions& opt) {
-  Tensor P = at::empty({s, n}, opt.dtype(at::kDouble));
-  double* p = P.data_ptr<double>();
+// out [s, n] = scale * P of the hashed kinds (1 gaussian, 2 rademacher), values in fp64 then cast.
+template <typename T>
+void fill_sketch(T* out, int64_t s, int64_t n, int64_t so, int64_t kind, int64_t seed, double scale) {
   const uint32_t key = sketch_key(seed);
   at::parallel_for(0, s, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      double* row = p + i * n;
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t h1 = sketch_h1(key, i, j);
-        if (kind == 1) {
-          const uint32_t h2 = sketch_h2(h1);
-          const double u1 = static_cast<double>((h1 >> 8) + 1u) * 0x1p-24;
-          const double u2 = static_cast<double>(h2 >> 8) * 0x1p-24;
-          row[j] = scale * std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-        } else {
-          row[j] = scale * (1.0 - 2.0 * static_cast<double>(h1 >> 31));
+      T* row = out + i * so;
+      if (kind == 2) {   // sign bit only: branch-free and vectorisable
+        const uint32_t rk = sketch_mix32(static_cast<uint32_t>(i) + key);
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t h1 = sketch_mix32(static_cast<uint32_t>(j) ^ rk);
+          row[j] = static_cast<T>(scale * (1.0 - 2.0 * static_cast<double>(h1 >> 31)));
         }
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[j] = static_cast<T>(scale * sketch_value(key, i, j, kind));
       }
     }
   });
-  return P.to(opt.dtype());
+}
+
+Tensor generate_sketch(int64_t s, int64_t n, int64_t kind, int64_t seed, double scale,
+                       const at::TensorOptions& opt) {
+  Tensor P = at::empty({s, n}, opt);
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "fill_sketch", [&] {
+    fill_sketch<scalar_t>(P.data_ptr<scalar_t>(), s, n, n, kind, seed, scale);
+  });
+  return P;
 }
 
 // loss'(z; y), loss''(z; y) of fastattn/ops/subspace_hvp/glm.py LOSSES by code, elementwise.
@@ -126,8 +131,7 @@ std::tuple<Tensor, Tensor> subspace_hvp_glm_cpu(const Tensor& A, const Tensor& x
   TORCH_CHECK(A.device().is_cpu(), "subspace_hvp_glm_fused (CPU kernel): A must be a CPU tensor");
   const int64_t m = A.size(0), n = A.size(1);
   const Tensor Pm = (P.has_value() && P->defined()) ? *P : generate_sketch(s, n, sketch, seed, scale, A.options());
-  // [x | P^T] as one right-hand side [n, s + 1]: one GEMM per row block yields z and the B tile together.
-  const Tensor rhs = at::cat({x.unsqueeze(1), Pm.t()}, 1).contiguous();
+  const Tensor Pt = Pm.t();   // a view: BLAS reads P^T through its strides, no copy
   Tensor H = at::zeros({s, s}, A.options());
   Tensor Pg = at::zeros({s}, A.options());
   const Tensor yc = y.contiguous();
@@ -135,9 +139,9 @@ std::tuple<Tensor, Tensor> subspace_hvp_glm_cpu(const Tensor& A, const Tensor& x
     Tensor d1 = at::empty({kRows}, A.options()), d2 = at::empty({kRows}, A.options());
     for (int64_t r = 0; r < m; r += kRows) {
       const int64_t rows = std::min(kRows, m - r);
-      const Tensor zb = at::mm(A.narrow(0, r, rows), rhs);        // [rows, s + 1]: column 0 is z = A x
-      const Tensor z = zb.select(1, 0).contiguous();
-      const Tensor B = zb.narrow(1, 1, s);
+      const Tensor Ab = A.narrow(0, r, rows);
+      const Tensor B = at::mm(Ab, Pt);                             // [rows, s]: this block's tile of A P^T
+      const Tensor z = at::mv(Ab, x).contiguous();                 // margins of the block
       loss_derivatives<scalar_t>(loss, z.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>() + r,
                                  d1.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), rows,
                                  static_cast<scalar_t>(loss_scale));
@@ -157,6 +161,19 @@ std::tuple<Tensor, Tensor> subspace_hvp_glm_cpu(const Tensor& A, const Tensor& x
   return {Pg, (H + H.t()) * 0.5};
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("subspace_hvp_glm_fused", &subspace_hvp_glm_cpu); }
+Tensor& sketch_fill_cpu(Tensor& out, int64_t kind, int64_t seed, double scale) {
+  TORCH_CHECK(out.dim() == 2 && out.device().is_cpu(), "sketch_fill_: out must be a 2-D CPU tensor [s, n]");
+  TORCH_CHECK(out.stride(1) == 1 || out.size(1) <= 1, "sketch_fill_: out must have unit column stride");
+  TORCH_CHECK(kind == 1 || kind == 2, "sketch_fill_: kind must be 1 (gaussian) or 2 (rademacher), got ", kind);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sketch_fill_cpu", [&] {
+    fill_sketch<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), out.stride(0), kind, seed, scale);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("subspace_hvp_glm_fused", &subspace_hvp_glm_cpu);
+  m.impl("sketch_fill_", &sketch_fill_cpu);
+}
 
 }  // namespace fastattn

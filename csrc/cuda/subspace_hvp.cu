@@ -222,7 +222,25 @@ __global__ void __launch_bounds__(kThreads) glm_gram_kernel(const HvpGlmParams p
   }
 }
 
+__global__ void sketch_fill_kernel(float* out, int64_t s, int64_t n, int64_t so, int kind, uint32_t key,
+                                   double scale) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= s * n) return;
+  const int64_t i = e / n, j = e % n;
+  out[i * so + j] = static_cast<float>(scale * sketch_value(key, i, j, kind));
+}
+
 }  // namespace
+
+cudaError_t sketch_fill_launch(float* out, int64_t s, int64_t n, int64_t row_stride, int kind, int64_t seed,
+                               double scale, cudaStream_t stream) {
+  if (s * n == 0) return cudaSuccess;
+  const int threads = 256;
+  const int64_t blocks = (s * n + threads - 1) / threads;
+  sketch_fill_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(out, s, n, row_stride, kind,
+                                                                            sketch_key(seed), scale);
+  return cudaGetLastError();
+}
 
 size_t subspace_hvp_glm_smem_bytes(int64_t s) {
   return sizeof(float) * static_cast<size_t>(kRows * pitch_of(s) + kRows * kBK + kBK * kPsPitch + kBK + 3 * kRows);

@@ -39,5 +39,9 @@ size_t subspace_hvp_glm_smem_bytes(int64_t s);
 
 cudaError_t subspace_hvp_glm_launch(const HvpGlmParams& p, cudaStream_t stream);
 
+// out [s, n] fp32 (row stride row_stride, unit column stride) = scale * the seeded sketch of kind 1 or 2.
+cudaError_t sketch_fill_launch(float* out, int64_t s, int64_t n, int64_t row_stride, int kind, int64_t seed,
+                               double scale, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastattn

@@ -92,8 +92,23 @@ std::tuple<at::Tensor, at::Tensor> subspace_hvp_glm_cuda(const at::Tensor& A, co
   return {PG.sum(0), (H + H.t()) * 0.5};
 }
 
+at::Tensor& sketch_fill_cuda(at::Tensor& out, int64_t kind, int64_t seed, double scale) {
+  TORCH_CHECK(out.is_cuda() && out.dim() == 2, "fastattn CUDA sketch_fill_: out must be a 2-D CUDA tensor");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "fastattn CUDA sketch_fill_: out must be float32, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.stride(1) == 1 || out.size(1) <= 1, "fastattn CUDA sketch_fill_: out needs unit column stride");
+  TORCH_CHECK(kind == 1 || kind == 2, "fastattn CUDA sketch_fill_: kind must be 1 or 2, got ", kind);
+  const c10::cuda::CUDAGuard guard(out.device());
+  C10_CUDA_CHECK(sketch_fill_launch(out.data_ptr<float>(), out.size(0), out.size(1), out.stride(0),
+                                    static_cast<int>(kind), seed, scale, at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastattn
 
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("subspace_hvp_glm_fused", &fastattn::cuda::subspace_hvp_glm_cuda); }
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("subspace_hvp_glm_fused", &fastattn::cuda::subspace_hvp_glm_cuda);
+  m.impl("sketch_fill_", &fastattn::cuda::sketch_fill_cuda);
+}

@@ -3,6 +3,7 @@
 METHODS maps a name to ``run(problem, s, seed, gtol, max_iter, max_time, backend) -> OptimizeResult``:
   rshtr       RSHTR (this package) with its default options: Gaussian sketch of dimension s, entries N(0, 1/n)
   rshtr_jl    the same with entries N(0, 1/s) (sketch_scale "jl")
+  rshtr_rad   Rademacher sketch, entries +-1/sqrt(s)
   hsodm       full-space HSODM: RSHTR with P = I, Hessian formed (dense eigh up to n = 1000, else Lanczos)
   hsodm_mf    full-space HSODM with matrix-free Lanczos on F (one HVP per Lanczos step)
   rs_gd       random-subspace gradient descent: x - eta P^T P g, Armijo backtracking with step doubling
@@ -87,6 +88,13 @@ def run_rshtr_jl(problem, s, seed, gtol, max_iter, max_time, backend="auto"):
     """RSHTR with the sketch scaled to entries N(0, 1/s) (E P^T P = I): Hs keeps the scale of H."""
     r = run_rshtr(problem, s, seed, gtol, max_iter, max_time, backend, sketch_scale="jl")
     r.method = "rshtr_jl"
+    return r
+
+
+def run_rshtr_rad(problem, s, seed, gtol, max_iter, max_time, backend="auto"):
+    """RSHTR with a Rademacher sketch of entries +-1/sqrt(s): as rshtr_jl, ~10x cheaper to draw than Gaussian."""
+    r = run_rshtr(problem, s, seed, gtol, max_iter, max_time, backend, sketch="rademacher", sketch_scale="jl")
+    r.method = "rshtr_rad"
     return r
 
 
@@ -225,6 +233,7 @@ def _torchmin(method: str):
 METHODS: dict[str, Callable[..., OptimizeResult]] = {
     "rshtr": run_rshtr,
     "rshtr_jl": run_rshtr_jl,
+    "rshtr_rad": run_rshtr_rad,
     "hsodm": run_hsodm,
     "hsodm_mf": run_hsodm_mf,
     "rs_gd": run_rs_gd,
@@ -235,7 +244,8 @@ METHODS: dict[str, Callable[..., OptimizeResult]] = {
     "trust_ncg": _torchmin("trust-ncg"),
     "trust_krylov": _torchmin("trust-krylov"),
 }
-SUBSPACE_METHODS = ("rshtr", "rshtr_jl", "rs_gd", "rs_newton")   # once per (subspace dim, seed); the others are deterministic
+# run once per (subspace dim, seed); the others are deterministic and run once
+SUBSPACE_METHODS = ("rshtr", "rshtr_jl", "rshtr_rad", "rs_gd", "rs_newton")
 TORCHMIN_METHODS = ("newton_cg", "trust_ncg", "trust_krylov")
 
 

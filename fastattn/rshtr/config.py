@@ -17,8 +17,9 @@ class RSHTROptions:
     """Constants of one RSHTR run (arXiv 2406.14337, reconstructed; see shared/design/RSHTR.md).
 
     Sketch: P [s, n] drawn fresh each iteration; ``sketch`` kind, ``sketch_scale`` "unit" (P P^T ~ I: entries
-    N(0, 1/n)), "jl" (entries N(0, 1/s)) or a number; ``sketch_source`` "torch" (seeded torch RNG) or "hash" (the
-    counter hash of fastattn.ops.subspace_hvp.sketch: GLM kernels then generate P on chip). "identity" is P = I
+    N(0, 1/n)), "jl" (entries N(0, 1/s)) or a number; ``sketch_source`` "hash" (the counter hash of
+    fastattn.ops.subspace_hvp.sketch, materialised by the C++/CUDA ``sketch_fill_`` kernel; GLM kernels may generate
+    P on chip from it) or "torch" (a seeded torch RNG). "identity" is P = I
     (s = n): full-space HSODM.
     Homogenized step: F = [[Hs, gs], [gs^T, -delta]]; ``delta0`` on the first iteration, ``delta`` after; the
     leftmost eigenpair (-theta, (v, t)) by ``eig_solver`` "dense" (fp64 eigh) or "lanczos" (``lanczos_iters``
@@ -35,7 +36,7 @@ class RSHTROptions:
     """
     sketch: str = "gaussian"
     sketch_scale: str | float = "unit"
-    sketch_source: str = "torch"
+    sketch_source: str = "hash"
     delta0: float = 1e-3
     delta: float = 0.0
     nu: float = 1e-3
@@ -150,8 +151,8 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-_ALL_METHODS = ("rshtr", "rshtr_jl", "hsodm", "hsodm_mf", "rs_gd", "rs_newton", "gd", "lbfgs", "newton_cg", "trust_ncg",
-                "trust_krylov")
+_ALL_METHODS = ("rshtr", "rshtr_jl", "rshtr_rad", "hsodm", "hsodm_mf", "rs_gd", "rs_newton", "gd", "lbfgs",
+                "newton_cg", "trust_ncg", "trust_krylov")
 
 PRESETS: dict[str, dict] = {
     # seconds: every problem at toy size, the main methods

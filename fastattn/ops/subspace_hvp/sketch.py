@@ -10,7 +10,8 @@ compute identically, so a kernel may generate its P tiles instead of reading P:
     gaussian:   P_ij = scale * sqrt(-2 ln u1) * cos(2 pi u2),  u1 = ((h1 >> 8) + 1) 2^-24,  u2 = (h2 >> 8) 2^-24
     rademacher: P_ij = scale * (1 - 2 (h1 >> 31))
 
-mix32 is the "lowbias32" integer finaliser (xor-shift-multiply, constants 0x7FEB352D and 0x846CA68B).
+mix32 is the "lowbias32" integer finaliser (xor-shift-multiply, constants 0x7FEB352D and 0x846CA68B); the C++
+side lives in csrc/sketch_hash.h (the ``sketch_fill_`` op materialises P with it on CPU and CUDA).
 "orthonormal" (orthonormal rows times ``scale``) and "coordinate" (s distinct coordinates without replacement,
 times ``scale``) are drawn with a torch.Generator seeded by ``seed`` and only exist materialised.
 """
@@ -94,9 +95,21 @@ class Sketch:
         """Kernel code of a hashed kind (1 gaussian, 2 rademacher); 0 when P must be materialised."""
         return HASHED_KINDS.get(self.kind, 0)
 
-    def materialize(self, n: int, dtype: torch.dtype = torch.float32, device="cpu") -> Tensor:
-        """P [s, n] in ``dtype`` on ``device``; hashed kinds are computed in fp64 then cast."""
+    def materialize(self, n: int, dtype: torch.dtype = torch.float32, device="cpu", use_kernel: bool = True) -> Tensor:
+        """P [s, n] in ``dtype`` on ``device``; hashed kinds are computed in fp64 then cast, by the extension's
+        ``sketch_fill_`` kernel where it serves (CPU fp32/fp64, CUDA fp32) unless ``use_kernel`` is False."""
+        if self.code and use_kernel and _fill_kernel_serves(torch.device(device), dtype):
+            P = torch.empty(self.s, n, dtype=dtype, device=device)
+            return torch.ops.fastattn.sketch_fill_(P, self.code, int(self.seed) & MASK32, float(self.scale))
         return _MATERIALIZE[self.kind](self, n, device).to(dtype)
+
+
+def _fill_kernel_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    from ... import _ext
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is None or not _ext.has_kernel("sketch_fill_", key):
+        return False
+    return dtype in ((torch.float32, torch.float64) if key == "CPU" else (torch.float32,))
 
 
 def _hash1(sk: Sketch, n: int, device) -> Tensor:
