@@ -83,6 +83,22 @@ def test_glm_kernels_read_strided_A_and_P(backend):
     _check(got, ref, torch.float32, backend)
 
 
+def test_triton_tuning_configs_give_the_same_numbers():
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    from fastattn.ops.subspace_hvp import triton as tri
+    glm64, x64 = make_glm(70, 45, "sigmoid_mse", "nonconvex")
+    sk = make_sketch("gaussian", 20, 45, seed=3)
+    ref = explicit(glm64, x64, sk.materialize(45, F64))
+    glm, x = glm64.to(torch.float32), x64.float()
+    try:
+        for cfg in ({"BM": 16, "BK": 16, "zpre": True}, {"BM": 32, "BK": 64, "warps": 4, "stages": 2}):
+            tri.CONFIG_OVERRIDE = cfg
+            _check(fastattn.subspace_hvp(glm, x, sk, backend="triton"), ref, torch.float32, str(cfg))
+    finally:
+        tri.CONFIG_OVERRIDE = {}
+
+
 def test_regulariser_only_and_every_registry_entry_against_autograd():
     x = torch.randn(11, dtype=F64)
     for name, r in REGULARISERS.items():

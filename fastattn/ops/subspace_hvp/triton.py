@@ -30,6 +30,8 @@ BK = 32
 MAX_BS = 128
 INPUT_PRECISION = "tf32x3"     # fp32 accuracy on tensor cores; "ieee" (CUDA cores) or "tf32" (fast, ~1e-3)
 STAGES = (3, 2, 1)             # software-pipelining depths tried in order (fewer when shared memory runs out)
+# Tuning hook (bench/subspace_hvp.py --sweep): any of BM, BK, warps, stages, zpre (margins by a separate GEMV).
+CONFIG_OVERRIDE: dict = {}
 
 
 def supports(A: Tensor, x: Tensor, *rest: Tensor) -> tuple[bool, str]:
@@ -83,7 +85,10 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     BS = _tile(s)
     NT = triton.cdiv(s, BS)
     sms = _num_sms(dev)
-    BM = _block_rows(m, sms)
+    cfg = CONFIG_OVERRIDE
+    BM = cfg.get("BM", _block_rows(m, sms))
+    bk = cfg.get("BK", BK)
+    zpre = bool(cfg.get("zpre", False))
     RA = triton.cdiv(m, BM)
     R = RA + (triton.cdiv(n, BM) if reg != 0 and lam != 0.0 else 0)
     G = max(1, min(R, sms))
@@ -92,19 +97,22 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
     Pt = P if P is not None else GP
     sPs, sPn = (P.stride(0), P.stride(1)) if P is not None else (0, 0)
-    args = (A, x, y, Pt, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam), float(loss_scale),
-            A.stride(0), A.stride(1), sPs, sPn)
-    meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=BK, BS=BS, PREC=INPUT_PRECISION,
-                num_warps=8 if BS >= 128 else 4)
+    z = A @ x if zpre else PG
+    args = (A, x, y, z, Pt, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
+            float(loss_scale), A.stride(0), A.stride(1), sPs, sPn)
+    meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS, PREC=INPUT_PRECISION,
+                ZPRE=zpre, num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
     grid = (G, pairs.shape[0])
-    key = (BS, BM, NT > 1, loss, reg, sketch)
-    for stages in STAGES[STAGES.index(_stage_choice.get(key, STAGES[0])):]:
+    key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION)
+    stage_list = (cfg["stages"],) if "stages" in cfg else STAGES
+    start = _stage_choice.get(key, stage_list[0])
+    for stages in stage_list[stage_list.index(start):]:
         try:
             _k.glm_gram_kernel[grid](*args, **meta, num_stages=stages)
             _stage_choice[key] = stages
             break
         except triton.runtime.errors.OutOfResources:
-            if stages == STAGES[-1]:
+            if stages == stage_list[-1]:
                 raise
     H = GP.sum(0)
     blk = torch.arange(s, device=dev) // BS

@@ -6,7 +6,7 @@ One program owns a partial slot (GP [G, s, s], PG [G, s]) and walks the blocks r
 and adds B^T diag(w) B and B^T loss' (reg') for the column tiles (ta, tb) of its pair into its slot. The B tiles
 stay in registers: A P^T is never written to memory. P tiles are loaded, or generated from the seed key with the
 hash of sketch.py (GEN = 1 gaussian, 2 rademacher). Dots accumulate in fp32 at PREC ("tf32x3" keeps fp32
-accuracy on tensor cores).
+accuracy on tensor cores). ZPRE: the margins z = A x come precomputed in Z instead of from the k-loop.
 """
 import triton
 import triton.language as tl
@@ -86,10 +86,10 @@ def _rmw(ptr, val, mask):
 
 
 @triton.jit
-def glm_gram_kernel(A, X, Y, P, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
+def glm_gram_kernel(A, X, Y, Z, P, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
                     sAm, sAn, sPs, sPn,
                     LOSS: tl.constexpr, REG: tl.constexpr, GEN: tl.constexpr, HAS_B: tl.constexpr,
-                    BM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
+                    BM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr):
     pid = tl.program_id(0)
     pp = tl.program_id(1)
     G = tl.num_programs(0)
@@ -115,11 +115,14 @@ def glm_gram_kernel(A, X, Y, P, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, 
                 mk = ks < n
                 a = tl.load(A + rows[:, None].to(tl.int64) * sAm + ks[None, :] * sAn,
                             mask=mr[:, None] & mk[None, :], other=0.0)
-                z += tl.sum(a * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
+                if not ZPRE:
+                    z += tl.sum(a * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
                 Ba = tl.dot(a, _p_tile(P, ks, ca, mk, ma, sPs, sPn, key, scale, GEN), Ba, input_precision=PREC)
                 if HAS_B:
                     Bb = tl.dot(a, _p_tile(P, ks, cb, mk, mb, sPs, sPn, key, scale, GEN), Bb,
                                 input_precision=PREC)
+            if ZPRE:
+                z = tl.load(Z + rows, mask=mr, other=0.0)
             d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
             d1 = tl.where(mr, d1 * loss_scale, 0.0)
             d2 = tl.where(mr, d2 * loss_scale, 0.0)
