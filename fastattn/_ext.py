@@ -6,6 +6,7 @@ Loading registers the ``torch.ops.fastattn.*`` operators; it initialises no CUDA
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from types import ModuleType
@@ -43,6 +44,7 @@ def load_error() -> str | None:
     return _error
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel of ``op_name`` ("linear_attn_fwd" or "fastattn::linear_attn_fwd")
     for ``dispatch_key`` ("CPU", "CUDA")."""

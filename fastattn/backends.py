@@ -5,8 +5,9 @@ extension). Each op lives in ``fastattn/ops/<op>/`` with one module per backend 
 and ``supports(*tensors) -> (ok, reason)``, the per-call verifier.
 
 "auto" (or the env var FASTATTN_BACKEND) picks, for CUDA tensors, cuda -> triton -> torch and, for CPU
-tensors, cpu -> torch; a rejection is logged once with its reason. An explicitly requested backend that cannot
-serve a call raises (never a silent fallback).
+tensors, cpu -> torch, unless the op's package defines ``auto_order(*tensors)`` with a measured preference
+(linear_attn: triton first for sequences, cuda first for decode steps); a rejection is logged once with its
+reason. An explicitly requested backend that cannot serve a call raises (never a silent fallback).
 """
 from __future__ import annotations
 
@@ -97,6 +98,18 @@ def _check(op: str, name: str, tensors) -> tuple[bool, str]:
     return _module(op, name).supports(*tensors)
 
 
+@functools.lru_cache(maxsize=None)
+def _op_preference(op: str):
+    return getattr(importlib.import_module(f"fastattn.ops.{op}"), "auto_order", None)
+
+
+def _auto_order(op: str, tensors) -> tuple[str, ...]:
+    """The backends "auto" tries, in order: the op package's ``auto_order(*tensors)`` where it defines a measured
+    preference for the call, else AUTO_ORDER of the tensors' device type."""
+    prefer = _op_preference(op)
+    return (prefer is not None and prefer(*tensors)) or AUTO_ORDER.get(tensors[0].device.type, ("torch",))
+
+
 def resolve(op: str, backend: str, *tensors) -> str:
     """The backend name that serves this call of ``op`` on ``tensors`` (the op's verifier arguments)."""
     backend = requested(backend)
@@ -105,8 +118,7 @@ def resolve(op: str, backend: str, *tensors) -> str:
         if not ok:
             raise RuntimeError(f"fastattn: backend {backend!r} cannot run {op} here: {why}")
         return backend
-    order = AUTO_ORDER.get(tensors[0].device.type, ("torch",))
-    for name in order:
+    for name in _auto_order(op, tensors):
         ok, why = _check(op, name, tensors)
         if ok:
             return name
