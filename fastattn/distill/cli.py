@@ -1,4 +1,7 @@
-"""`fastattn distill`: preset < --config file.yaml < command-line flags; writes the run directory."""
+"""`fastattn distill`: preset < --config file.yaml < command-line flags; writes the run directory.
+
+Runs unchanged under ``torchrun --nproc_per_node=N -m fastattn.cli distill ...``: rank 0 writes every file and
+prints; batch_size is the global batch (a multiple of N)."""
 from __future__ import annotations
 
 import json
@@ -21,15 +24,20 @@ def resolve(args) -> DistillConfig:
 
 
 def main(args) -> int:
+    from .. import distributed
     cfg = resolve(args)
+    distributed.init()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = "fastattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "fastattn distill"
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (out / "command.txt").write_text(command + "\n")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        (out / "command.txt").write_text(command + "\n")
     from .report import write_report
     from .run import run
     metrics = run(cfg)
+    if not distributed.is_main():
+        return 0
     path = write_report(metrics, out, command)
     print(f"report: {path}")
     for rule, row in metrics["summary"].items():

@@ -1,5 +1,10 @@
 """The distillation experiment: DoF of the teacher, allocations at one budget, layerwise training per
-(rule, seed), evaluation, and the report. Every (rule, seed) run is saved as it finishes, so a rerun resumes."""
+(rule, seed), evaluation, and the report. Every (rule, seed) run is saved as it finishes, so a rerun resumes.
+
+Under ``torchrun --nproc_per_node=N`` (see fastattn.distributed) every rank loads the teacher; rank 0 measures the
+DoF and broadcasts it (so every rank allocates the same dims); each rank captures the teacher on its part of every
+global batch of cfg.batch_size sequences (which must be a multiple of N) and training averages gradients over
+ranks; evaluation, logs and files are rank 0's, and every rank returns rank 0's metrics."""
 from __future__ import annotations
 
 import json
@@ -9,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import dof
+from .. import distributed, dof
 from ..hf import adapters, attention_modules, head_counts, linearize, save_linearized, softmax_attention
 from . import data
 from .capture import capture_batch, sample_qk
@@ -26,8 +31,8 @@ ALLOCATION_RULES = {  # our rule names -> fastattn.dof.allocate_feature_dims arg
 
 
 def resolve_device(cfg: DistillConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    """cfg.device "auto" -> cuda:LOCAL_RANK if available else cpu ("cuda" means this rank's GPU too)."""
+    device = distributed.default_device() if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" else names[cfg.dtype]
     return device, dtype
@@ -76,12 +81,17 @@ def _throughput(model, tok, cfg: DistillConfig, device) -> dict:
 
 
 def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
+    distributed.init()
+    main = distributed.is_main()
+    progress, log = progress and main, log if main else (lambda *args, **kwargs: None)
     out = Path(cfg.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if main:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(cfg)
     from .. import models
     t0 = time.time()
-    model, tok = models.load(cfg.model, dtype=dtype, device=device)
+    with distributed.main_first():   # rank 0 fills the model cache, the others read it
+        model, tok = models.load(cfg.model, dtype=dtype, device=device)
     if not hasattr(model, "generate") or not getattr(attention_modules(model)[0], "is_causal", True):
         raise ValueError(f"fastattn distill trains causal LMs; {cfg.model!r} is an encoder")
     for p in model.parameters():
@@ -89,12 +99,14 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
     heads, kv_heads, head_dim = head_counts(model)
     S = len(attention_modules(model))
     log(f"loaded {cfg.model} ({S} layers, {heads} heads, {kv_heads} kv heads, head dim {head_dim}) on {device} "
-        f"{dtype} in {time.time() - t0:.1f}s")
+        f"{dtype} in {time.time() - t0:.1f}s" + (f" on each of {distributed.world_size()} processes"
+                                                 if distributed.world_size() > 1 else ""))
 
     calib_ids = data.sequences(tok, "calib", cfg.context, cfg.calib_sequences).to(device)
     train_ids = data.sequences(tok, "train", cfg.context, cfg.train_sequences).to(device)
     held_ids = data.sequences(tok, "heldout", cfg.context, cfg.eval_sequences).to(device)
     metrics = {"config": cfg.to_dict(), "device": str(device), "dtype": str(dtype), "provenance": data.provenance(),
+               "world_size": distributed.world_size(),
                "model": {"name": cfg.model, "layers": S, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim},
                "tokens": {"calib": calib_ids.numel(), "train": train_ids.numel() * cfg.epochs,
                           "heldout": held_ids.numel()}}
@@ -102,22 +114,26 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
     # ---- teacher: DoF, allocations, held-out loss, captured q/k for training ----
     with softmax_attention(model):
         t0 = time.time()
-        metrics["dof"] = teacher_dof(model, _batches(calib_ids, cfg.batch_size), cfg)
+        # one DoF for all ranks: rank 0's, broadcast (the allocations follow from it deterministically)
+        metrics["dof"] = distributed.broadcast_object(
+            teacher_dof(model, _batches(calib_ids, cfg.batch_size), cfg) if main else None)
         log(f"DoF per layer (lambda={cfg.lam:g}): {[round(x, 1) for x in metrics['dof']['per_layer']]} "
             f"({time.time() - t0:.1f}s)")
         metrics["allocations"] = allocations(metrics["dof"]["per_layer"], cfg, head_dim)
         for rule, dims in metrics["allocations"].items():
             log(f"  {rule:>9}: {dims} (total {sum(dims)})")
-        metrics["teacher"] = {"heldout": heldout_loss(model, held_ids, cfg.batch_size)}
-        log(f"teacher held-out loss {metrics['teacher']['heldout']['loss']:.4f}")
-        if cfg.throughput:
-            metrics["teacher"]["throughput"] = _throughput(model, tok, cfg, device)
-        metrics["teacher"]["text"] = generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)
+        if main:
+            metrics["teacher"] = {"heldout": heldout_loss(model, held_ids, cfg.batch_size)}
+            log(f"teacher held-out loss {metrics['teacher']['heldout']['loss']:.4f}")
+            if cfg.throughput:
+                metrics["teacher"]["throughput"] = _throughput(model, tok, cfg, device)
+            metrics["teacher"]["text"] = generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)
+            held_capture = capture_batch(model, held_ids[:cfg.batch_size])
         keep_vo = cfg.loss == "output_mse"
-        teacher_batches = [capture_batch(model, ids, keep_vo) for ids in _batches(train_ids, cfg.batch_size)] \
-            if cfg.loss != "direct" else []
+        teacher_batches = [capture_batch(model, ids[distributed.shard(len(ids), f"a batch of {len(ids)} training "
+                                                                                 f"sequences")], keep_vo)
+                           for ids in _batches(train_ids, cfg.batch_size)] if cfg.loss != "direct" else []
         calib_capture = capture_batch(model, calib_ids[:cfg.batch_size])
-        held_capture = capture_batch(model, held_ids[:cfg.batch_size])
 
     # ---- students: one per (rule, seed) ----
     metrics["runs"] = {}
@@ -126,46 +142,57 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
             key = f"{rule}_s{seed}"
             run_dir = out / "runs" / key
             done = run_dir / "metrics.json"
+            distributed.barrier()   # rank 0 has written the previous run's files
             if cfg.resume and done.exists():
                 metrics["runs"][key] = json.loads(done.read_text())
                 log(f"{key}: resumed from {done}")
                 continue
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()
             torch.manual_seed(seed)
             linearize(model, dims, feature_map=cfg.feature_map, softmax_layers=cfg.softmax_layers, seed=1000 * seed)
             t0 = time.time()
             if cfg.loss == "direct":
                 steps = cfg.epochs * -(-train_ids.shape[0] // cfg.batch_size)
-                history = train_direct(model, train_ids, cfg, steps, progress=progress)
+                history = train_direct(model, train_ids, cfg, steps, progress=progress, ckpt=run_dir / "ckpt.pt")
             else:
                 history = train_layerwise(model, teacher_batches, cfg, ckpt=run_dir / "ckpt.pt", progress=progress,
                                           seed=seed)
             calibrate_key_shifts(model, calib_capture)
+            distributed.broadcast_tensors(t for a in adapters(model).values() for t in a.state_dict().values())
             result = {"rule": rule, "seed": seed, "dims": dims, "train_seconds": time.time() - t0,
-                      "history": history, "heldout": heldout_loss(model, held_ids, cfg.batch_size),
-                      "kl_per_layer": attention_kl(model, held_capture)}
+                      "history": history}
+            if main:
+                result.update(heldout=heldout_loss(model, held_ids, cfg.batch_size),
+                              kl_per_layer=attention_kl(model, held_capture))
             if cfg.stage2 == "finetune" and cfg.stage2_steps:
                 result["stage2_history"] = train_direct(model, train_ids, cfg, cfg.stage2_steps,
                                                         lr_scale=cfg.stage2_lr / cfg.lr_z, progress=progress,
-                                                        desc="stage 2")
-                result["stage2_heldout"] = heldout_loss(model, held_ids, cfg.batch_size)
+                                                        desc="stage 2", ckpt=run_dir / "stage2.pt")
+                if main:
+                    result["stage2_heldout"] = heldout_loss(model, held_ids, cfg.batch_size)
+            if not main:
+                continue
             save_linearized(model, run_dir / "adapters")
             done.write_text(json.dumps(result, indent=1))
-            (run_dir / "ckpt.pt").unlink(missing_ok=True)
+            for name in ("ckpt.pt", "stage2.pt"):
+                (run_dir / name).unlink(missing_ok=True)
             metrics["runs"][key] = result
             log(f"{key}: held-out loss {result['heldout']['loss']:.4f} (teacher "
                 f"{metrics['teacher']['heldout']['loss']:.4f}), mean KL {_mean(result['kl_per_layer']):.4f}, "
                 f"{result['train_seconds']:.0f}s")
 
     # ---- the student of the first DoF-sized rule: text and throughput ----
-    show = "dof" if "dof" in metrics["allocations"] else next(iter(metrics["allocations"]))
-    from ..hf import load_linearized
-    load_linearized(model, out / "runs" / f"{show}_s{cfg.seeds[0]}" / "adapters")
-    metrics["student"] = {"rule": show, "text": generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)}
-    if cfg.throughput:
-        metrics["student"]["throughput"] = _throughput(model, tok, cfg, device)
-    metrics["summary"] = summarize(metrics)
-    return metrics
+    if main:
+        show = "dof" if "dof" in metrics["allocations"] else next(iter(metrics["allocations"]))
+        from ..hf import load_linearized
+        load_linearized(model, out / "runs" / f"{show}_s{cfg.seeds[0]}" / "adapters")
+        metrics["student"] = {"rule": show, "text": generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)}
+        if cfg.throughput:
+            metrics["student"]["throughput"] = _throughput(model, tok, cfg, device)
+        metrics["summary"] = summarize(metrics)
+    return distributed.broadcast_object(metrics if main else None)
 
 
 def _mean(xs) -> float:

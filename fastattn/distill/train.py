@@ -1,5 +1,11 @@
 """Layerwise training of the feature maps on cached teacher q/k (one teacher forward feeds all layers), the
-"direct" next-token objective, and the optional end-to-end second stage."""
+"direct" next-token objective, and the optional end-to-end second stage.
+
+Under torchrun (``fastattn.distributed``) every rank holds the whole model and the same feature maps; each step's
+global batch is split over the ranks, gradients are averaged over ranks after backward (the feature maps are tiny:
+one flat all-reduce per step), losses in the history are global means, and rank 0 writes the checkpoints. The
+checkpoint holds global state only (step, feature maps, optimizer, history), so a run resumes with any number of
+processes."""
 from __future__ import annotations
 
 import math
@@ -8,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed
 from ..hf import adapters
 from .losses import LOSSES
 
@@ -27,9 +34,21 @@ def _scaling(model) -> float:
     return head_counts(model)[2] ** -0.5
 
 
+def feature_parameters(model) -> list[nn.Parameter]:
+    """The trainable feature-map parameters of every linearized layer, in layer order."""
+    return [p for a in adapters(model).values() for p in a.feature_map.parameters()]
+
+
 def _checkpoint(path: Path | None, step: int, model, opt, history) -> None:
+    """Rank 0 writes (atomically) the global training state; every rank waits until it is on disk."""
     if path is None:
         return
+    if distributed.is_main():
+        _write_checkpoint(path, step, model, opt, history)
+    distributed.barrier()
+
+
+def _write_checkpoint(path: Path, step: int, model, opt, history) -> None:
     state = {"step": step, "adapters": {i: a.state_dict() for i, a in adapters(model).items()},
              "optimizer": opt.state_dict(), "history": history}
     tmp = path.with_suffix(".tmp")
@@ -60,7 +79,12 @@ def train_layerwise(model, teacher_batches: list[list[dict]], cfg, ckpt: Path | 
                     progress: bool = True, seed: int = 0) -> list[dict]:
     """Train every layer's feature map on its own teacher q/k; returns the per-step history
     [{"step", "loss" (mean over layers), "per_layer": [...]}]. cfg.loss_rows > 0 evaluates each step's loss on
-    that many sampled query rows per sequence (see losses.py)."""
+    that many sampled query rows per sequence (see losses.py).
+
+    teacher_batches: per step, this rank's equal part of the global batch (the whole batch for one process);
+    per-layer captures as from capture.capture_batch. Gradients and logged losses are averaged over ranks, so
+    N ranks with B / N sequences each train exactly as one process with B. ckpt: written by rank 0 every
+    cfg.ckpt_every steps and at the end; restored (with any number of processes) when it exists."""
     from tqdm.auto import tqdm
     loss_fn = LOSSES[cfg.loss]
     ads = adapters(model)
@@ -80,12 +104,13 @@ def train_layerwise(model, teacher_batches: list[list[dict]], cfg, ckpt: Path | 
             loss, _ = loss_fn(adapter, batch[i], scaling, causal, rows)
             loss.backward()                    # layers share no parameters: one backward each bounds memory
             losses.append(loss.detach())
-        per_layer = torch.stack(losses).tolist()   # one host sync per step
+        distributed.average_gradients(feature_parameters(model))
+        per_layer = distributed.all_reduce(torch.stack(losses)).tolist()   # one host sync per step
         opt.step()
         history.append({"step": step + 1, "loss": sum(per_layer) / len(per_layer), "per_layer": per_layer})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+        if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == total):
             _checkpoint(ckpt, step + 1, model, opt, history)
     bar.close()
     return history
@@ -98,27 +123,35 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: float = 1.0,
-                 progress: bool = True, desc: str = "direct") -> list[dict]:
+                 progress: bool = True, desc: str = "direct", ckpt: Path | None = None) -> list[dict]:
     """End-to-end next-token training of the feature maps only (base weights frozen): the "direct" loss and
-    the second stage."""
+    the second stage. train_ids [N, T]: the whole training set on every rank; step s uses the global batch of
+    rows s*B .. (s+1)*B - 1 (mod N), B = cfg.batch_size, of which each rank takes its contiguous B / world rows;
+    gradients and the logged loss are averaged over ranks. ckpt: as in train_layerwise."""
     from tqdm.auto import tqdm
     frozen = [p for p in model.parameters() if p.requires_grad]
     feature = {id(p) for a in adapters(model).values() for p in a.parameters()}
     for p in frozen:
         p.requires_grad_(id(p) in feature)
     opt = optimizer(model, cfg, lr_scale)
-    history = []
+    start, history = _restore(ckpt, model, opt)
     n = train_ids.shape[0]
+    mine = distributed.shard(cfg.batch_size, f"batch_size={cfg.batch_size}")
+    params = feature_parameters(model)
     try:
-        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-            idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n
+        for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress,
+                         leave=False):
+            idx = (torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n)[mine]
             opt.zero_grad(set_to_none=True)
             loss = lm_loss(model, train_ids[idx])
             loss.backward()
+            distributed.average_gradients(params)
             opt.step()
-            history.append({"step": step + 1, "loss": loss.item()})
+            history.append({"step": step + 1, "loss": distributed.all_reduce(loss.detach()).item()})
             if not math.isfinite(history[-1]["loss"]):
                 raise FloatingPointError(f"{desc} loss became {history[-1]['loss']} at step {step + 1}")
+            if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
+                _checkpoint(ckpt, step + 1, model, opt, history)
     finally:
         for p in frozen:
             p.requires_grad_(True)
