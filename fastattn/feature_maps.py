@@ -61,7 +61,7 @@ def _positive_int(what: str, value) -> int:
 
 def _project(x: Tensor, weight: Tensor) -> Tensor:
     """Per-head projection: x [B, H, T, d], weight [H, d, F] -> [B, H, T, F] (fp32)."""
-    return torch.einsum("bhtd,hdf->bhtf", x, weight.float())
+    return x @ weight.float()   # [B, H, T, d] @ [H, d, F] broadcasts over B (cheaper to dispatch than einsum)
 
 
 def _init_projection(num_heads: int, head_dim: int, out_dim: int, identity: bool,
@@ -187,7 +187,7 @@ class _PositiveRandomFeatures(FeatureMap):
 
     def _log_features(self, x: Tensor) -> Tensor:
         d = self.head_dim
-        proj = torch.einsum("bhtd,hmd->bhtm", x, self._projections().float()) * d ** -0.25
+        proj = (x @ self._projections().float().transpose(-1, -2)) * d ** -0.25   # [B, H, T, M]
         half_sq_norm = x.square().sum(-1, keepdim=True) * (0.5 * d ** -0.5)
         return proj - half_sq_norm + self._log_scale().float()[:, None, :]
 
