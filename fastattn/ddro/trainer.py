@@ -11,9 +11,18 @@
   big balanced batch under any world size;
 - metrics (loss metrics of ``losses.py``, grad norm, lr, tokens/s) as JSONL; checkpoints (model, optimizer,
   step) every ``save_steps``, resumed when ``resume`` is set; runs unchanged under ``torchrun`` (DDP).
+
+Under ``torchrun --nproc_per_node=N`` (``fastattn.distributed``): the policy is wrapped in DDP (gradients averaged
+over ranks; accumulation micro-batches skip the all-reduce but the last); the global batch of a step is
+``per_device_train_batch_size * N * gradient_accumulation_steps`` units in one seeded order shared by all ranks;
+the reference log-probs are computed on a strided share of the rows per rank and all-reduced; logged metrics are
+global (sums or means over ranks); rank 0 writes the cache, metrics and checkpoints. A checkpoint resumes with any
+number of processes that gives the same global batch. KTO and BCO take their reference point (z0, delta) from
+each micro-batch, as in TRL, so their results depend on the micro-batch size; DDRO, RDRO and DPO do not.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -25,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import seq_logps
+from .. import distributed, seq_logps
 from . import losses
 from .config import DDROConfig, from_trl
 from .data import Row, collate, tokenize
@@ -99,22 +108,10 @@ def fingerprint(rows: list[Row], extra: str = "") -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------ distributed
-def _dist():
-    """(rank, world size), initialising the process group when launched by torchrun."""
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(cfg: DDROConfig, rank: int = 0) -> tuple[torch.device, torch.dtype]:
-    if cfg.device == "auto":
-        dev = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(cfg.device)
+# ------------------------------------------------------------------------------------------------ device
+def resolve_device(cfg: DDROConfig) -> tuple[torch.device, torch.dtype]:
+    """cfg.device "auto" -> cuda:LOCAL_RANK if available else cpu ("cuda" means this rank's GPU too)."""
+    dev = distributed.default_device() if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if cfg.dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -145,8 +142,8 @@ class DDROTrainer:
 
     def __init__(self, model: nn.Module, tokenizer, train_dataset, config=None, ref_model: nn.Module | None = None):
         self.cfg = _as_config(config)
-        self.rank, self.world = _dist()
-        self.device, self.dtype = resolve_device(self.cfg, self.rank)
+        self.rank, self.world = distributed.init()
+        self.device, self.dtype = resolve_device(self.cfg)
         self.tokenizer = tokenizer
         self.rows = tokenize(train_dataset, tokenizer, self.cfg.max_prompt_length, self.cfg.max_length)
         self.paired = all(r.pair >= 0 for r in self.rows)
@@ -170,12 +167,17 @@ class DDROTrainer:
 
     # ---- reference log-probs, once ------------------------------------------------------------------------
     def _reference_logps(self, ref_model: nn.Module | None) -> Tensor:
+        """[len(rows)] fp32 reference log-probs: rank 0's cache when its fingerprint matches (broadcast, so every
+        rank takes the same branch), else computed on a strided share of the rows per rank and all-reduced."""
         key = fingerprint(self.rows, f"{self.cfg.max_length}/{self.cfg.max_prompt_length}")
         path = self.out / "ref_logps.pt"
-        if path.exists():
+        cached = None
+        if self.rank == 0 and path.exists():
             saved = torch.load(path, weights_only=True)
-            if saved.get("fingerprint") == key:
-                return saved["ref_logps"]
+            cached = saved["ref_logps"] if saved.get("fingerprint") == key else None
+        cached = distributed.broadcast_object(cached)
+        if cached is not None:
+            return cached
         ref = ref_model.to(self.device, self.dtype) if ref_model is not None else self.model
         was_training = ref.training
         ref.eval()
@@ -184,14 +186,11 @@ class DDROTrainer:
                              self.pad_id, self.device, self.cfg.per_device_train_batch_size)
         full = torch.zeros(len(self.rows), dtype=torch.float32)
         full[mine] = values
-        if self.world > 1:
-            import torch.distributed as dist
-            full = full.to(self.device)
-            dist.all_reduce(full)
-            full = full.cpu()
+        full = distributed.all_reduce(full, "sum")   # one nonzero term per row: exact
         ref.train(was_training)
         if self.rank == 0:
-            torch.save({"fingerprint": key, "ref_logps": full}, path)
+            torch.save({"fingerprint": key, "ref_logps": full}, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
         return full
 
     # ---- sample order -------------------------------------------------------------------------------------
@@ -204,8 +203,12 @@ class DDROTrainer:
             return list(by_pair.values())   # [chosen, rejected]: tokenize() appends them in that order
         return [[i] for i in range(len(self.rows))]
 
+    def global_batch(self) -> int:
+        """Units (rows, or pairs for DPO) per optimizer step over all processes and accumulation steps."""
+        return self.cfg.per_device_train_batch_size * self.world * self.cfg.gradient_accumulation_steps
+
     def total_steps(self) -> int:
-        per_step = self.cfg.per_device_train_batch_size * self.world * self.cfg.gradient_accumulation_steps
+        per_step = self.global_batch()
         if self.cfg.max_steps > 0:
             return self.cfg.max_steps
         return max(1, math.ceil(self.cfg.num_train_epochs * len(self._units()) / per_step))
@@ -213,7 +216,7 @@ class DDROTrainer:
     def _order(self, steps: int) -> list[list[int]]:
         """Units in sample order, epoch after epoch (one seeded permutation each): the same on every rank."""
         units = self._units()
-        need = steps * self.cfg.per_device_train_batch_size * self.world * self.cfg.gradient_accumulation_steps
+        need = steps * self.global_batch()
         order, epoch = [], 0
         while len(order) < need:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -223,18 +226,25 @@ class DDROTrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _save(self, step: int, opt) -> None:
-        if self.rank != 0:
-            return
-        tmp = self.out / "checkpoint.pt.tmp"
-        torch.save({"step": step, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
-                    "config": self.cfg.to_dict()}, tmp)
-        os.replace(tmp, self.out / "checkpoint.pt")
+        """Rank 0 writes the checkpoint atomically; every rank waits until it is on disk."""
+        if self.rank == 0:
+            tmp = self.out / "checkpoint.pt.tmp"
+            torch.save({"step": step, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
+                        "config": self.cfg.to_dict(), "global_batch": self.global_batch()}, tmp)
+            os.replace(tmp, self.out / "checkpoint.pt")
+        distributed.barrier()
 
     def _restore(self, opt) -> int:
         path = self.out / "checkpoint.pt"
         if not (self.cfg.resume and path.exists()):
             return 0
         ck = torch.load(path, map_location=self.device, weights_only=False)
+        saved = ck.get("global_batch", self.global_batch())
+        if saved != self.global_batch():
+            raise ValueError(f"{path} was written with a global batch of {saved} units per step, this run has "
+                             f"{self.global_batch()} (per_device_train_batch_size {self.cfg.per_device_train_batch_size}"
+                             f" x {self.world} processes x {self.cfg.gradient_accumulation_steps} accumulation "
+                             f"steps): choose them so the product is {saved} to resume")
         self.model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         return int(ck["step"])
@@ -265,11 +275,12 @@ class DDROTrainer:
         if self.rank == 0 and metrics_path.exists():   # keep the records up to the restored step
             history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        history = distributed.broadcast_object(history)
         bs, acc = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
         self.model.train()
         t0, tokens = time.perf_counter(), 0
         for step in range(start, steps):
-            glob = order[step * bs * self.world * acc:(step + 1) * bs * self.world * acc]
+            glob = order[step * self.global_batch():(step + 1) * self.global_batch()]
             glob_rows = [i for u in glob for i in u]
             weights = dict(zip(glob_rows, self._row_weights(self.labels[glob_rows]).tolist())) if per_row else None
             stats: list[dict] = []
@@ -288,21 +299,28 @@ class DDROTrainer:
                     loss = (out * torch.tensor([weights[i] for i in idx], device=self.device)).sum() * self.world
                 else:
                     loss = out / acc
-                loss.backward()
+                # DDP all-reduces the gradients at the last micro-batch's backward only
+                sync = a == acc - 1 or not hasattr(module, "no_sync")
+                with contextlib.nullcontext() if sync else module.no_sync():
+                    loss.backward()
                 loss_sum += loss.item() / (self.world if per_row else 1)
                 stats.append(m)
+            # global metrics: this rank's share of the weighted loss (sum over ranks) or its mean (mean over ranks)
+            loss_sum = float(distributed.all_reduce(torch.tensor(loss_sum), "sum" if per_row else "mean"))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             opt.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
-            if self.rank == 0 and (done % cfg.logging_steps == 0 or done == steps):
-                rec = {"step": done, "epoch": done * bs * self.world * acc / len(self._units()), "loss": loss_sum,
+            logged = done % cfg.logging_steps == 0 or done == steps
+            if logged:   # every rank takes part in the all-reduces; rank 0 writes
+                rec = {"step": done, "epoch": done * self.global_batch() / len(self._units()), "loss": loss_sum,
                        "grad_norm": float(grad_norm), "lr": cfg.learning_rate,
-                       "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)}
-                keys = {k for s in stats for k in s}
-                rec.update({k: _nanmean([s.get(k, math.nan) for s in stats]) for k in sorted(keys)})
+                       "tokens_per_s": float(distributed.all_reduce(torch.tensor(float(tokens)), "sum"))
+                       / max(time.perf_counter() - t0, 1e-9)}
+                rec.update(_global_nanmean(stats))
                 history.append(rec)
+            if logged and self.rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 log(f"step {done}/{steps} loss {loss_sum:.4f} grad_norm {float(grad_norm):.3f}")
@@ -311,6 +329,12 @@ class DDROTrainer:
         return history
 
 
-def _nanmean(xs: list[float]) -> float:
-    good = [x for x in xs if not math.isnan(x)]
-    return sum(good) / len(good) if good else math.nan
+def _global_nanmean(stats: list[dict]) -> dict[str, float]:
+    """Per metric key: the mean over every rank's micro-batches of the values that are not NaN (NaN if none)."""
+    keys = sorted({k for s in stats for k in s})
+    values = torch.tensor([[float(s.get(k, math.nan)) for k in keys] for s in stats],
+                          dtype=torch.float64).reshape(len(stats), len(keys))
+    good = ~values.isnan()
+    sums = distributed.all_reduce(values.nan_to_num().sum(0), "sum")
+    counts = distributed.all_reduce(good.sum(0).double(), "sum")
+    return {k: float(s / c) if c else math.nan for k, s, c in zip(keys, sums.tolist(), counts.tolist())}
