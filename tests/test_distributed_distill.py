@@ -114,12 +114,10 @@ def test_two_processes_train_as_one_and_resume_in_one(tiny_model_dir, tmp_path, 
         assert not (tmp_path / out / "runs" / KEY / "ckpt.pt").exists()   # removed once the run is saved
 
 
-def test_shard_splits_evenly_or_says_why():
-    assert distributed.shard(6) == slice(0, 6) and distributed.world_size() == 1
+def test_one_process_without_torchrun_and_clear_errors(monkeypatch):
     assert distributed.init() == (0, 1)          # no torchrun: one process, no process group
+    assert distributed.shard(6) == slice(0, 6) and distributed.is_main()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
-        monkeypatch = pytest.MonkeyPatch()
-        with monkeypatch.context() as m:
-            m.setenv("WORLD_SIZE", "2")
-            m.delenv("MASTER_ADDR", raising=False)
-            distributed.init()
+        distributed.init()

@@ -241,10 +241,11 @@ class DDROTrainer:
         ck = torch.load(path, map_location=self.device, weights_only=False)
         saved = ck.get("global_batch", self.global_batch())
         if saved != self.global_batch():
+            cfg = self.cfg
             raise ValueError(f"{path} was written with a global batch of {saved} units per step, this run has "
-                             f"{self.global_batch()} (per_device_train_batch_size {self.cfg.per_device_train_batch_size}"
-                             f" x {self.world} processes x {self.cfg.gradient_accumulation_steps} accumulation "
-                             f"steps): choose them so the product is {saved} to resume")
+                             f"{self.global_batch()} (per_device_train_batch_size {cfg.per_device_train_batch_size} "
+                             f"x {self.world} processes x {cfg.gradient_accumulation_steps} accumulation steps): "
+                             f"choose them so the product is {saved} to resume")
         self.model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         return int(ck["step"])
