@@ -21,15 +21,21 @@ def resolve(args) -> PCFGRunConfig:
 
 
 def main(args) -> int:
+    """Under torchrun every rank trains; rank 0 alone evaluates and writes the files and the report."""
+    from .. import distributed
     cfg = resolve(args)
+    distributed.init()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = "fastattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "fastattn pcfg"
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (out / "command.txt").write_text(command + "\n")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        (out / "command.txt").write_text(command + "\n")
     from .report import write_report
     from .run import run
     metrics = run(cfg, progress=cfg.progress)
+    if not distributed.is_main():
+        return 0
     path = write_report(metrics, out, command)
     print(f"report: {path}")
     for d, row in metrics["summary"]["per_meta_depth"].items():

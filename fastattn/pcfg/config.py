@@ -25,6 +25,7 @@ class PCFGRunConfig:
     dtype: str = "auto"                      # "auto" -> bf16 autocast on cuda, fp32 on cpu
     threads: int = 0                         # torch CPU threads (0: torch's default; 1 on a shared CPU)
     progress: bool = True                    # progress bars while training
+    fsdp: bool = False                       # under torchrun: fully shard the model (FSDP2) instead of DDP
     # ---- grammar (LeveledPCFG) ----
     depth: int = 5                           # D
     num_symbols: int = 3

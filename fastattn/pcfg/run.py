@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from . import evaluate as ev
 from .config import PCFGRunConfig
 from .grammar import LeveledPCFG
@@ -19,8 +20,9 @@ from .train import train_run
 
 
 def resolve_device(cfg: PCFGRunConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """"auto"/"cuda": this process's GPU (cuda:LOCAL_RANK under torchrun) if there is one, else cpu."""
+    if cfg.device in ("auto", "cuda"):
+        return distributed.default_device()
     return torch.device(cfg.device)
 
 
@@ -80,6 +82,12 @@ class Evaluator:
 
 
 def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
+    """Every run's training (on every rank under torchrun) and evaluation (rank 0 alone, which also writes every
+    file and logs); every rank returns rank 0's metrics."""
+    distributed.init()
+    main = distributed.is_main()
+    if not main:
+        log = _silent
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -88,24 +96,28 @@ def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
     pcfg = LeveledPCFG(**cfg.grammar_kwargs())
     size = num_parameters(build_model(cfg, pcfg, 0))
     metrics = {"config": cfg.to_dict(), "device": str(device), "torch": torch.__version__,
+               "world_size": distributed.world_size(),
                "grammar": {"depth": pcfg.depth, "sizes": list(pcfg.sizes), "vocab_size": pcfg.vocab_size,
                            "rules": [[[[[list(rhs), p] for rhs, p in rules] for rules in rule_set]
                                       for rule_set in level] for level in pcfg.rules]},
                "model": {"preset": cfg.model, "parameters": size, "attention": cfg.attention}}
     log(f"grammar D={pcfg.depth} sizes {list(pcfg.sizes)} K={pcfg.num_alternatives}; model {cfg.model} "
         f"({size / 1e6:.2f}M parameters, {cfg.attention}) on {device}")
-    evaluator = Evaluator(cfg, pcfg, device, log)
-    metrics["reference"] = evaluator.reference
+    evaluator = Evaluator(cfg, pcfg, device, log) if main else None
+    metrics["reference"] = evaluator.reference if main else None
     metrics["runs"], metrics["skipped"] = {}, []
     started = time.time()
     for key, d, seed, cool in run_keys(cfg):
         run_dir = out / "runs" / key
-        if cfg.time_limit_s and time.time() - started > cfg.time_limit_s and not (run_dir / "eval.json").exists():
+        late = cfg.time_limit_s and time.time() - started > cfg.time_limit_s and not (run_dir / "eval.json").exists()
+        if distributed.broadcast_object(late):      # rank 0's clock decides for every rank
             metrics["skipped"].append(key)
             log(f"{key}: skipped (time limit of {cfg.time_limit_s:.0f}s reached)")
             continue
         branch = out / "runs" / f"dm{d}_s{seed}" / "branch.pt" if cool else None
         model, train = train_run(cfg, pcfg, d, seed, run_dir, device, branch_from=branch, progress=progress, log=log)
+        if not main:
+            continue
         done = run_dir / "eval.json"
         if cfg.resume and done.exists():
             result = json.loads(done.read_text())
@@ -118,6 +130,8 @@ def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
             f"{result['loss']['meta']['average']:.4f}; grammatical accuracy "
             + " ".join(f"k={k}:{v['accuracy']:.2f}" for k, v in g.items()) + f" ({result['eval_seconds']:.0f}s)")
         del model
+    if not main:
+        return distributed.broadcast_object(None)
     for seed in cfg.seeds:   # branch checkpoints are only needed until the cooldown runs exist
         for d in cfg.meta_depths:
             (out / "runs" / f"dm{d}_s{seed}" / "branch.pt").unlink(missing_ok=True)
@@ -129,7 +143,11 @@ def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
         metrics["random_init"] = {"probes": evaluator.probes(model)}
         control.write_text(json.dumps(metrics["random_init"]))
     metrics["summary"] = summarize(metrics)
-    return metrics
+    return distributed.broadcast_object(metrics)
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def _mean(xs) -> float:
