@@ -1,7 +1,8 @@
 """fastattn pcfg under torch.distributed (gloo, 2 CPU processes, the tiny preset): two ranks that each take half
 of every global batch train exactly as one process (loss curve and final parameters to float tolerance); an
 interrupted run resumes identically with the other number of processes (2 -> 1 and 1 -> 2); the whole experiment
-(``run``: training on every rank, evaluation and files on rank 0) gives one process's results on every rank."""
+(``run``: training on every rank, evaluation and files on rank 0) gives one process's results on every rank; with
+``fsdp=True`` (FSDP2 ``fully_shard``) the same, and its checkpoint resumes in one process without FSDP."""
 from __future__ import annotations
 
 import json
@@ -59,14 +60,57 @@ def _train(out, cfg=None, stop_at: int | None = None):
         train._save = original
 
 
+def _step_gradients(out: Path, fsdp: bool = False) -> None:
+    """One global batch's loss and gradients (by parameter name) of a fresh model, saved by rank 0."""
+    from fastattn.pcfg.data import DocumentSource, training_batch
+    from fastattn.pcfg.model import build_model
+    cfg = _cfg(fsdp=fsdp)
+    g = LeveledPCFG(**cfg.grammar_kwargs())
+    model = build_model(cfg, g, 0)
+    if fsdp:
+        model = train.shard_model(model)
+    batch = training_batch(DocumentSource(g, 0), cfg.batch_size, 3, 3, cfg.p_meta, distributed.rank(),
+                           distributed.world_size())
+    loss = distributed.all_reduce(train.backward(model, batch, CPU, cfg, fsdp), "sum")
+    grads = {n: p.grad.full_tensor() if fsdp else p.grad for n, p in model.named_parameters()}
+    if distributed.is_main():
+        torch.save({"loss": loss, "grads": grads}, out)
+
+
 def _worker(root: str) -> None:
     root = Path(root)
     distributed.init()
+    _step_gradients(root / "grads_two.pt")
+    _step_gradients(root / "grads_fsdp.pt", fsdp=True)
     _train(root / "two")
     _train(root / "cut2", stop_at=8)          # interrupted with 2 processes, resumed with 1 by the test
     _train(root / "cut1")                     # interrupted with 1 process by the test, resumed here with 2
     metrics = run(_run_cfg(root / "run2"), progress=False, log=lambda *_: None)
     (root / f"metrics_rank{distributed.rank()}.json").write_text(json.dumps(metrics))
+    _train(root / "fsdp", _cfg(fsdp=True))
+    _train(root / "fsdp_cut", _cfg(fsdp=True), stop_at=8)     # resumed with 1 process (no FSDP) by the test
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The directory of every two-process run (one spawn of 2 gloo processes for the whole module)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pcfg_dist")
+    assert _train(root / "cut1", stop_at=4) is None and (root / "cut1" / "ckpt.pt").exists()
+    spawn(_worker, str(root))
+    _train(root / "one")
+    _step_gradients(root / "grads_one.pt")
+    return root
+
+
+@pytest.mark.parametrize("name", ["two", "fsdp"])
+def test_gradient_of_one_global_batch_is_the_one_process_gradient(runs, name):
+    one, two = torch.load(runs / "grads_one.pt"), torch.load(runs / f"grads_{name}.pt")
+    torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-6, atol=1e-7)
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 5
+    for k, v in one["grads"].items():
+        assert v.abs().max() > 0, k
+        torch.testing.assert_close(two["grads"][k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def _assert_same(a: Path, b: Path) -> None:
@@ -81,25 +125,22 @@ def _assert_same(a: Path, b: Path) -> None:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_two_processes_train_as_one_and_resume_across_process_counts(tmp_path):
-    torch.set_num_threads(1)
-    assert _train(tmp_path / "cut1", stop_at=4) is None and (tmp_path / "cut1" / "ckpt.pt").exists()
-    spawn(_worker, str(tmp_path))
-    model, one = _train(tmp_path / "one")
+def test_two_processes_train_as_one_and_resume_across_process_counts(runs, tmp_path):
+    one = json.loads((runs / "one" / "train.json").read_text())
     assert one["world_size"] == 1
-    assert json.loads((tmp_path / "two" / "train.json").read_text())["world_size"] == 2
-    # the reference trains (not a constant) and differs from its initialisation
+    assert json.loads((runs / "two" / "train.json").read_text())["world_size"] == 2
+    # the reference trains: its loss curve is not a constant
     assert one["history"][-1]["loss"] < one["history"][0]["loss"]
-    _assert_same(tmp_path / "one", tmp_path / "two")
-    _assert_same(tmp_path / "one", tmp_path / "cut1")           # 1 -> 2 processes
-    assert not (tmp_path / "cut1" / "ckpt.pt").exists()
-    assert (tmp_path / "cut2" / "ckpt.pt").exists() and not (tmp_path / "cut2" / "train.json").exists()
-    _, resumed = _train(tmp_path / "cut2")                       # 2 -> 1 process
+    _assert_same(runs / "one", runs / "two")
+    _assert_same(runs / "one", runs / "cut1")           # 1 -> 2 processes
+    assert not (runs / "cut1" / "ckpt.pt").exists()
+    assert (runs / "cut2" / "ckpt.pt").exists() and not (runs / "cut2" / "train.json").exists()
+    _, resumed = _train(runs / "cut2")                       # 2 -> 1 process
     assert resumed["steps_run"] == 4
-    _assert_same(tmp_path / "one", tmp_path / "cut2")
+    _assert_same(runs / "one", runs / "cut2")
 
-    two = json.loads((tmp_path / "metrics_rank0.json").read_text())
-    assert json.loads((tmp_path / "metrics_rank1.json").read_text()) == two   # every rank returns rank 0's
+    two = json.loads((runs / "metrics_rank0.json").read_text())
+    assert json.loads((runs / "metrics_rank1.json").read_text()) == two   # every rank returns rank 0's
     assert two["world_size"] == 2
     single = run(_run_cfg(tmp_path / "run1"), progress=False, log=lambda *_: None)
     assert single["world_size"] == 1 and set(two["runs"]) == set(single["runs"]) == {"dm0_s0", "dm3_s0",
@@ -119,3 +160,14 @@ def test_batch_not_divisible_by_processes_is_refused(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         train.train_run(cfg, LeveledPCFG(**cfg.grammar_kwargs()), 3, 0, tmp_path, CPU, **QUIET)
     assert not (tmp_path / "train.json").exists()
+
+
+def test_fsdp_two_processes_train_as_one_and_resume_in_one(runs):
+    result = json.loads((runs / "fsdp" / "train.json").read_text())
+    assert result["fsdp"] and result["world_size"] == 2
+    _assert_same(runs / "one", runs / "fsdp")
+    state = torch.load(runs / "fsdp_cut" / "ckpt.pt")
+    assert state["opt_format"] == "fqn" and state["step"] == 8
+    _, resumed = _train(runs / "fsdp_cut")
+    assert resumed["steps_run"] == 4 and not resumed["fsdp"]
+    _assert_same(runs / "one", runs / "fsdp_cut")

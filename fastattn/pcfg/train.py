@@ -97,6 +97,20 @@ def _save(path: Path, step: int, model, opt, history, fsdp: bool = False) -> Non
     distributed.barrier()
 
 
+def backward(model: nn.Module, batch: dict, device, cfg: PCFGRunConfig, fsdp: bool = False) -> Tensor:
+    """Forward and backward of this rank's rows of one global batch; returns this rank's share of the global
+    masked-mean loss (the shares sum over ranks to the one-process loss) and leaves in every ``.grad`` the
+    gradient of the global loss (each rank backpropagates world x its share; ranks average: DDP or FSDP)."""
+    with autocast(device, cfg):
+        losses = token_losses(model, batch["tokens"])
+    mask = batch["loss_mask"][:, 1:].float()
+    loss = (losses * mask).sum() / distributed.all_reduce(mask.sum(), "sum").clamp(min=1)
+    (loss * distributed.world_size()).backward()
+    if not fsdp:   # FSDP averages in its reduce-scatter
+        distributed.average_gradients(model.parameters())
+    return loss.detach()
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2 (``fully_shard``): every decoder layer its own unit, the rest (tied embeddings, norm) the root."""
     from torch.distributed.fsdp import fully_shard
@@ -160,18 +174,11 @@ def train_run(cfg: PCFGRunConfig, pcfg: LeveledPCFG, meta_depth: int, seed: int,
                                                            p_meta, rank, world).items()}
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        with autocast(device, cfg):
-            losses = token_losses(model, batch["tokens"])
-        mask = batch["loss_mask"][:, 1:].float()
-        # this rank's share of the global masked mean (the shares sum to the one-process loss)
-        loss = (losses * mask).sum() / distributed.all_reduce(mask.sum(), "sum").clamp(min=1)
         opt.zero_grad(set_to_none=True)
-        (loss * world).backward()       # gradients are averaged over ranks: their mean is d(global loss)
-        if not fsdp:
-            distributed.average_gradients(model.parameters())
+        loss = backward(model, batch, device, cfg, fsdp)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        window.append(loss.detach())
+        window.append(loss)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             mean = distributed.all_reduce(torch.stack(window).mean(), "sum")
             row = {"step": step + 1, "loss": float(mean), "lr": lr_at(step, cfg),
