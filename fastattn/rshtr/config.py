@@ -18,8 +18,8 @@ class RSHTROptions:
 
     Sketch: P [s, n] drawn fresh each iteration; ``sketch`` kind, ``sketch_scale`` "unit" (P P^T ~ I: entries
     N(0, 1/n)), "jl" (entries N(0, 1/s)) or a number; ``sketch_source`` "hash" (the counter hash of
-    fastattn.ops.subspace_hvp.sketch, materialised by the C++/CUDA ``sketch_fill_`` kernel; GLM kernels may generate
-    P on chip from it) or "torch" (a seeded torch RNG). "identity" is P = I
+    fastattn.ops.subspace_hvp.sketch, materialised by the C++/CUDA ``sketch_fill_`` kernel, the same P on every
+    device) or "torch" (a seeded torch RNG). P is materialised once per iteration (gs, P^T d and the kernels use it). "identity" is P = I
     (s = n): full-space HSODM.
     Homogenized step: F = [[Hs, gs], [gs^T, -delta]]; ``delta0`` on the first iteration, ``delta`` after; the
     leftmost eigenpair (-theta, (v, t)) by ``eig_solver`` "dense" (fp64 eigh) or "lanczos" (``lanczos_iters``
