@@ -37,6 +37,18 @@ def smallest_hessian_eigenvalue(problem: Problem, x: torch.Tensor, iters: int = 
     return lam
 
 
+HISTORY_ROWS = 400
+
+
+def thin(history: list[dict], rows: int = HISTORY_ROWS) -> list[dict]:
+    """At most ~``rows`` evenly spaced rows of a long history, always with the last 50 (the tail) kept whole."""
+    if len(history) <= rows:
+        return history
+    head, tail = history[:-50], history[-50:]
+    step = -(-len(head) // (rows - 50))
+    return head[::step] + tail
+
+
 def warm_up(problem: Problem, backend: str = "auto") -> None:
     """One untimed call of every oracle path (first calls of registered ops and torch.func transforms pay
     one-off setup costs of a second or more that would otherwise land in the first run's wall-clock)."""
@@ -116,9 +128,9 @@ def run_all(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> dict:
         p = built[prob]
         r = METHODS[method](p, s, seed, cfg.gtol, cfg.max_iter, cfg.max_time, cfg.backend)
         summary = summarise(p, method, s, seed, r)
-        summary["history"] = [{k: v for k, v in row.items() if k in
-                               ("k", "f", "grad_norm", "time", "n_fun", "n_grad", "n_hvp", "small_t", "eta")}
-                              for row in r.history]
+        summary["history"] = thin([{k: v for k, v in row.items() if k in
+                                    ("k", "f", "grad_norm", "time", "n_fun", "n_grad", "n_hvp", "small_t", "eta")}
+                                   for row in r.history])
         runs.append(summary)
         log(f"[{i + 1}/{len(todo)}] {prob} {method} s={s} seed={seed}: nit={r.nit} |g|={r.grad_norm:.2e} "
             f"time={r.time:.2f}s t(1e-6)={summary['time_to_1e-06']} {r.message}")
