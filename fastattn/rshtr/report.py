@@ -34,18 +34,19 @@ def plot(results: dict, out: Path) -> list[str]:
         runs = [r for r in results["runs"] if r["problem"] == prob]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         labels = sorted({_label(r) for r in runs})
-        colors = {lab: plt.cm.tab20(i % 20) for i, lab in enumerate(labels)}
+        styles = {lab: (plt.cm.tab10(i % 10), ("-", "--", ":")[i // 10 % 3]) for i, lab in enumerate(labels)}
         drawn = set()
         for r in runs:
             h = r["history"]
             lab = _label(r)
-            kw = dict(color=colors[lab], lw=1.2, label=None if lab in drawn else lab)
+            kw = dict(color=styles[lab][0], ls=styles[lab][1], lw=1.2, label=None if lab in drawn else lab)
             drawn.add(lab)
             g = [max(row["grad_norm"], 1e-16) for row in h]
             axes[0].semilogy([row["time"] for row in h], g, **kw)
             if r["n_hvp"] >= 0:
                 axes[1].semilogy([row["n_grad"] + row["n_hvp"] for row in h], g, **kw)
         axes[0].set_xlabel("wall-clock (s)")
+        axes[0].set_xscale("log")
         axes[1].set_xlabel("oracle calls (gradients + HVPs)")
         axes[1].set_xscale("log")
         for ax in axes:
