@@ -6,17 +6,8 @@
 # (SWEEP=1 adds the Triton configuration sweep of bench/subspace_hvp.py --sweep).
 # Returns under $OUT: subspace_hvp_h200.{json,md}, rshtr_gpu/ (report.md, metrics.json, plots), logs.tgz.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-LOGS=/tmp/gpu_subspace_hvp_logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
-export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
-t0=$(date +%s)
-el() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-pack() { tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
-trap pack EXIT
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+LOGS=/tmp/gpu_subspace_hvp_logs
+source "$(dirname "$0")/gpu_common.sh"
 timeout 300 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1; el "build rc=$?"; tail -2 "$LOGS/build.log"
 python3 -m fastattn.cli env 2>&1 | tee "$LOGS/env.txt"
 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -m gpu tests/test_subspace_hvp.py -p no:cacheprovider \
