@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..triton_gate import triton_gate
 from .layout import empty_output
 
 try:
@@ -342,16 +343,12 @@ def step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor | None, normalize
 
 def supports(q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, str]:
     """Whether this backend can serve a call with these inputs, and why not."""
-    if _IMPORT_ERROR is not None:
-        return False, f"triton is not importable ({_IMPORT_ERROR})"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not q.is_cuda and not interpret:
-        return False, f"tensors are on {q.device.type}, not CUDA (and TRITON_INTERPRET is not set)"
+    ok, why = triton_gate(q, _IMPORT_ERROR, min_capability=(8, 0))
+    if not ok:
+        return ok, why
     if q.dtype not in _SPLIT:
         return False, (f"dtype {q.dtype} is not supported: the kernels accumulate in fp32 (fp16/bf16/fp32 inputs); "
                        "fp64 (reference checks, gradcheck) is served by the torch backend")
-    if q.is_cuda and not interpret and torch.cuda.get_device_capability(q.device) < (8, 0):
-        return False, "needs an sm_80+ GPU (bf16 and tf32 tensor-core dots)"
     if q.shape[-1] > 512 or v.shape[-1] > 256:
         return False, f"feature dims D={q.shape[-1]} (max 512), Dv={v.shape[-1]} (max 256)"
     return True, ""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..triton_gate import triton_gate
+
 try:
     import triton
     from . import triton_kernels as _k
@@ -184,13 +186,8 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
 
 def supports(hidden: Tensor, weight: Tensor) -> tuple[bool, str]:
     """Whether this backend can serve a call with these inputs, and why not."""
-    if _IMPORT_ERROR is not None:
-        return False, f"triton is not importable ({_IMPORT_ERROR})"
-    if not hidden.is_cuda and not _INTERPRET:
-        return False, f"tensors are on {hidden.device.type}, not CUDA (and TRITON_INTERPRET is not set)"
-    if hidden.dtype not in _SUPPORTED:
+    ok, why = triton_gate(hidden, _IMPORT_ERROR, min_capability=(8, 0))
+    if ok and hidden.dtype not in _SUPPORTED:
         return False, (f"dtype {hidden.dtype} is not supported (fp16/bf16/fp32 inputs, fp32 accumulation); "
                        "fp64 (reference checks, gradcheck) is served by the torch backend")
-    if hidden.is_cuda and not _INTERPRET and torch.cuda.get_device_capability(hidden.device) < (8, 0):
-        return False, "needs an sm_80+ GPU (bf16 tensor-core dots)"
-    return True, ""
+    return ok, why

@@ -12,6 +12,7 @@ import os
 import torch
 from torch import Tensor
 
+from ..triton_gate import triton_gate
 from .sketch import seed_key
 
 try:
@@ -35,11 +36,9 @@ CONFIG_OVERRIDE: dict = {}
 
 
 def supports(A: Tensor, x: Tensor, *rest: Tensor) -> tuple[bool, str]:
-    if _IMPORT_ERROR is not None:
-        return False, f"triton is not importable ({_IMPORT_ERROR})"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not A.is_cuda and not interpret:
-        return False, f"tensors are on {A.device.type}, not CUDA (and TRITON_INTERPRET is not set)"
+    ok, why = triton_gate(A, _IMPORT_ERROR)
+    if not ok:
+        return ok, why
     if A.dtype != torch.float32:
         return False, f"dtype {A.dtype}: the Triton GLM kernel takes float32 (fp64 goes to torch / cpu)"
     return True, ""
