@@ -176,3 +176,68 @@ def shard(n: int, what: str = "the batch") -> slice:
                          f"size that is a multiple of the number of processes")
     part = n // world
     return slice(rank() * part, (rank() + 1) * part)
+
+
+# ------------------------------------------------------------------------------------------- FSDP (``--fsdp``)
+def fully_shard_layers(model: torch.nn.Module, layers: Iterable[torch.nn.Module],
+                       root: torch.nn.Module | None = None) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``): every module of ``layers`` (the decoder layers) its own unit, the rest (embeddings,
+    norm, lm head) the root unit ``root`` (default ``model``); returns the root. In place: the parameters become
+    DTensor shards (1 / world of each on every rank). Frozen parameters may sit next to trained ones; FSDP
+    averages the gradients over ranks in its reduce-scatter, as ``average_gradients`` does."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in layers:
+        fully_shard(layer)
+    return fully_shard(root if root is not None else model)
+
+
+def full_tensor(t):
+    """The whole tensor of a DTensor shard (a collective: every rank calls it); any other value unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """``module.state_dict()`` with every sharded tensor gathered, on CPU (a collective with FSDP)."""
+    return {k: full_tensor(v).detach().cpu() if isinstance(v, Tensor) else v
+            for k, v in module.state_dict().items()}
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
+    """Load a whole (unsharded) state dict into ``module``, sharded or not: each rank keeps its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise KeyError(f"the state dict lacks {missing[:5]}")
+    with torch.no_grad():
+        for k, target in own.items():
+            value = state[k]
+            if isinstance(target, DTensor):
+                value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+                                          target.placements)
+                target.to_local().copy_(value.to_local())
+            else:
+                target.copy_(value)
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with every sharded state tensor gathered (a collective with FSDP): the format of an
+    optimizer over whole parameters, so it loads with or without FSDP (``load_optimizer_state``)."""
+    sd = opt.state_dict()
+    state = {i: {k: full_tensor(v) for k, v in s.items()} for i, s in sorted(sd["state"].items())}
+    return {**sd, "state": state}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a whole-parameter optimizer state dict (``full_optimizer_state`` or a plain one) into ``opt``, whose
+    parameters may be DTensor shards: state tensors shaped like a sharded parameter are sharded like it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            s = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                 if isinstance(v, Tensor) and v.shape == p.shape else v for k, v in s.items()}
+        state[i] = s
+    opt.load_state_dict({**sd, "state": state})

@@ -52,6 +52,7 @@ class DDROConfig:
     seed: int = 0
     device: str = "auto"                    # "auto" -> cuda if available else cpu
     dtype: str = "auto"                     # "auto" -> bf16 on cuda, fp32 on cpu
+    fsdp: bool = False                      # under torchrun: fully shard the policy (FSDP2) instead of DDP
 
     def __post_init__(self):
         if self.loss_type not in LOSSES:

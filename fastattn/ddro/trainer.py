@@ -10,14 +10,19 @@
   ``w_class / n_class`` with counts known from the deterministic sample order, so the gradient equals that of one
   big balanced batch under any world size;
 - metrics (loss metrics of ``losses.py``, grad norm, lr, tokens/s) as JSONL; checkpoints (model, optimizer,
-  step) every ``save_steps``, resumed when ``resume`` is set; runs unchanged under ``torchrun`` (DDP).
+  step) every ``save_steps``, resumed when ``resume`` is set; runs unchanged under ``torchrun`` (DDP, or FSDP2
+  with ``fsdp``).
 
 Under ``torchrun --nproc_per_node=N`` (``fastattn.distributed``): the policy is wrapped in DDP (gradients averaged
 over ranks; accumulation micro-batches skip the all-reduce but the last); the global batch of a step is
 ``per_device_train_batch_size * N * gradient_accumulation_steps`` units in one seeded order shared by all ranks;
 the reference log-probs are computed on a strided share of the rows per rank and all-reduced; logged metrics are
 global (sums or means over ranks); rank 0 writes the cache, metrics and checkpoints. A checkpoint resumes with any
-number of processes that gives the same global batch. KTO and BCO take their reference point (z0, delta) from
+number of processes that gives the same global batch. With ``fsdp`` (more than one process) the policy is fully
+sharded instead (FSDP2 ``fully_shard``, one unit per decoder layer; the reference log-probs are computed before
+sharding, so a separate ``ref_model`` must fit on one device): ``self.model`` is then sharded after ``train()``
+(``distributed.full_state_dict(trainer.model)`` gathers it, on every rank); checkpoints hold the whole model and
+optimizer state, so FSDP and non-FSDP runs resume each other's checkpoints. KTO and BCO take their reference point (z0, delta) from
 each micro-batch, as in TRL, so their results depend on the micro-batch size; DDRO, RDRO and DPO do not.
 """
 from __future__ import annotations
@@ -160,6 +165,7 @@ class DDROTrainer:
         if self.frac == "auto":
             self.frac = n_pos / len(self.rows)
         self.model = model.to(self.device, self.dtype)
+        self.fsdp = bool(self.cfg.fsdp) and self.world > 1
         self.out = Path(self.cfg.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -226,10 +232,13 @@ class DDROTrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _save(self, step: int, opt) -> None:
-        """Rank 0 writes the checkpoint atomically; every rank waits until it is on disk."""
+        """Rank 0 writes the checkpoint atomically (whole model and optimizer state: every rank gathers its shards
+        with FSDP); every rank waits until it is on disk."""
+        model_state = distributed.full_state_dict(self.model) if self.fsdp else self.model.state_dict()
+        opt_state = distributed.full_optimizer_state(opt) if self.fsdp else opt.state_dict()
         if self.rank == 0:
             tmp = self.out / "checkpoint.pt.tmp"
-            torch.save({"step": step, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
+            torch.save({"step": step, "model": model_state, "optimizer": opt_state,
                         "config": self.cfg.to_dict(), "global_batch": self.global_batch()}, tmp)
             os.replace(tmp, self.out / "checkpoint.pt")
         distributed.barrier()
@@ -246,8 +255,12 @@ class DDROTrainer:
                              f"{self.global_batch()} (per_device_train_batch_size {cfg.per_device_train_batch_size} "
                              f"x {self.world} processes x {cfg.gradient_accumulation_steps} accumulation steps): "
                              f"choose them so the product is {saved} to resume")
-        self.model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        if self.fsdp:
+            distributed.load_full_state_dict(self.model, ck["model"])
+            distributed.load_optimizer_state(opt, ck["optimizer"])
+        else:
+            self.model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
         return int(ck["step"])
 
     # ---- training -----------------------------------------------------------------------------------------
@@ -263,7 +276,11 @@ class DDROTrainer:
         """Runs to ``total_steps()`` (resuming from the checkpoint); returns the logged metric records."""
         cfg = self.cfg
         module: nn.Module = SequenceLogps(self.model, cfg.seq_logps_backend)
-        if self.world > 1:
+        if self.fsdp:   # decoder layers one unit each, the root (SequenceLogps) the embeddings, norm and lm head
+            if getattr(self, "_sharded", None) is None:   # once: a second train() reuses the sharded module
+                self._sharded = distributed.fully_shard_layers(module, self.model.get_decoder().layers)
+            module = self._sharded
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             module = DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -291,6 +308,8 @@ class DDROTrainer:
                 idx = [i for u in glob[lo:lo + bs] for i in u]
                 batch = collate([self.rows[i] for i in idx], self.pad_id)
                 tokens += int(batch["attention_mask"].sum())
+                if self.fsdp:   # accumulate unsharded gradients; reduce-scatter at the last micro-batch
+                    module.set_requires_gradient_sync(a == acc - 1)
                 policy = module(*(batch[k].to(self.device) for k in
                                   ("input_ids", "attention_mask", "targets", "response")))
                 labels = batch["labels"].to(self.device)
@@ -300,7 +319,7 @@ class DDROTrainer:
                     loss = (out * torch.tensor([weights[i] for i in idx], device=self.device)).sum() * self.world
                 else:
                     loss = out / acc
-                # DDP all-reduces the gradients at the last micro-batch's backward only
+                # DDP all-reduces (FSDP reduce-scatters) the gradients at the last micro-batch's backward only
                 sync = a == acc - 1 or not hasattr(module, "no_sync")
                 with contextlib.nullcontext() if sync else module.no_sync():
                     loss.backward()
@@ -316,7 +335,7 @@ class DDROTrainer:
             logged = done % cfg.logging_steps == 0 or done == steps
             if logged:   # every rank takes part in the all-reduces; rank 0 writes
                 rec = {"step": done, "epoch": done * self.global_batch() / len(self._units()), "loss": loss_sum,
-                       "grad_norm": float(grad_norm), "lr": cfg.learning_rate,
+                       "grad_norm": float(distributed.full_tensor(grad_norm)), "lr": cfg.learning_rate,
                        "tokens_per_s": float(distributed.all_reduce(torch.tensor(float(tokens)), "sum"))
                        / max(time.perf_counter() - t0, 1e-9)}
                 rec.update(_global_nanmean(stats))
@@ -324,7 +343,7 @@ class DDROTrainer:
             if logged and self.rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-                log(f"step {done}/{steps} loss {loss_sum:.4f} grad_norm {float(grad_norm):.3f}")
+                log(f"step {done}/{steps} loss {loss_sum:.4f} grad_norm {rec['grad_norm']:.3f}")
             if done % cfg.save_steps == 0 or done == steps:
                 self._save(done, opt)
         return history

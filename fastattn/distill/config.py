@@ -46,6 +46,7 @@ class DistillConfig:
     throughput_lengths: tuple[int, ...] = (2048,)
     throughput_gen_context: int = 2048
     ckpt_every: int = 50
+    fsdp: bool = False                   # under torchrun: end-to-end stages fully shard the model (FSDP2)
     resume: bool = True
 
     def __post_init__(self):

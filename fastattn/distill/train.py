@@ -5,7 +5,9 @@ Under torchrun (``fastattn.distributed``) every rank holds the whole model and t
 global batch is split over the ranks, gradients are averaged over ranks after backward (the feature maps are tiny:
 one flat all-reduce per step), losses in the history are global means, and rank 0 writes the checkpoints. The
 checkpoint holds global state only (step, feature maps, optimizer, history), so a run resumes with any number of
-processes."""
+processes. With ``cfg.fsdp`` (more than one process) the end-to-end stages (``train_direct``) train a fully sharded
+(FSDP2) copy of the model that shares its unsharded tensors with it (each rank holds the model once plus 1 / N of it;
+the trained feature maps are gathered back into the model at the end), so the caller's model stays whole."""
 from __future__ import annotations
 
 import math
@@ -40,17 +42,18 @@ def feature_parameters(model) -> list[nn.Parameter]:
 
 
 def _checkpoint(path: Path | None, step: int, model, opt, history) -> None:
-    """Rank 0 writes (atomically) the global training state; every rank waits until it is on disk."""
+    """Rank 0 writes (atomically) the global training state (every rank gathers its shards with FSDP); every
+    rank waits until it is on disk."""
     if path is None:
         return
+    state = {"step": step, "adapters": {i: distributed.full_state_dict(a) for i, a in adapters(model).items()},
+             "optimizer": distributed.full_optimizer_state(opt), "history": history}
     if distributed.is_main():
-        _write_checkpoint(path, step, model, opt, history)
+        _write_checkpoint(path, state)
     distributed.barrier()
 
 
-def _write_checkpoint(path: Path, step: int, model, opt, history) -> None:
-    state = {"step": step, "adapters": {i: a.state_dict() for i, a in adapters(model).items()},
-             "optimizer": opt.state_dict(), "history": history}
+def _write_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -60,9 +63,9 @@ def _restore(path: Path | None, model, opt) -> tuple[int, list]:
     if path is None or not path.exists():
         return 0, []
     state = torch.load(path, map_location="cpu", weights_only=False)
-    for i, a in adapters(model).items():
-        a.load_state_dict(state["adapters"][i])
-    opt.load_state_dict(state["optimizer"])
+    for i, a in adapters(model).items():   # sharded (FSDP) or not
+        distributed.load_full_state_dict(a, state["adapters"][i])
+    distributed.load_optimizer_state(opt, state["optimizer"])
     return state["step"], state["history"]
 
 
@@ -127,12 +130,15 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
     """End-to-end next-token training of the feature maps only (base weights frozen): the "direct" loss and
     the second stage. train_ids [N, T]: the whole training set on every rank; step s uses the global batch of
     rows s*B .. (s+1)*B - 1 (mod N), B = cfg.batch_size, of which each rank takes its contiguous B / world rows;
-    gradients and the logged loss are averaged over ranks. ckpt: as in train_layerwise."""
+    gradients and the logged loss are averaged over ranks. ckpt: as in train_layerwise. cfg.fsdp (more than one
+    process): trains a fully sharded copy (see the module docstring)."""
     from tqdm.auto import tqdm
     frozen = [p for p in model.parameters() if p.requires_grad]
     feature = {id(p) for a in adapters(model).values() for p in a.parameters()}
     for p in frozen:
         p.requires_grad_(id(p) in feature)
+    fsdp = bool(getattr(cfg, "fsdp", False)) and distributed.world_size() > 1
+    whole, model = model, _sharded_copy(model) if fsdp else model
     opt = optimizer(model, cfg, lr_scale)
     start, history = _restore(ckpt, model, opt)
     n = train_ids.shape[0]
@@ -145,14 +151,31 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
             opt.zero_grad(set_to_none=True)
             loss = lm_loss(model, train_ids[idx])
             loss.backward()
-            distributed.average_gradients(params)
+            if not fsdp:   # FSDP averages in its reduce-scatter
+                distributed.average_gradients(params)
             opt.step()
             history.append({"step": step + 1, "loss": distributed.all_reduce(loss.detach()).item()})
             if not math.isfinite(history[-1]["loss"]):
                 raise FloatingPointError(f"{desc} loss became {history[-1]['loss']} at step {step + 1}")
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
                 _checkpoint(ckpt, step + 1, model, opt, history)
+        if fsdp:   # the trained feature maps back into the whole model (every rank gathers)
+            sharded = adapters(model)
+            for i, a in adapters(whole).items():
+                a.load_state_dict(distributed.full_state_dict(sharded[i]))
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return history
+
+
+def _sharded_copy(model: nn.Module) -> nn.Module:
+    """FSDP2 copy of ``model`` (one unit per decoder layer, the root the rest): new modules that start from the
+    model's own parameters and buffers (not duplicated), then shard them; the model itself is left unchanged."""
+    import copy
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    student = copy.deepcopy(model, memo=shared)
+    decoder = student.get_decoder() if hasattr(student, "get_decoder") else None
+    if not hasattr(decoder, "layers"):
+        raise ValueError(f"fsdp: no decoder layers found in {type(model).__name__} (get_decoder().layers)")
+    return distributed.fully_shard_layers(student, decoder.layers)

@@ -113,10 +113,7 @@ def backward(model: nn.Module, batch: dict, device, cfg: PCFGRunConfig, fsdp: bo
 
 def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2 (``fully_shard``): every decoder layer its own unit, the rest (tied embeddings, norm) the root."""
-    from torch.distributed.fsdp import fully_shard
-    for layer in model.model.layers:
-        fully_shard(layer)
-    return fully_shard(model)
+    return distributed.fully_shard_layers(model, model.model.layers)
 
 
 def load_trained(cfg: PCFGRunConfig, pcfg: LeveledPCFG, seed: int, run_dir: Path, device) -> nn.Module:
