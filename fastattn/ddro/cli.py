@@ -68,13 +68,18 @@ def resolve(args):
 
 
 def main(args) -> int:
+    from .. import distributed
     module, cfg = resolve(args)
+    distributed.init()   # under torchrun: every rank runs the experiment, rank 0 alone writes files and prints
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = "fastattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "fastattn ddro"
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    (out / "command.txt").write_text(command + "\n")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (out / "command.txt").write_text(command + "\n")
     result = module.run(cfg)
+    if not distributed.is_main():
+        return 0
     path = module.write_report(result, out, command)
     print(f"report: {path}")
     return 0
