@@ -47,12 +47,16 @@ def _worker(root: str) -> None:
         tr = _trainer(root / name / "two", name, 2)
         torch.save(_result(tr, tr.train(log=lambda s: None)), root / name / f"two_rank{distributed.rank()}.pt")
     # interrupted right after the checkpoint of step 2, on every rank
-    tr = _trainer(root / "ddro" / "cut", "ddro", 2)
+    train_until_checkpoint(_trainer(root / "ddro" / "cut", "ddro", 2), 2)
+
+
+def train_until_checkpoint(tr, stop_step: int) -> None:
+    """Run tr.train() and interrupt it right after its checkpoint of ``stop_step`` is written."""
     save = tr._save
 
     def save_then_stop(step, opt):
         save(step, opt)
-        if step == 2:
+        if step == stop_step:
             raise Interrupted
     tr._save = save_then_stop
     with pytest.raises(Interrupted):

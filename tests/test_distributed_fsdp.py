@@ -16,7 +16,7 @@ from fastattn.ddro.trainer import DDROTrainer  # noqa: E402
 
 from .distributed_launch import spawn  # noqa: E402
 from .test_ddro_trainer import UNPAIRED, CharTokenizer, tiny_llama  # noqa: E402
-from .test_distributed_ddro import STEPS, Interrupted, _assert_same  # noqa: E402
+from .test_distributed_ddro import STEPS, Interrupted, _assert_same, train_until_checkpoint  # noqa: E402
 from .test_distill import tiny_model_dir  # noqa: E402,F401  (the shared fixture)
 
 
@@ -37,16 +37,7 @@ def _worker(root: str) -> None:
         assert any(hasattr(p, "full_tensor") for p in tr.model.parameters())    # it was sharded
         if distributed.is_main():
             torch.save({"history": history, "state": state}, root / f"{name}.pt")
-    tr = _ddro(root / "cut", 2, True)
-    save = tr._save
-
-    def save_then_stop(step, opt):
-        save(step, opt)
-        if step == 2:
-            raise Interrupted
-    tr._save = save_then_stop
-    with pytest.raises(Interrupted):
-        tr.train(log=lambda s: None)
+    train_until_checkpoint(_ddro(root / "cut", 2, True), 2)
 
 
 def test_ddro_fsdp_two_processes_train_as_one_and_resume_in_one(tmp_path):
