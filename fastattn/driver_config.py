@@ -51,3 +51,21 @@ def resolve(args, cls, make_config):
         if field.name != "preset" and value is not None:
             overrides[field.name] = value
     return make_config(overrides.pop("preset", args.preset), **overrides)
+
+
+def start_run_dir(cfg, driver: str) -> tuple[Path, str]:
+    """The run directory ``cfg.out`` and the command line that made it; rank 0 (the only process without
+    torchrun) creates the directory and writes the resolved config (config.json) and the command (command.txt)."""
+    import json
+    import shlex
+    import sys
+
+    from . import distributed
+    out = Path(cfg.out)
+    argv = sys.argv[1:]
+    command = "fastattn " + " ".join(shlex.quote(a) for a in argv) if argv else f"fastattn {driver}"
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (out / "command.txt").write_text(command + "\n")
+    return out, command

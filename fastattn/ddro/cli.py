@@ -8,10 +8,9 @@ Each writes config.json, command.txt, metrics, report.md and PNG plots into --ou
 from __future__ import annotations
 
 import dataclasses
-import json
-import shlex
-import sys
 from pathlib import Path
+
+from ..driver_config import start_run_dir
 
 EXPERIMENTS = {
     "consistency": ("fastattn.ddro.consistency", "ConsistencyConfig"),
@@ -71,12 +70,7 @@ def main(args) -> int:
     from .. import distributed
     module, cfg = resolve(args)
     distributed.init()   # under torchrun: every rank runs the experiment, rank 0 alone writes files and prints
-    out = Path(cfg.out)
-    command = "fastattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "fastattn ddro"
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        (out / "command.txt").write_text(command + "\n")
+    out, command = start_run_dir(cfg, "ddro")
     result = module.run(cfg)
     if not distributed.is_main():
         return 0

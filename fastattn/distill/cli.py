@@ -4,12 +4,8 @@ Runs unchanged under ``torchrun --nproc_per_node=N -m fastattn.cli distill ...``
 prints; batch_size is the global batch (a multiple of N)."""
 from __future__ import annotations
 
-import json
-import shlex
-import sys
-from pathlib import Path
 
-from ..driver_config import add_flags
+from ..driver_config import add_flags, start_run_dir
 from ..driver_config import resolve as resolve_config
 from .config import PRESETS, DistillConfig, make_config
 
@@ -27,12 +23,7 @@ def main(args) -> int:
     from .. import distributed
     cfg = resolve(args)
     distributed.init()
-    out = Path(cfg.out)
-    command = "fastattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "fastattn distill"
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        (out / "command.txt").write_text(command + "\n")
+    out, command = start_run_dir(cfg, "distill")
     from .report import write_report
     from .run import run
     metrics = run(cfg)

@@ -1,12 +1,8 @@
 """`fastattn pcfg`: preset < --config file.yaml < command-line flags; writes the run directory."""
 from __future__ import annotations
 
-import json
-import shlex
-import sys
-from pathlib import Path
 
-from ..driver_config import add_flags
+from ..driver_config import add_flags, start_run_dir
 from ..driver_config import resolve as resolve_config
 from .config import PRESETS, PCFGRunConfig, make_config
 
@@ -25,12 +21,7 @@ def main(args) -> int:
     from .. import distributed
     cfg = resolve(args)
     distributed.init()
-    out = Path(cfg.out)
-    command = "fastattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "fastattn pcfg"
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        (out / "command.txt").write_text(command + "\n")
+    out, command = start_run_dir(cfg, "pcfg")
     from .report import write_report
     from .run import run
     metrics = run(cfg, progress=cfg.progress)
