@@ -35,10 +35,11 @@ def greedy_by_recomputation(model, ids, n, attention_mask=None):
     return x
 
 
-@pytest.mark.parametrize("softmax_layers", [(), (1,)], ids=["linear", "hybrid"])
-def test_generate_with_recurrent_cache_equals_recomputation(softmax_layers):
+@pytest.mark.parametrize("softmax_layers,window", [((), 0), ((1,), 0), ((1,), 4)],
+                         ids=["linear", "hybrid", "hybrid_window"])
+def test_generate_with_recurrent_cache_equals_recomputation(softmax_layers, window):
     model = tiny_llama()
-    hf.linearize(model, [5, 9, 13], softmax_layers=softmax_layers)
+    hf.linearize(model, [5, 9, 13], softmax_layers=softmax_layers, window=window)
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
     cache = hf.LinearAttentionCache(model)
     with torch.no_grad():
@@ -48,7 +49,10 @@ def test_generate_with_recurrent_cache_equals_recomputation(softmax_layers):
     states = cache.states()
     for i, st in enumerate(states):
         assert (st is None) == (i in softmax_layers), f"layer {i}: recurrent state {st is not None}"
-    assert states[0][0].dtype == torch.float32 and states[0][0].shape == (2, 6, 5, 8)
+    # a window layer's unnormalized state carries the denominator as a last value column
+    assert states[0][0].dtype == torch.float32 and states[0][0].shape == (2, 6, 5, 8 + bool(window))
+    if window:   # and its window buffer: kv heads, window, head dim (constant memory)
+        assert cache.layers[0].window[0].shape == (2, 2, window, 8)
     assert torch.equal(out.sequences, greedy_by_recomputation(model, ids, 8, torch.ones_like(ids)))
     # the step logits equal the logits of a full recomputation over the generated prefix
     with torch.no_grad():

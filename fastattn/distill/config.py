@@ -40,6 +40,8 @@ class DistillConfig:
     stage2_steps: int = 0                #   after layerwise training (an ablation beyond the paper)
     stage2_lr: float = 1e-3
     softmax_layers: tuple[int, ...] = ()  # layers kept as softmax attention (hybrid ablation)
+    window: int = 0                      # sliding-window softmax hybrid (LoLCATs): each query's last `window`
+                                         #   keys by softmax, older keys by linear attention (0: linear only)
     prompts: tuple[str, ...] = ("What is the capital of France?", "Explain what a Python list is.")
     gen_tokens: int = 32
     throughput: bool = True
@@ -54,6 +56,8 @@ class DistillConfig:
                      "budget", "dof_samples", "min_dim", "gen_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.window) < 0:
+            raise ValueError(f"window must be >= 0 (0: linear attention only), got {self.window}")
         if int(self.loss_rows) < 0:
             raise ValueError(f"loss_rows must be >= 0 (0: all rows), got {self.loss_rows}")
         self.rules = tuple(self.rules)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import fastattn
-
 _TINY = 1e-30
 
 
@@ -43,6 +41,11 @@ def attention_rows(adapter, entry, scaling: float, causal: bool = True,
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     teacher = torch.log_softmax(logits, dim=-1)
+    if getattr(adapter, "window", 0):
+        if not causal:
+            raise ValueError("the sliding-window hybrid is causal")
+        from ..hf.window import window_rows
+        return teacher, window_rows(adapter, entry["q"].float(), k, scaling, rows)
     fm = adapter.feature_map
     A = fm(q, "q") @ fm(k, "k").transpose(-1, -2)   # stabilised features: per-row/per-head scales cancel below
     if mask is not None:
@@ -84,9 +87,7 @@ def l2_loss(adapter, entry, scaling: float, causal: bool = True, rows: Tensor | 
 
 def output_mse_loss(adapter, entry, scaling: float, causal: bool = True, rows: Tensor | None = None
                     ) -> tuple[Tensor, dict]:
-    q, k, v = entry["q"].float(), entry["k"].float(), entry["v"].float()
-    phi_q, phi_k = adapter.features(q, k)
-    o, _ = fastattn.linear_attention(phi_q, phi_k, v, causal=causal, eps=adapter.eps, backend=adapter.backend)
+    o = adapter(entry["q"].float(), entry["k"].float(), entry["v"].float(), scaling, causal)
     target = entry["o"].float().transpose(1, 2)              # HF attention outputs are [B, T, H, d]
     if rows is not None:
         o, target = o[:, :, rows], target[:, :, rows]

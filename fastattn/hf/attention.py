@@ -22,13 +22,18 @@ class LinearAttentionAdapter(nn.Module):
     """
 
     def __init__(self, feature_map: nn.Module, num_heads: int, num_kv_heads: int, eps: float = 1e-12,
-                 backend: str = "auto"):
+                 backend: str = "auto", window: int = 0):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0 (0: linear attention only), got {window!r}")
         self.feature_map = feature_map
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.eps, self.backend = eps, backend
+        if window and not hasattr(feature_map, "log_features"):
+            raise ValueError(f"a sliding window needs a feature map estimating exp(q.k) with log-features "
+                             f"(prf, performer), not {getattr(feature_map, 'name', type(feature_map).__name__)!r}")
+        self.eps, self.backend, self.window = eps, backend, window
 
     @property
     def feature_dim(self) -> int:
@@ -41,8 +46,23 @@ class LinearAttentionAdapter(nn.Module):
             key = key.repeat_interleave(groups, dim=1)
         return self.feature_map(query, "q"), self.feature_map(key, "k")
 
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, scaling: float, causal: bool = True,
+                key_mask: Tensor | None = None) -> Tensor:
+        """This layer's attention without a cache: query [B, H, T, d], key/value [B, Hkv, T, d|Dv],
+        key_mask [B, T] -> o [B, H, T, Dv] (the sliding-window hybrid when ``window`` > 0)."""
+        if self.window:
+            if not causal:
+                raise ValueError("the sliding-window hybrid is causal; this layer is not")
+            from .window import window_attention
+            return window_attention(self, query, key, value, scaling, key_mask)
+        phi_q, phi_k = self.features(query, key)
+        o, _ = fastattn.linear_attention(phi_q, phi_k, value, causal=causal, eps=self.eps, key_mask=key_mask,
+                                         backend=self.backend)
+        return o
+
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, eps={self.eps}"
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, eps={self.eps}"
+                + (f", window={self.window}" if self.window else ""))
 
 
 def _key_mask(attention_mask: Tensor | None, T: int) -> Tensor | None:
@@ -84,7 +104,8 @@ def linear_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     """transformers attention function: query [B, H, T, d], key/value [B, Hkv, T, d] -> ([B, T, H, d], None).
 
     With a ``LinearAttentionCache`` the cache layer tags the key tensor it returns (``key._fastattn_layer``);
-    prefill then carries the recurrent state out and one-token decode steps use ``linear_attention_step``.
+    prefill then carries the recurrent state out and one-token decode steps use ``linear_attention_step`` (a
+    sliding-window layer keeps its window in the cache layer too, see ``fastattn.hf.window``).
     """
     adapter = getattr(module, "fastattn", None)
     layer = getattr(key, "_fastattn_layer", None)
@@ -104,11 +125,14 @@ def linear_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         # one fixed key scale for every call that feeds this recurrent state
         groups = adapter.num_heads // adapter.num_kv_heads
         fm.calibrate_key_shift(key.repeat_interleave(groups, 1) if groups > 1 else key, key_mask)
-    phi_q, phi_k = adapter.features(query, key)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer is None:
-        o, _ = fastattn.linear_attention(phi_q, phi_k, value, causal=causal, eps=adapter.eps, key_mask=key_mask,
-                                         backend=adapter.backend)
-    elif layer.state is not None and T == 1:
+        return adapter(query, key, value, scaling, causal, key_mask).transpose(1, 2).contiguous(), None
+    if adapter.window:
+        from .window import window_attention
+        return window_attention(adapter, query, key, value, scaling, key_mask, layer).transpose(1, 2).contiguous(), None
+    phi_q, phi_k = adapter.features(query, key)
+    if layer.state is not None and T == 1:
         if key_mask is not None:
             phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
         o, layer.state = fastattn.linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], value[:, :, 0], layer.state,

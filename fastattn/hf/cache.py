@@ -1,7 +1,7 @@
 """Recurrent cache for ``model.generate()`` on a linearized model: O(1) memory per token.
 
-Each linear layer keeps its fp32 state (S [B, H, D, Dv], z [B, H, D]) and a token counter; softmax layers of a
-hybrid keep an ordinary growing key/value cache.
+Each linear layer keeps its fp32 state (S [B, H, D, Dv], z [B, H, D]) and a token counter (a sliding-window hybrid
+layer also its last ``window`` keys and values); softmax layers of a hybrid keep an ordinary growing key/value cache.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class RecurrentStateLayer(CacheLayerMixin):
     def __init__(self):
         super().__init__()
         self.state: tuple[Tensor, Tensor | None] | None = None
+        self.window: tuple[Tensor, Tensor, Tensor] | None = None   # sliding-window hybrid: last keys, values, mask
         self.seen = 0
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -43,11 +44,13 @@ class RecurrentStateLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.state, self.seen = None, 0
+        self.state, self.window, self.seen = None, None, 0
 
     def _map_state(self, fn) -> None:
         if self.state is not None:
             self.state = tuple(None if t is None else fn(t) for t in self.state)
+        if self.window is not None:
+            self.window = tuple(fn(t) for t in self.window)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))

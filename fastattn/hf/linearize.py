@@ -32,8 +32,8 @@ def linearized_layers(model: nn.Module) -> list[bool]:
 
 
 def linearize(model: nn.Module, feature_dims: int | Sequence[int], feature_map: str = "prf",
-              softmax_layers: Sequence[int] = (), eps: float = 1e-12, backend: str = "auto", seed: int = 0,
-              **feature_map_kw) -> nn.Module:
+              softmax_layers: Sequence[int] = (), window: int = 0, eps: float = 1e-12, backend: str = "auto",
+              seed: int = 0, **feature_map_kw) -> nn.Module:
     """Give every layer (but ``softmax_layers``) its own feature map and switch the model to linear attention.
 
     Args:
@@ -41,6 +41,9 @@ def linearize(model: nn.Module, feature_dims: int | Sequence[int], feature_map: 
         feature_dims: one feature dim for all layers, or one per layer (entries of softmax layers are ignored).
         feature_map: a name of ``fastattn.feature_maps`` ("prf", "hedgehog", "performer", "elu1", "relu").
         softmax_layers: layer indices that keep softmax attention (a hybrid).
+        window: a sliding-window softmax hybrid in every linear layer (LoLCATs): each query attends to its last
+            ``window`` keys by softmax and to older keys by linear attention, one normalizer for both (see
+            ``fastattn.hf.window``); 0 (default): linear attention only. Causal models only.
         eps: the denominator's epsilon (features are stabilised in log space, so it must be tiny).
         seed: seeds the feature maps' initialisation (layer i uses seed + i).
     Afterwards ``model(...)`` runs linear attention and ``model.generate(...)`` decodes with a
@@ -55,6 +58,9 @@ def linearize(model: nn.Module, feature_dims: int | Sequence[int], feature_map: 
     softmax = sorted(set(int(i) for i in softmax_layers))
     if any(not 0 <= i < S for i in softmax):
         raise ValueError(f"softmax_layers {softmax} out of range for {S} layers")
+    if window and not getattr(modules[0], "is_causal", True):
+        raise ValueError(f"window={window}: the sliding-window hybrid needs a causal model, "
+                         f"{type(model).__name__} is not")
     heads, kv_heads, head_dim = head_counts(model)
     device = next(model.parameters()).device
     for i, module in enumerate(modules):
@@ -66,12 +72,14 @@ def linearize(model: nn.Module, feature_dims: int | Sequence[int], feature_map: 
         if feature_map in ("prf", "performer", "hedgehog", "elu1", "relu"):
             kw.setdefault("generator", gen)
         fm = feature_maps.build(feature_map, head_dim, dims[i], heads, **kw)
-        module.fastattn = LinearAttentionAdapter(fm, heads, kv_heads, eps=eps, backend=backend).to(device)
+        module.fastattn = LinearAttentionAdapter(fm, heads, kv_heads, eps=eps, backend=backend,
+                                                 window=window).to(device)
     register()
     _set_attn_implementation(model, ATTENTION_NAME)
     model.config.fastattn = {"feature_dims": dims, "feature_map": feature_map, "softmax_layers": softmax,
-                             "eps": eps, "seed": seed, "feature_map_kw": {k: v for k, v in feature_map_kw.items()
-                                                                          if isinstance(v, (int, float, str, bool))}}
+                             "window": int(window), "eps": eps, "seed": seed,
+                             "feature_map_kw": {k: v for k, v in feature_map_kw.items()
+                                                if isinstance(v, (int, float, str, bool))}}
     _install_generation_cache(model)
     return model
 
@@ -133,7 +141,8 @@ def load_linearized(model: nn.Module, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     meta = json.loads((directory / META_FILE).read_text())
     linearize(model, meta["feature_dims"], feature_map=meta["feature_map"], softmax_layers=meta["softmax_layers"],
-              eps=meta["eps"], seed=meta.get("seed", 0), **meta.get("feature_map_kw", {}))
+              window=meta.get("window", 0), eps=meta["eps"], seed=meta.get("seed", 0),
+              **meta.get("feature_map_kw", {}))
     state = load_file(str(directory / ADAPTER_FILE))
     for i, adapter in adapters(model).items():
         prefix = f"{i}."
