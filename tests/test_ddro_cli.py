@@ -53,3 +53,17 @@ def test_verifier_cli_tiny(tmp_path):
     assert set(m["reference"]) == {"greedy", "sampled"}
     assert set(m["runs"]) == {"ddro", "rdro", "dpo", "kto"}
     assert (out / "report.md").read_text().startswith("# DDRO experiment (b)")
+
+
+def test_batched_generation_with_left_padding_equals_one_prompt_at_a_time():
+    pytest.importorskip("transformers")
+    from fastattn.ddro.verifier import CharTokenizer, generate, left_padded, load_model
+    model, tok = load_model("tiny-random", torch.device("cpu"), torch.float32)
+    qs = ["What is 1 + 2?", "What is 13 + 24? Reply with the number only.", "Hi"]   # ragged prompt lengths
+    ids, mask = left_padded(tok, qs, 0)
+    assert ids.shape == (3, len(qs[1])) and mask.sum(1).tolist() == [len(q) for q in qs]
+    assert ids[2, :-2].eq(0).all() and mask[2, :-2].eq(0).all()
+    together = generate(model, tok, qs, 2, False, 6, seed=0, batch=8)
+    alone = [generate(model, tok, [q], 2, False, 6, seed=0, batch=8)[0] for q in qs]
+    assert together == alone and all(len(r) == 2 for r in together)
+    assert isinstance(tok, CharTokenizer)

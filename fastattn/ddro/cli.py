@@ -41,7 +41,8 @@ def make_parser(parser):
         p = sub.add_parser(name, help=(cls.__doc__ or name).strip().splitlines()[0])
         p.add_argument("--config", default=None, help="YAML file of config keys (below command-line flags)")
         if name == "verifier":
-            p.add_argument("--preset", default="gpu", help="gpu (one H200) | tiny (smoke test)")
+            p.add_argument("--preset", default="gpu",
+                           help="gpu (one H200) | cpu (2 cores, ~30 min) | tiny (smoke test)")
         for field in dataclasses.fields(cls):
             if field.name == "preset":
                 continue

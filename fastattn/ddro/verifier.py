@@ -59,6 +59,9 @@ class VerifierConfig:
 
 PRESETS = {
     "gpu": {},
+    # a 2-core CPU in about half an hour: fewer prompts, short answers, two seeds, a larger learning rate
+    "cpu": dict(seeds=(0, 1), train_prompts=96, eval_prompts=64, samples_per_prompt=8, eval_samples=2,
+                max_new_tokens=8, steps=40, batch_size=16, learning_rate=1e-5, device="cpu"),
     "tiny": dict(model="tiny-random", losses=("ddro", "rdro", "dpo", "kto"), seeds=(0,), train_prompts=6,
                  eval_prompts=3, samples_per_prompt=4, eval_samples=1, max_new_tokens=4, max_operand=9, steps=2,
                  batch_size=4, learning_rate=1e-3, device="cpu"),
@@ -119,21 +122,39 @@ def _prompt_text(tok, question: str) -> str:
     return question + "\n"
 
 
+def left_padded(tok, texts: list[str], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [N, L] of ``texts`` left-padded with ``pad_id``, and their attention mask [N, L]."""
+    rows = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, L - len(r):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
-def generate(model, tok, questions: list[str], n: int, sample: bool, max_new_tokens: int, seed: int) -> list[list[str]]:
-    """n responses per question (greedy when sample=False)."""
+def generate(model, tok, questions: list[str], n: int, sample: bool, max_new_tokens: int, seed: int,
+             batch: int = 64) -> list[list[str]]:
+    """n responses per question (greedy when sample=False), ``batch`` sequences per generate call: prompts
+    left-padded together, each repeated n times."""
     torch.manual_seed(seed)
     dev = next(model.parameters()).device
-    out = []
     eos = getattr(tok, "eos_token_id", None)
-    for q in questions:
-        enc = tok(_prompt_text(tok, q), add_special_tokens=False, return_tensors="pt")
-        ids = enc["input_ids"].to(dev)
-        gen = model.generate(input_ids=ids.repeat(n, 1), attention_mask=torch.ones_like(ids).repeat(n, 1),
-                             max_new_tokens=max_new_tokens, do_sample=sample, temperature=1.0 if sample else None,
-                             top_p=None, top_k=None, pad_token_id=getattr(tok, "pad_token_id", None) or eos or 0,
+    pad = getattr(tok, "pad_token_id", None)
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    per_call = max(1, batch // n)
+    out = []
+    for start in range(0, len(questions), per_call):
+        chunk = questions[start:start + per_call]
+        ids, mask = left_padded(tok, [_prompt_text(tok, q) for q in chunk], pad)
+        ids, mask = ids.repeat_interleave(n, 0).to(dev), mask.repeat_interleave(n, 0).to(dev)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+                             temperature=1.0 if sample else None, top_p=None, top_k=None, pad_token_id=pad,
                              eos_token_id=eos)
-        out.append([tok.decode(g[ids.shape[1]:], skip_special_tokens=True) for g in gen])
+        texts = [tok.decode(g[ids.shape[1]:], skip_special_tokens=True) for g in gen]
+        out += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
     return out
 
 
