@@ -8,7 +8,7 @@ from ..driver_config import from_preset
 
 RULES = ("uniform", "dof", "dof_clip", "sqrt")          # allocation rules compared at the same budget
 LOSSES = ("softmax", "l2", "output_mse", "direct")
-STAGE2 = ("none", "finetune")
+STAGE2 = ("none", "finetune", "lora")
 
 
 @dataclass
@@ -37,8 +37,11 @@ class DistillConfig:
     lr_alpha: float = 0.2
     lr_other: float = 0.01               # parameters of other feature maps
     stage2: str = "none"                 # "finetune": end-to-end next-token fine-tuning of the feature maps
-    stage2_steps: int = 0                #   after layerwise training (an ablation beyond the paper)
-    stage2_lr: float = 1e-3
+    stage2_steps: int = 0                #   after layerwise training (an ablation beyond the paper);
+    stage2_lr: float = 1e-3              #   "lora": the same plus LoRA on the attention projections
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_lr: float = 1e-4
     softmax_layers: tuple[int, ...] = ()  # layers kept as softmax attention (hybrid ablation)
     window: int = 0                      # sliding-window softmax hybrid (LoLCATs): each query's last `window`
                                          #   keys by softmax, older keys by linear attention (0: linear only)
@@ -53,7 +56,7 @@ class DistillConfig:
 
     def __post_init__(self):
         for name in ("context", "batch_size", "calib_sequences", "train_sequences", "epochs", "eval_sequences",
-                     "budget", "dof_samples", "min_dim", "gen_tokens"):
+                     "budget", "dof_samples", "min_dim", "gen_tokens", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if int(self.window) < 0:

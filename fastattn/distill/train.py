@@ -22,13 +22,16 @@ from .losses import LOSSES
 
 
 def optimizer(model: nn.Module, cfg, lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """Adam over the feature maps with the paper's learning rates: z 0.02, log_alpha 0.2 (others: lr_other)."""
-    groups = {"z": [], "log_alpha": [], "other": []}
+    """Adam over the adapters: feature maps with the paper's learning rates z 0.02, log_alpha 0.2 (other
+    feature-map parameters: lr_other), all times lr_scale; LoRA factors (stage 2) at cfg.lora_lr."""
+    groups = {"z": [], "log_alpha": [], "other": [], "lora": []}
     for adapter in adapters(model).values():
-        for name, p in adapter.feature_map.named_parameters():
-            groups[name if name in groups else "other"].append(p)
-    lrs = {"z": cfg.lr_z, "log_alpha": cfg.lr_alpha, "other": cfg.lr_other}
-    return torch.optim.Adam([{"params": ps, "lr": lrs[n] * lr_scale, "name": n} for n, ps in groups.items() if ps])
+        for name, p in adapter.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            groups["lora" if name.startswith("lora.") else leaf if leaf in groups else "other"].append(p)
+    lrs = {"z": cfg.lr_z * lr_scale, "log_alpha": cfg.lr_alpha * lr_scale, "other": cfg.lr_other * lr_scale,
+           "lora": getattr(cfg, "lora_lr", cfg.lr_other)}
+    return torch.optim.Adam([{"params": ps, "lr": lrs[n], "name": n} for n, ps in groups.items() if ps])
 
 
 def _scaling(model) -> float:
@@ -39,6 +42,11 @@ def _scaling(model) -> float:
 def feature_parameters(model) -> list[nn.Parameter]:
     """The trainable feature-map parameters of every linearized layer, in layer order."""
     return [p for a in adapters(model).values() for p in a.feature_map.parameters()]
+
+
+def adapter_parameters(model) -> list[nn.Parameter]:
+    """Every adapter parameter (feature maps and LoRA factors), in layer order."""
+    return [p for a in adapters(model).values() for p in a.parameters()]
 
 
 def _checkpoint(path: Path | None, step: int, model, opt, history) -> None:
@@ -127,14 +135,14 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: float = 1.0,
                  progress: bool = True, desc: str = "direct", ckpt: Path | None = None) -> list[dict]:
-    """End-to-end next-token training of the feature maps only (base weights frozen): the "direct" loss and
-    the second stage. train_ids [N, T]: the whole training set on every rank; step s uses the global batch of
+    """End-to-end next-token training of the adapters (feature maps, and LoRA factors once ``add_lora`` made them;
+    base weights frozen): the "direct" loss and the second stage. train_ids [N, T]: the whole training set on every rank; step s uses the global batch of
     rows s*B .. (s+1)*B - 1 (mod N), B = cfg.batch_size, of which each rank takes its contiguous B / world rows;
     gradients and the logged loss are averaged over ranks. ckpt: as in train_layerwise. cfg.fsdp (more than one
     process): trains a fully sharded copy (see the module docstring)."""
     from tqdm.auto import tqdm
     frozen = [p for p in model.parameters() if p.requires_grad]
-    feature = {id(p) for a in adapters(model).values() for p in a.parameters()}
+    feature = {id(p) for p in adapter_parameters(model)}
     for p in frozen:
         p.requires_grad_(id(p) in feature)
     fsdp = bool(getattr(cfg, "fsdp", False)) and distributed.world_size() > 1
@@ -143,7 +151,7 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
     start, history = _restore(ckpt, model, opt)
     n = train_ids.shape[0]
     mine = distributed.shard(cfg.batch_size, f"batch_size={cfg.batch_size}")
-    params = feature_parameters(model)
+    params = adapter_parameters(model)
     try:
         for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress,
                          leave=False):

@@ -13,12 +13,15 @@ class Architecture:
     heads: str             # config attribute: query heads
     kv_heads: str | None   # config attribute: key/value heads (None: same as heads)
     causal: bool
+    projections: tuple[str, ...]   # the attention module's linear projections (LoRA targets)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("model.layers", "self_attn", "num_attention_heads", "num_key_value_heads", True),
-    "gpt2": Architecture("transformer.h", "attn", "n_head", None, True),
-    "bert": Architecture("encoder.layer", "attention.self", "num_attention_heads", None, False),
+    "llama": Architecture("model.layers", "self_attn", "num_attention_heads", "num_key_value_heads", True,
+                          ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "gpt2": Architecture("transformer.h", "attn", "n_head", None, True, ("c_attn", "c_proj")),
+    "bert": Architecture("encoder.layer", "attention.self", "num_attention_heads", None, False,
+                         ("query", "key", "value")),
 }
 # Llama-style families share the layout
 for _name in ("mistral", "qwen2", "qwen3", "smollm3"):

@@ -143,6 +143,9 @@ def load_linearized(model: nn.Module, directory: str | Path) -> nn.Module:
     linearize(model, meta["feature_dims"], feature_map=meta["feature_map"], softmax_layers=meta["softmax_layers"],
               window=meta.get("window", 0), eps=meta["eps"], seed=meta.get("seed", 0),
               **meta.get("feature_map_kw", {}))
+    if "lora" in meta:
+        from .lora import add_lora
+        add_lora(model, **meta["lora"])
     state = load_file(str(directory / ADAPTER_FILE))
     for i, adapter in adapters(model).items():
         prefix = f"{i}."
