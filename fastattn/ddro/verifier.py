@@ -11,7 +11,6 @@ Model "tiny-random" is a randomly initialised two-layer Llama with a character t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import random
 import re
@@ -136,9 +135,10 @@ def left_padded(tok, texts: list[str], pad_id: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def generate(model, tok, questions: list[str], n: int, sample: bool, max_new_tokens: int, seed: int,
-             batch: int = 64) -> list[list[str]]:
+             batch: int = 64, desc: str | None = None) -> list[list[str]]:
     """n responses per question (greedy when sample=False), ``batch`` sequences per generate call: prompts
-    left-padded together, each repeated n times."""
+    left-padded together, each repeated n times. ``desc``: show a progress bar."""
+    from tqdm.auto import tqdm
     torch.manual_seed(seed)
     dev = next(model.parameters()).device
     eos = getattr(tok, "eos_token_id", None)
@@ -146,7 +146,7 @@ def generate(model, tok, questions: list[str], n: int, sample: bool, max_new_tok
     pad = pad if pad is not None else (eos if eos is not None else 0)
     per_call = max(1, batch // n)
     out = []
-    for start in range(0, len(questions), per_call):
+    for start in tqdm(range(0, len(questions), per_call), desc=desc, disable=desc is None, leave=False):
         chunk = questions[start:start + per_call]
         ids, mask = left_padded(tok, [_prompt_text(tok, q) for q in chunk], pad)
         ids, mask = ids.repeat_interleave(n, 0).to(dev), mask.repeat_interleave(n, 0).to(dev)
@@ -160,8 +160,8 @@ def generate(model, tok, questions: list[str], n: int, sample: bool, max_new_tok
 
 def accuracy(model, tok, probs, cfg: VerifierConfig, seed: int) -> dict:
     qs = [q for q, _ in probs]
-    greedy = generate(model, tok, qs, 1, False, cfg.max_new_tokens, seed)
-    sampled = generate(model, tok, qs, cfg.eval_samples, True, cfg.max_new_tokens, seed + 1)
+    greedy = generate(model, tok, qs, 1, False, cfg.max_new_tokens, seed, desc="eval greedy")
+    sampled = generate(model, tok, qs, cfg.eval_samples, True, cfg.max_new_tokens, seed + 1, desc="eval sampled")
     g = sum(verify(r[0], a) for r, (_, a) in zip(greedy, probs)) / len(probs)
     s = sum(verify(x, a) for r, (_, a) in zip(sampled, probs) for x in r) / (len(probs) * cfg.eval_samples)
     return {"greedy": g, "sampled": s}
@@ -170,7 +170,8 @@ def accuracy(model, tok, probs, cfg: VerifierConfig, seed: int) -> dict:
 def build_datasets(model, tok, cfg: VerifierConfig) -> tuple[list[dict], list[dict]]:
     """(unpaired rows, paired rows) in TRL's formats, from the reference model's samples."""
     probs = problems(cfg.train_prompts, 1000, cfg.max_operand)
-    samples = generate(model, tok, [q for q, _ in probs], cfg.samples_per_prompt, True, cfg.max_new_tokens, 7)
+    samples = generate(model, tok, [q for q, _ in probs], cfg.samples_per_prompt, True, cfg.max_new_tokens, 7,
+                       desc="sampling training responses")
     unpaired, paired = [], []
     for (q, a), resp in zip(probs, samples):
         prompt = [{"role": "user", "content": q}]
@@ -208,7 +209,7 @@ def run(cfg: VerifierConfig, log=print) -> dict:
                               output_dir=str(Path(cfg.out) / f"{loss}_seed{seed}"), logging_steps=10,
                               save_steps=max(cfg.steps, 1), max_length=160, max_prompt_length=128)
             trainer = DDROTrainer(policy, tok, data, tcfg, ref_model=ref)
-            trainer.train(log=lambda s: None)
+            trainer.train(log=lambda s: log(f"  {loss} seed {seed}: {s}"))
             acc = accuracy(policy.eval(), tok, held_out, cfg, 0)
             result["runs"].setdefault(loss, {})[str(seed)] = acc
             log(f"{loss} seed {seed}: {acc}")
