@@ -115,3 +115,91 @@ def test_config_validation():
         make_config("tiny", nonsense=1)
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("huge")
+
+
+# ---- encoders (BERT family): hidden-state fidelity instead of next-token loss ----
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT with a WordPiece tokenizer trained on the offline corpus, saved as a local HF directory
+    (64 positions, so the tiny preset's context of 32 fits and longer throughput lengths do not). Weights 10x the
+    default init scale: peaked attention rows, so a linear student is measurably off (default: near-uniform rows)."""
+    from tokenizers import BertWordPieceTokenizer
+    path = tmp_path_factory.mktemp("tiny_bert")
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator([data.corpus()[:50000]], vocab_size=300)
+    tok = transformers.BertTokenizer(vocab=wordpiece.get_vocab())
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                                  intermediate_size=96, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                                  initializer_range=0.2)
+    transformers.BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_encoder_sequences_are_cls_text_sep_with_padding(tiny_bert_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir)
+    ids, mask = data.encoder_sequences(tok, "heldout", 16, 4, max_positions=64, pad_every=2)
+    assert ids.shape == mask.shape == (4, 16)
+    assert (ids[:, 0] == tok.cls_token_id).all() and mask[0].all() and mask[2].all()
+    assert (ids[[0, 2], -1] == tok.sep_token_id).all()
+    assert mask[1].tolist() == [1] * 12 + [0] * 4 and ids[1, 11] == tok.sep_token_id
+    assert (ids[1, 12:] == tok.pad_token_id).all()
+    with pytest.raises(ValueError, match="exceeds the encoder's 64 positions"):
+        data.encoder_sequences(tok, "train", 65, 1, max_positions=64)
+
+
+def test_encoder_attention_kl_ignores_padding(tiny_bert_dir):
+    """The KL of a right-padded row (captured with its mask) equals that of the same sequence unpadded."""
+    from fastattn.distill.evaluate import attention_kl
+    model = transformers.BertModel.from_pretrained(tiny_bert_dir).eval()
+    ids = torch.randint(5, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0
+    padded = capture_batch(model, ids, attention_mask=mask)
+    alone = capture_batch(model, ids[1:, :13])
+    hf.linearize(model, 8)
+    kl_padded = attention_kl(model, [{k: v[1:] for k, v in e.items()} for e in padded], mask[1:])
+    kl_alone = attention_kl(model, alone)
+    assert all(a > 0 for a in kl_alone)
+    torch.testing.assert_close(torch.tensor(kl_padded), torch.tensor(kl_alone), rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_encoder_end_to_end_cli_run(tiny_bert_dir, tmp_path):
+    out = tmp_path / "bert_run"
+    argv = ["distill", "--preset", "tiny", "--model", str(tiny_bert_dir), "--out", str(out), "--budget", "8",
+            "--lam", "0.01", "--eval-sequences", "4", "--throughput", "1", "--throughput-lengths", "32,128"]
+    assert cli_main(argv) == 0
+    for name in ("report.md", "metrics.json", "dof_per_layer.png", "allocations.png", "loss_and_kl.png",
+                 "training.png", "config.json", "command.txt"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kind"] == "encoder" and metrics["heldout_metric"] == "held-out 1 - cosine"
+    assert metrics["tokens"]["heldout"] < 4 * 32    # some held-out rows are padded
+    teacher = metrics["teacher"]["heldout"]
+    assert abs(teacher["loss"]) < 1e-5 and teacher["hidden_rel_err"] < 1e-5   # the reference itself
+    assert "text" not in metrics["teacher"] and "text" not in metrics["student"]
+    assert [p["T"] for p in metrics["student"]["throughput"]["prefill"]] == [32]    # 128 > 64 positions
+    assert set(metrics["summary"]) == {"uniform", "dof"}
+    for key, run in metrics["runs"].items():
+        h = run["heldout"]
+        assert all(torch.isfinite(torch.tensor(v)) for v in (h["loss"], h["cosine"], h["hidden_rel_err"])), key
+        assert -1.0 <= h["cosine_min"] <= h["cosine"] <= 1.0 and h["loss"] == pytest.approx(1 - h["cosine"])
+        assert h["loss"] > 1e-4 and h["hidden_rel_err"] > 1e-2, key    # a linear student is not the teacher
+        assert len(run["kl_per_layer"]) == 3 and all(0 < kl < float("inf") for kl in run["kl_per_layer"]), key
+    for row in metrics["summary"].values():
+        assert -1.0 <= row["cosine_mean"] <= 1.0 and row["loss_mean"] == pytest.approx(1 - row["cosine_mean"])
+    report = (out / "report.md").read_text()
+    assert "| run | held-out 1 - cosine |" in report and "Held-out fidelity to the teacher" in report
+    assert "Held-out next-token loss" not in report and "held-out loss" not in report   # no non-loss named a loss
+    assert "Generated text" not in report and "generate ctx" not in report
+
+
+def test_encoder_rejects_causal_only_options(tiny_bert_dir, tmp_path):
+    from fastattn.distill.run import run
+    with pytest.raises(ValueError, match="sliding-window hybrid is causal-only"):
+        run(make_config("tiny", model=str(tiny_bert_dir), out=str(tmp_path / "w"), window=4), progress=False)
+    with pytest.raises(ValueError, match="stage 2 'finetune' is end-to-end next-token"):
+        run(make_config("tiny", model=str(tiny_bert_dir), out=str(tmp_path / "s"), stage2="finetune",
+                        stage2_steps=2), progress=False)

@@ -53,8 +53,10 @@ def layer_index(model: nn.Module) -> dict[int, int]:
 
 
 @torch.no_grad()
-def capture_batch(model: nn.Module, ids: Tensor, keep_vo: bool = False, store_dtype=None) -> list[dict]:
-    """One teacher forward on ids [B, T]: per layer {"q": [B,H,T,d], "k": [B,Hkv,T,d] (, "v", "o": [B,T,H,d])}."""
+def capture_batch(model: nn.Module, ids: Tensor, keep_vo: bool = False, store_dtype=None,
+                  attention_mask: Tensor | None = None) -> list[dict]:
+    """One teacher forward on ids [B, T] (with the padding mask attention_mask [B, T], if any): per layer
+    {"q": [B,H,T,d], "k": [B,Hkv,T,d] (, "v", "o": [B,T,H,d])}; padded positions are captured too."""
     index = layer_index(model)
     layers: list[dict] = [dict() for _ in index]
 
@@ -66,7 +68,7 @@ def capture_batch(model: nn.Module, ids: Tensor, keep_vo: bool = False, store_dt
         layers[index[id(module)]] = entry
 
     with capturing(model, sink):
-        model(ids)
+        model(ids) if attention_mask is None else model(ids, attention_mask=attention_mask)
     return layers
 
 

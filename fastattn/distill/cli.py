@@ -24,14 +24,16 @@ def main(args) -> int:
     cfg = resolve(args)
     distributed.init()
     out, command = start_run_dir(cfg, "distill")
-    from .report import write_report
+    from .report import heldout_label, write_report
     from .run import run
     metrics = run(cfg)
     if not distributed.is_main():
         return 0
     path = write_report(metrics, out, command)
     print(f"report: {path}")
+    label = heldout_label(metrics)
     for rule, row in metrics["summary"].items():
-        print(f"  {rule:>9}: held-out loss {row['loss_mean']:.4f} +- {row['loss_std']:.4f} "
-              f"(gap {row['gap']:+.4f}), mean KL {row['kl_mean']:.4f}")
+        extra = f", cosine {row['cosine_mean']:.4f}" if "cosine_mean" in row else ""
+        print(f"  {rule:>9}: {label} {row['loss_mean']:.4f} +- {row['loss_std']:.4f} "
+              f"(gap {row['gap']:+.4f}){extra}, mean KL {row['kl_mean']:.4f}")
     return 0

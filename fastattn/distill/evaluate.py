@@ -1,4 +1,5 @@
-"""Evaluation of teacher and student: held-out next-token loss, per-layer attention-row KL, throughput, text."""
+"""Evaluation of teacher and student: held-out next-token loss (causal LMs) or hidden-state fidelity to the
+teacher (encoders), per-layer attention-row KL, throughput, text."""
 from __future__ import annotations
 
 import math
@@ -24,15 +25,50 @@ def heldout_loss(model, ids: torch.Tensor, batch_size: int) -> dict:
 
 
 @torch.no_grad()
-def attention_kl(model, teacher_batch: list[dict]) -> list[float]:
+def encoder_hidden(model, ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Final hidden states [N, T, D] (fp32) of an encoder on ids [N, T] with the padding mask [N, T]."""
+    return torch.cat([model(ids[s:s + batch_size], attention_mask=attention_mask[s:s + batch_size])
+                      .last_hidden_state.float() for s in range(0, ids.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def encoder_fidelity(model, ids: torch.Tensor, attention_mask: torch.Tensor, teacher_hidden: torch.Tensor,
+                     batch_size: int) -> dict:
+    """How close the model's final hidden states are to the teacher's (teacher_hidden [N, T, D]) on held-out
+    sequences, padding excluded: "cosine" = mean over sequences of the cosine similarity of the mean-pooled
+    hidden states (the sentence embedding of MiniLM-style encoders), "cosine_min" its minimum,
+    "hidden_rel_err" = ||h - h_teacher|| / ||h_teacher|| over all unpadded tokens, and "loss" = 1 - cosine
+    (0 for the teacher itself; not a next-token loss)."""
+    hidden = encoder_hidden(model, ids, attention_mask, batch_size)
+    m = attention_mask[..., None].to(hidden.dtype)
+    pooled, pooled_t = ((h * m).sum(1) / m.sum(1) for h in (hidden, teacher_hidden))
+    cos = torch.nn.functional.cosine_similarity(pooled, pooled_t, dim=-1)
+    err = ((hidden - teacher_hidden) * m).square().sum().sqrt() / (teacher_hidden * m).square().sum().sqrt()
+    return {"loss": 1.0 - cos.mean().item(), "cosine": cos.mean().item(), "cosine_min": cos.min().item(),
+            "hidden_rel_err": err.item(), "sequences": ids.shape[0], "tokens": int(attention_mask.sum())}
+
+
+@torch.no_grad()
+def attention_kl(model, teacher_batch: list[dict], attention_mask: torch.Tensor | None = None) -> list[float]:
     """Per-layer mean KL(teacher attention row || student row) on one captured held-out batch (nan for softmax
-    layers)."""
+    layers). attention_mask [B, T] (right padding, non-causal models): each sequence's rows and keys are cut
+    to its unpadded length and the KL is the mean over its unpadded query rows."""
     from ..hf import adapters, attention_modules
     ads = adapters(model)
     causal = getattr(attention_modules(model)[0], "is_causal", True)
     scaling = _scaling(model)
-    return [softmax_loss(ads[i], entry, scaling, causal)[0].item() if i in ads else float("nan")
-            for i, entry in enumerate(teacher_batch)]
+    lengths = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.sum(1).tolist()
+    if lengths is not None and causal:
+        raise ValueError("attention_kl: padding masks are for non-causal (encoder) batches")
+
+    def kl(adapter, entry) -> float:
+        if lengths is None:
+            return softmax_loss(adapter, entry, scaling, causal)[0].item()
+        per_seq = [softmax_loss(adapter, {"q": entry["q"][b:b + 1, :, :n], "k": entry["k"][b:b + 1, :, :n]},
+                                scaling, causal)[0].item() * n for b, n in enumerate(lengths)]
+        return sum(per_seq) / sum(lengths)
+
+    return [kl(ads[i], entry) if i in ads else float("nan") for i, entry in enumerate(teacher_batch)]
 
 
 def _sync(device) -> None:
@@ -41,15 +77,17 @@ def _sync(device) -> None:
 
 
 @torch.no_grad()
-def prefill_throughput(model, vocab: int, T: int, device, reps: int = 3) -> dict:
-    """Tokens/s of one B=1 forward over T tokens (no cache, logits of the last token only)."""
+def prefill_throughput(model, vocab: int, T: int, device, reps: int = 3, encoder: bool = False) -> dict:
+    """Tokens/s of one B=1 forward over T tokens (causal LMs: no cache, logits of the last token only;
+    encoders: the plain encoder forward)."""
     ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
-    model(ids[:, :16], use_cache=False, logits_to_keep=1)
+    kw = {} if encoder else dict(use_cache=False, logits_to_keep=1)
+    model(ids[:, :16], **kw)
     times = []
     for _ in range(reps):
         _sync(device)
         t0 = time.perf_counter()
-        model(ids, use_cache=False, logits_to_keep=1)
+        model(ids, **kw)
         _sync(device)
         times.append(time.perf_counter() - t0)
     ms = sorted(times)[len(times) // 2] * 1e3

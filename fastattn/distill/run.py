@@ -4,7 +4,15 @@
 Under ``torchrun --nproc_per_node=N`` (see fastattn.distributed) every rank loads the teacher; rank 0 measures the
 DoF and broadcasts it (so every rank allocates the same dims); each rank captures the teacher on its part of every
 global batch of cfg.batch_size sequences (which must be a multiple of N) and training averages gradients over
-ranks; evaluation, logs and files are rank 0's, and every rank returns rank 0's metrics."""
+ranks; evaluation, logs and files are rank 0's, and every rank returns rank 0's metrics.
+
+Causal LMs are evaluated by held-out next-token loss, generated text and generate throughput. Encoders (BERT
+family, non-causal attention: ``--model minilm`` or a local BERT directory) read ``[CLS] text [SEP]`` sequences
+(the held-out ones partly right-padded, so padding masks are exercised) and are evaluated by their fidelity to the
+teacher's final hidden states (``heldout["loss"]`` = 1 - cosine of the mean-pooled states, plus the cosine and the
+relative L2 error of the hidden states; see evaluate.encoder_fidelity) and encoder-forward throughput; the
+next-token objectives ("direct" loss, any stage 2) and the causal sliding-window hybrid are rejected with a
+ValueError before any work (an end-to-end encoder objective would need train.train_direct to take a loss)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +27,9 @@ from ..hf import adapters, attention_modules, head_counts, linearize, save_linea
 from . import data
 from .capture import capture_batch, sample_qk
 from .config import DistillConfig
-from .evaluate import attention_kl, generate_text, generate_throughput, heldout_loss, prefill_throughput
+from .evaluate import (attention_kl, encoder_fidelity, encoder_hidden, generate_text, generate_throughput,
+                       heldout_loss, prefill_throughput)
+from .report import heldout_label
 from .train import train_direct, train_layerwise
 
 ALLOCATION_RULES = {  # our rule names -> fastattn.dof.allocate_feature_dims arguments
@@ -73,8 +83,45 @@ def calibrate_key_shifts(model, calib_batch: list[dict]) -> None:
             fm.calibrate_key_shift(k.repeat_interleave(groups, 1) if groups > 1 else k)
 
 
-def _throughput(model, tok, cfg: DistillConfig, device) -> dict:
+def model_kind(model, cfg: DistillConfig) -> str:
+    """"causal_lm" or "encoder" (non-causal attention); a ValueError for what the kind cannot run."""
+    causal = getattr(attention_modules(model)[0], "is_causal", True)
+    if causal and not hasattr(model, "generate"):
+        raise ValueError(f"fastattn distill needs a causal LM (with generate) or a non-causal encoder; "
+                         f"{cfg.model!r} ({type(model).__name__}) is causal without an LM head")
+    if causal:
+        return "causal_lm"
+    problems = []
+    if cfg.window:
+        problems.append(f"window={cfg.window}: the sliding-window hybrid is causal-only (use --window 0)")
+    if cfg.loss == "direct":
+        problems.append("loss 'direct' trains next-token loss end to end (use a layerwise loss)")
+    if cfg.stage2 != "none" and cfg.stage2_steps:
+        problems.append(f"stage 2 {cfg.stage2!r} is end-to-end next-token training of causal LMs (use --stage2 none)")
+    if problems:
+        raise ValueError(f"{cfg.model!r} is an encoder ({type(model).__name__}, non-causal attention): "
+                         + "; ".join(problems))
+    return "encoder"
+
+
+def inputs(tok, model, cfg: DistillConfig, encoder: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{split: (ids [N, T], attention mask [N, T] or None)} for calib, train and heldout. Encoders: [CLS] text
+    [SEP] rows within max_position_embeddings; every second held-out row is right-padded (the others are not)."""
+    counts = {"calib": cfg.calib_sequences, "train": cfg.train_sequences, "heldout": cfg.eval_sequences}
+    if not encoder:
+        return {split: (data.sequences(tok, split, cfg.context, n), None) for split, n in counts.items()}
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return {split: data.encoder_sequences(tok, split, cfg.context, n, limit, pad_every=2 if split == "heldout" else 0)
+            for split, n in counts.items()}
+
+
+def _throughput(model, tok, cfg: DistillConfig, device, encoder: bool = False) -> dict:
     vocab = len(tok)
+    if encoder:   # no decoding; absolute positions bound the length
+        limit = getattr(model.config, "max_position_embeddings", None) or max(cfg.throughput_lengths)
+        return {"prefill": [prefill_throughput(model, vocab, T, device, encoder=True)
+                            for T in cfg.throughput_lengths if T <= limit],
+                "skipped_lengths": [T for T in cfg.throughput_lengths if T > limit]}
     return {"prefill": [prefill_throughput(model, vocab, T, device) for T in cfg.throughput_lengths],
             "generate": generate_throughput(model, vocab, cfg.throughput_gen_context, 32 if device.type == "cpu"
                                             else 128, device)}
@@ -92,24 +139,33 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
     t0 = time.time()
     with distributed.main_first():   # rank 0 fills the model cache, the others read it
         model, tok = models.load(cfg.model, dtype=dtype, device=device)
-    if not hasattr(model, "generate") or not getattr(attention_modules(model)[0], "is_causal", True):
-        raise ValueError(f"fastattn distill trains causal LMs; {cfg.model!r} is an encoder")
+    kind = model_kind(model, cfg)
+    encoder = kind == "encoder"
     for p in model.parameters():
         p.requires_grad_(False)
     heads, kv_heads, head_dim = head_counts(model)
     S = len(attention_modules(model))
     log(f"loaded {cfg.model} ({S} layers, {heads} heads, {kv_heads} kv heads, head dim {head_dim}) on {device} "
-        f"{dtype} in {time.time() - t0:.1f}s" + (f" on each of {distributed.world_size()} processes"
-                                                 if distributed.world_size() > 1 else ""))
+        f"{dtype} in {time.time() - t0:.1f}s ({kind})" + (f" on each of {distributed.world_size()} processes"
+                                                          if distributed.world_size() > 1 else ""))
 
-    calib_ids = data.sequences(tok, "calib", cfg.context, cfg.calib_sequences).to(device)
-    train_ids = data.sequences(tok, "train", cfg.context, cfg.train_sequences).to(device)
-    held_ids = data.sequences(tok, "heldout", cfg.context, cfg.eval_sequences).to(device)
+    seqs = inputs(tok, model, cfg, encoder)
+    calib_ids, train_ids = seqs["calib"][0].to(device), seqs["train"][0].to(device)
+    held_ids, held_mask = (None if t is None else t.to(device) for t in seqs["heldout"])
+    kl_mask = None if held_mask is None else held_mask[:cfg.batch_size]
     metrics = {"config": cfg.to_dict(), "device": str(device), "dtype": str(dtype), "provenance": data.provenance(),
-               "world_size": distributed.world_size(),
+               "world_size": distributed.world_size(), "kind": kind,
                "model": {"name": cfg.model, "layers": S, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim},
                "tokens": {"calib": calib_ids.numel(), "train": train_ids.numel() * cfg.epochs,
-                          "heldout": held_ids.numel()}}
+                          "heldout": held_ids.numel() if held_mask is None else int(held_mask.sum())}}
+    metrics["heldout_metric"] = heldout_label(metrics)
+    label = metrics["heldout_metric"]
+    teacher_hidden = None
+
+    def heldout(model) -> dict:
+        if encoder:
+            return encoder_fidelity(model, held_ids, held_mask, teacher_hidden, cfg.batch_size)
+        return heldout_loss(model, held_ids, cfg.batch_size)
 
     # ---- teacher: DoF, allocations, held-out loss, captured q/k for training ----
     with softmax_attention(model):
@@ -123,12 +179,15 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
         for rule, dims in metrics["allocations"].items():
             log(f"  {rule:>9}: {dims} (total {sum(dims)})")
         if main:
-            metrics["teacher"] = {"heldout": heldout_loss(model, held_ids, cfg.batch_size)}
-            log(f"teacher held-out loss {metrics['teacher']['heldout']['loss']:.4f}")
+            if encoder:   # the reference of the fidelity metric (the teacher against itself: 1 - cosine = 0)
+                teacher_hidden = encoder_hidden(model, held_ids, held_mask, cfg.batch_size)
+            metrics["teacher"] = {"heldout": heldout(model)}
+            log(f"teacher {label} {metrics['teacher']['heldout']['loss']:.4f}")
             if cfg.throughput:
-                metrics["teacher"]["throughput"] = _throughput(model, tok, cfg, device)
-            metrics["teacher"]["text"] = generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)
-            held_capture = capture_batch(model, held_ids[:cfg.batch_size])
+                metrics["teacher"]["throughput"] = _throughput(model, tok, cfg, device, encoder)
+            if not encoder:
+                metrics["teacher"]["text"] = generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)
+            held_capture = capture_batch(model, held_ids[:cfg.batch_size], attention_mask=kl_mask)
         keep_vo = cfg.loss == "output_mse"
         teacher_batches = [capture_batch(model, ids[distributed.shard(len(ids), f"a batch of {len(ids)} training "
                                                                                  f"sequences")], keep_vo)
@@ -151,7 +210,8 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
                 run_dir.mkdir(parents=True, exist_ok=True)
             distributed.barrier()
             torch.manual_seed(seed)
-            linearize(model, dims, feature_map=cfg.feature_map, softmax_layers=cfg.softmax_layers, seed=1000 * seed)
+            linearize(model, dims, feature_map=cfg.feature_map, softmax_layers=cfg.softmax_layers, window=cfg.window,
+                      seed=1000 * seed)
             t0 = time.time()
             if cfg.loss == "direct":
                 steps = cfg.epochs * -(-train_ids.shape[0] // cfg.batch_size)
@@ -164,14 +224,13 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
             result = {"rule": rule, "seed": seed, "dims": dims, "train_seconds": time.time() - t0,
                       "history": history}
             if main:
-                result.update(heldout=heldout_loss(model, held_ids, cfg.batch_size),
-                              kl_per_layer=attention_kl(model, held_capture))
+                result.update(heldout=heldout(model), kl_per_layer=attention_kl(model, held_capture, kl_mask))
             if cfg.stage2 == "finetune" and cfg.stage2_steps:
                 result["stage2_history"] = train_direct(model, train_ids, cfg, cfg.stage2_steps,
                                                         lr_scale=cfg.stage2_lr / cfg.lr_z, progress=progress,
                                                         desc="stage 2", ckpt=run_dir / "stage2.pt")
                 if main:
-                    result["stage2_heldout"] = heldout_loss(model, held_ids, cfg.batch_size)
+                    result["stage2_heldout"] = heldout(model)
             if not main:
                 continue
             save_linearized(model, run_dir / "adapters")
@@ -179,18 +238,22 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
             for name in ("ckpt.pt", "stage2.pt"):
                 (run_dir / name).unlink(missing_ok=True)
             metrics["runs"][key] = result
-            log(f"{key}: held-out loss {result['heldout']['loss']:.4f} (teacher "
-                f"{metrics['teacher']['heldout']['loss']:.4f}), mean KL {_mean(result['kl_per_layer']):.4f}, "
+            extra = (f", cosine {result['heldout']['cosine']:.4f}, hidden rel. error "
+                     f"{result['heldout']['hidden_rel_err']:.4f}" if encoder else "")
+            log(f"{key}: {label} {result['heldout']['loss']:.4f} (teacher "
+                f"{metrics['teacher']['heldout']['loss']:.4f}){extra}, mean KL {_mean(result['kl_per_layer']):.4f}, "
                 f"{result['train_seconds']:.0f}s")
 
-    # ---- the student of the first DoF-sized rule: text and throughput ----
+    # ---- the student of the first DoF-sized rule: text (causal LMs) and throughput ----
     if main:
         show = "dof" if "dof" in metrics["allocations"] else next(iter(metrics["allocations"]))
         from ..hf import load_linearized
         load_linearized(model, out / "runs" / f"{show}_s{cfg.seeds[0]}" / "adapters")
-        metrics["student"] = {"rule": show, "text": generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)}
+        metrics["student"] = {"rule": show}
+        if not encoder:
+            metrics["student"]["text"] = generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)
         if cfg.throughput:
-            metrics["student"]["throughput"] = _throughput(model, tok, cfg, device)
+            metrics["student"]["throughput"] = _throughput(model, tok, cfg, device, encoder)
         metrics["summary"] = summarize(metrics)
     return distributed.broadcast_object(metrics if main else None)
 
@@ -201,7 +264,8 @@ def _mean(xs) -> float:
 
 
 def summarize(metrics: dict) -> dict:
-    """Per rule: held-out loss mean and std over seeds, gap to the teacher, mean KL per layer."""
+    """Per rule: held-out loss (encoders: 1 - cosine) mean and std over seeds, gap to the teacher, mean KL per
+    layer; encoders also the mean cosine and relative hidden-state error."""
     teacher = metrics["teacher"]["heldout"]["loss"]
     out = {}
     for rule in metrics["allocations"]:
@@ -213,6 +277,9 @@ def summarize(metrics: dict) -> dict:
                "total_dim": sum(metrics["allocations"][rule])}
         row["gap"] = row["loss_mean"] - teacher
         row["kl_mean"] = _mean(row["kl_per_layer"])
+        if runs and "cosine" in runs[0]["heldout"]:
+            row["cosine_mean"] = statistics.fmean(r["heldout"]["cosine"] for r in runs)
+            row["hidden_rel_err_mean"] = statistics.fmean(r["heldout"]["hidden_rel_err"] for r in runs)
         if runs and "stage2_heldout" in runs[0]:
             s2 = [r["stage2_heldout"]["loss"] for r in runs]
             row["stage2_loss_mean"] = statistics.fmean(s2)
