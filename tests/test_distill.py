@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -106,6 +107,23 @@ def test_tiny_end_to_end_cli_run_and_resume(tiny_model_dir, tmp_path, capsys):
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("resumed from") == 3
+
+
+def test_tiny_cli_run_with_window_hybrid_and_lora_stage2(tiny_model_dir, tmp_path):
+    out = tmp_path / "hybrid"
+    argv = ["distill", "--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(out), "--budget", "8",
+            "--rules", "uniform", "--window", "8", "--stage2", "lora", "--stage2-steps", "3", "--lora-rank", "2",
+            "--lora-lr", "0.01", "--prompts", "hello"]
+    assert cli_main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = metrics["runs"]["uniform_s0"]
+    for name in ("heldout", "linear_only_heldout", "stage2_heldout", "stage2_linear_only_heldout"):
+        assert math.isfinite(run[name]["loss"]), name
+    assert run["linear_only_heldout"]["loss"] != run["heldout"]["loss"]   # the window does change the model
+    saved = json.loads((out / "runs" / "uniform_s0" / "adapters" / "fastattn.json").read_text())
+    assert saved["window"] == 8 and saved["lora"]["rank"] == 2
+    report = (out / "report.md").read_text()
+    assert "sliding-window softmax hybrid" in report and "+ stage 2 (lora), without its window" in report
 
 
 def test_config_validation():

@@ -105,9 +105,12 @@ def _causal_table(metrics: dict) -> list[str]:
     for rule, row in metrics["summary"].items():
         rows.append([rule, str(row["total_dim"]), f"{row['loss_mean']:.4f} +- {row['loss_std']:.4f} (n={row['n']})",
                      f"{row['gap']:+.4f}", f"{math.exp(row['loss_mean']):.2f}", f"{row['kl_mean']:.4f}"])
-        if "stage2_loss_mean" in row:
-            rows.append([f"{rule} + stage 2", str(row["total_dim"]), f"{row['stage2_loss_mean']:.4f}",
-                         f"{row['stage2_gap']:+.4f}", f"{math.exp(row['stage2_loss_mean']):.2f}", "-"])
+        stage2 = metrics["config"].get("stage2", "finetune")
+        for name, label in (("linear_only", "without its window (linear only)"), ("stage2", f"+ stage 2 ({stage2})"),
+                            ("stage2_linear_only", f"+ stage 2 ({stage2}), without its window")):
+            if f"{name}_loss_mean" in row:
+                rows.append([f"{rule} {label}", str(row["total_dim"]), f"{row[f'{name}_loss_mean']:.4f}",
+                             f"{row[f'{name}_gap']:+.4f}", f"{math.exp(row[f'{name}_loss_mean']):.2f}", "-"])
     return ["## Held-out next-token loss", ""] + _table(
         ["model", "total feature dim", "held-out loss (mean +- std)", "gap to teacher", "ppl", "mean attention KL"],
         rows)
@@ -150,6 +153,19 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
         f"context {cfg['context']}; feature map {cfg['feature_map']}; loss {cfg['loss']} "
         f"(lr z {cfg['lr_z']}, alpha {cfg['lr_alpha']}); budget C = {cfg['budget']} per layer; "
         f"seeds {list(cfg['seeds'])}.", ""]
+    extras = [text for cond, text in (
+        (cfg.get("window"), f"sliding-window softmax hybrid in every linear layer: the last {cfg.get('window')} keys "
+                            "of each query by softmax, older keys by linear attention, one normalizer (rows "
+                            "'without its window' evaluate the same feature maps as plain linear attention)"),
+        (cfg.get("softmax_layers"), f"softmax layers {list(cfg.get('softmax_layers') or [])}"),
+        (cfg.get("stage2", "none") != "none" and cfg.get("stage2_steps"),
+         f"stage 2 {cfg.get('stage2')}: {cfg.get('stage2_steps')} steps of end-to-end next-token training of the "
+         f"feature maps (lr {cfg.get('stage2_lr')})" + (f" and LoRA rank {cfg.get('lora_rank')} (alpha "
+                                                       f"{cfg.get('lora_alpha')}, lr {cfg.get('lora_lr')}) on the "
+                                                       "attention projections" if cfg.get("stage2") == "lora"
+                                                       else ""))) if cond]
+    if extras:
+        lines += ["Ablations: " + "; ".join(extras) + ".", ""]
     lines += _encoder_table(metrics) if encoder else _causal_table(metrics)
     lines += ["", "![loss and KL](loss_and_kl.png)", "", "## Degrees of freedom and allocations", "",
               f"DoF at lambda = {metrics['dof']['lam']:g} from {metrics['dof']['samples_per_head']} sampled "

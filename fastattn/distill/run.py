@@ -15,6 +15,7 @@ next-token objectives ("direct" loss, any stage 2) and the causal sliding-window
 ValueError before any work (an end-to-end encoder objective would need train.train_direct to take a loss)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .. import distributed, dof
-from ..hf import adapters, attention_modules, head_counts, linearize, save_linearized, softmax_attention
+from ..hf import (add_lora, adapters, attention_modules, head_counts, linearize, save_linearized,
+                  softmax_attention)
 from . import data
 from .capture import capture_batch, sample_qk
 from .config import DistillConfig
@@ -225,12 +227,20 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
                       "history": history}
             if main:
                 result.update(heldout=heldout(model), kl_per_layer=attention_kl(model, held_capture, kl_mask))
-            if cfg.stage2 == "finetune" and cfg.stage2_steps:
+                if cfg.window:   # the hybrid's linear-only ablation: the same feature maps without the window
+                    with _window_off(model):
+                        result["linear_only_heldout"] = heldout(model)
+            if cfg.stage2 != "none" and cfg.stage2_steps:
+                if cfg.stage2 == "lora":
+                    add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=1000 * seed)
                 result["stage2_history"] = train_direct(model, train_ids, cfg, cfg.stage2_steps,
                                                         lr_scale=cfg.stage2_lr / cfg.lr_z, progress=progress,
-                                                        desc="stage 2", ckpt=run_dir / "stage2.pt")
+                                                        desc=f"stage 2 ({cfg.stage2})", ckpt=run_dir / "stage2.pt")
                 if main:
                     result["stage2_heldout"] = heldout(model)
+                    if cfg.window:
+                        with _window_off(model):
+                            result["stage2_linear_only_heldout"] = heldout(model)
             if not main:
                 continue
             save_linearized(model, run_dir / "adapters")
@@ -258,6 +268,20 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
     return distributed.broadcast_object(metrics if main else None)
 
 
+@contextlib.contextmanager
+def _window_off(model):
+    """Run a sliding-window hybrid as plain linear attention inside the block (same feature maps)."""
+    ads = adapters(model).values()
+    windows = [a.window for a in ads]
+    for a in ads:
+        a.window = 0
+    try:
+        yield model
+    finally:
+        for a, w in zip(ads, windows):
+            a.window = w
+
+
 def _mean(xs) -> float:
     xs = [x for x in xs if x == x]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -280,9 +304,9 @@ def summarize(metrics: dict) -> dict:
         if runs and "cosine" in runs[0]["heldout"]:
             row["cosine_mean"] = statistics.fmean(r["heldout"]["cosine"] for r in runs)
             row["hidden_rel_err_mean"] = statistics.fmean(r["heldout"]["hidden_rel_err"] for r in runs)
-        if runs and "stage2_heldout" in runs[0]:
-            s2 = [r["stage2_heldout"]["loss"] for r in runs]
-            row["stage2_loss_mean"] = statistics.fmean(s2)
-            row["stage2_gap"] = row["stage2_loss_mean"] - teacher
+        for name in ("stage2", "linear_only", "stage2_linear_only"):   # optional stages and ablations
+            if runs and f"{name}_heldout" in runs[0]:
+                row[f"{name}_loss_mean"] = statistics.fmean(r[f"{name}_heldout"]["loss"] for r in runs)
+                row[f"{name}_gap"] = row[f"{name}_loss_mean"] - teacher
         out[rule] = row
     return out
