@@ -40,7 +40,7 @@ def test_consistency_cli_tiny(tmp_path):
 
 def test_verifier():
     assert verify(" 12 is the answer", 12) and not verify("13", 12) and not verify("no idea", 12)
-    assert verify("-3", -3)
+    assert verify("-3", -3) and verify("98 + 97 = 195", 195) and not verify("To add 98 and 97, we", 195)
     qs = problems(5, 0, 9)
     assert qs == problems(5, 0, 9) and all(0 <= a <= 18 for _, a in qs)
 

@@ -1,6 +1,6 @@
 """Experiment (b): SmolLM2-135M-Instruct on a task with a programmatic verifier (two-number addition).
 
-1. Responses to training prompts are sampled from the reference model and labelled by the verifier (the first
+1. Responses to training prompts are sampled from the reference model and labelled by the verifier (the last
    integer in the response equals the sum). Unpaired rows feed DDRO / RDRO / KTO; for DPO each prompt with both a
    correct and an incorrect sample gives (chosen, rejected) pairs.
 2. Every loss trains a fresh copy of the reference model with the same budget (steps x batch), per seed.
@@ -60,7 +60,7 @@ PRESETS = {
     "gpu": {},
     # a 2-core CPU in about half an hour: fewer prompts, short answers, two seeds, a larger learning rate
     "cpu": dict(seeds=(0, 1), train_prompts=96, eval_prompts=64, samples_per_prompt=8, eval_samples=2,
-                max_new_tokens=8, steps=40, batch_size=16, learning_rate=1e-5, device="cpu"),
+                max_new_tokens=16, max_operand=50, steps=40, batch_size=16, learning_rate=1e-5, device="cpu"),
     "tiny": dict(model="tiny-random", losses=("ddro", "rdro", "dpo", "kto"), seeds=(0,), train_prompts=6,
                  eval_prompts=3, samples_per_prompt=4, eval_samples=1, max_new_tokens=4, max_operand=9, steps=2,
                  batch_size=4, learning_rate=1e-3, device="cpu"),
@@ -85,9 +85,9 @@ def problems(n: int, seed: int, max_operand: int) -> list[tuple[str, int]]:
 
 
 def verify(response: str, answer: int) -> bool:
-    """The first integer in the response is the answer."""
-    m = _INT.search(response)
-    return m is not None and int(m.group()) == answer
+    """The last integer in the response is the answer (so "23 + 45 = 68" counts, "23 + 45 is" does not)."""
+    found = _INT.findall(response)
+    return bool(found) and int(found[-1]) == answer
 
 
 class CharTokenizer:
