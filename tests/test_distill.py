@@ -113,9 +113,13 @@ def test_tiny_cli_run_with_window_hybrid_and_lora_stage2(tiny_model_dir, tmp_pat
     out = tmp_path / "hybrid"
     argv = ["distill", "--preset", "tiny", "--model", str(tiny_model_dir), "--out", str(out), "--budget", "8",
             "--rules", "uniform", "--window", "8", "--stage2", "lora", "--stage2-steps", "3", "--lora-rank", "2",
-            "--lora-lr", "0.01", "--prompts", "hello"]
+            "--lora-lr", "0.01", "--prompts", "hello", "--throughput", "1", "--throughput-lengths", "16",
+            "--throughput-gen-context", "16"]
     assert cli_main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    fixed = metrics["student"]["throughput"]["fixed_steps"]          # greedy_decode, eager on the CPU
+    assert fixed["new_tokens"] == 32 and fixed["tokens_per_s"] > 0 and not fixed["cuda_graph"]
+    assert "fixed_steps" not in metrics["teacher"]["throughput"]
     run = metrics["runs"]["uniform_s0"]
     for name in ("heldout", "linear_only_heldout", "stage2_heldout", "stage2_linear_only_heldout"):
         assert math.isfinite(run[name]["loss"]), name

@@ -95,18 +95,27 @@ def prefill_throughput(model, vocab: int, T: int, device, reps: int = 3, encoder
 
 
 @torch.no_grad()
-def generate_throughput(model, vocab: int, context: int, new_tokens: int, device, batch: int = 1) -> dict:
-    """Greedy ``model.generate`` tokens/s after a prompt of ``context`` tokens, and peak device memory."""
+def generate_throughput(model, vocab: int, context: int, new_tokens: int, device, batch: int = 1,
+                        fixed_steps: bool = False) -> dict:
+    """Greedy ``model.generate`` tokens/s after a prompt of ``context`` tokens, and peak device memory.
+    fixed_steps: ``fastattn.hf.greedy_decode`` instead (a linearized model; one CUDA graph replay per token on a
+    GPU when every layer is plain linear attention), prefill included in the time as for generate."""
     ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(1)).to(device)
-    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=new_tokens,
-              max_new_tokens=new_tokens, pad_token_id=0)
-    model.generate(ids[:, :8], **{**kw, "attention_mask": torch.ones_like(ids[:, :8]), "min_new_tokens": 2,
-                                  "max_new_tokens": 2})
+    if fixed_steps:
+        from ..hf import greedy_decode
+
+        def decode(x, n):
+            return greedy_decode(model, x, n)
+    else:
+        def decode(x, n):
+            return model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, min_new_tokens=n,
+                                  max_new_tokens=n, pad_token_id=0)
+    decode(ids[:, :8], 2)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
     t0 = time.perf_counter()
-    out = model.generate(ids, **kw)
+    out = decode(ids, new_tokens)
     _sync(device)
     seconds = time.perf_counter() - t0
     generated = (out.shape[1] - context) * batch

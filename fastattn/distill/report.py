@@ -91,6 +91,12 @@ def _tp_rows(label: str, tp: dict) -> list[str]:
     mem = f"{g['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in g else ""
     rows.append(f"| {label} | generate ctx {g['context']}, {g['new_tokens']} new | {g['seconds']:.2f} s "
                 f"| {g['tokens_per_s']:.1f} tok/s | {mem} |")
+    f = tp.get("fixed_steps")
+    if f:
+        how = "CUDA graph per token" if f.get("cuda_graph") else "eager"
+        mem = f"{f['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in f else ""
+        rows.append(f"| {label} | greedy_decode ({how}) ctx {f['context']}, {f['new_tokens']} new | "
+                    f"{f['seconds']:.2f} s | {f['tokens_per_s']:.1f} tok/s | {mem} |")
     return rows
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from .. import distributed, dof
-from ..hf import (add_lora, adapters, attention_modules, head_counts, linearize, save_linearized,
-                  softmax_attention)
+from ..hf import (add_lora, adapters, attention_modules, head_counts, linearize, linearized_layers,
+                  save_linearized, softmax_attention)
+from ..hf.decode import graph_capturable
 from . import data
 from .capture import capture_batch, sample_qk
 from .config import DistillConfig
@@ -124,9 +125,14 @@ def _throughput(model, tok, cfg: DistillConfig, device, encoder: bool = False) -
         return {"prefill": [prefill_throughput(model, vocab, T, device, encoder=True)
                             for T in cfg.throughput_lengths if T <= limit],
                 "skipped_lengths": [T for T in cfg.throughput_lengths if T > limit]}
-    return {"prefill": [prefill_throughput(model, vocab, T, device) for T in cfg.throughput_lengths],
-            "generate": generate_throughput(model, vocab, cfg.throughput_gen_context, 32 if device.type == "cpu"
-                                            else 128, device)}
+    new_tokens = 32 if device.type == "cpu" else 128
+    out = {"prefill": [prefill_throughput(model, vocab, T, device) for T in cfg.throughput_lengths],
+           "generate": generate_throughput(model, vocab, cfg.throughput_gen_context, new_tokens, device)}
+    if linearized_layers(model)[0]:   # the student: also fixed-shape steps (CUDA graphs on a GPU)
+        out["fixed_steps"] = generate_throughput(model, vocab, cfg.throughput_gen_context, new_tokens, device,
+                                                 fixed_steps=True)
+        out["fixed_steps"]["cuda_graph"] = device.type == "cuda" and graph_capturable(model)
+    return out
 
 
 def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:

@@ -14,10 +14,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .architectures import ARCHITECTURES, attention_modules, head_counts
 from .attention import ATTENTION_NAME, LinearAttentionAdapter, linear_attention_forward, register
 from .cache import LinearAttentionCache, RecurrentStateLayer
+from .decode import greedy_decode
 from .lora import add_lora
 from .linearize import (adapters, linearize, linearized_layers, load_linearized, save_linearized,
                         softmax_attention)
 
 __all__ = ["ARCHITECTURES", "ATTENTION_NAME", "LinearAttentionAdapter", "LinearAttentionCache",
-           "RecurrentStateLayer", "add_lora", "adapters", "attention_modules", "head_counts", "linear_attention_forward",
-           "linearize", "linearized_layers", "load_linearized", "register", "save_linearized", "softmax_attention"]
+           "RecurrentStateLayer", "add_lora", "adapters", "attention_modules", "greedy_decode", "head_counts",
+           "linear_attention_forward", "linearize", "linearized_layers", "load_linearized", "register", "save_linearized", "softmax_attention"]
