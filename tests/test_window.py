@@ -173,3 +173,16 @@ def test_hf_window_rejects_encoders():
                                   intermediate_size=48, max_position_embeddings=64)
     with pytest.raises(ValueError, match="needs a causal model"):
         hf.linearize(transformers.BertModel(cfg).eval(), 6, window=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_attention_on_gpu_matches_fp64_definition(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    adapter = make_adapter(window=64).cuda()
+    q, k, v = (x.cuda().to(dtype) for x in inputs(T=1000, d=8))
+    o = adapter(q, k, v, 8 ** -0.5)
+    ref, _ = reference(adapter, q, k, v, 8 ** -0.5)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(o.double(), ref, rtol=tol, atol=tol)
