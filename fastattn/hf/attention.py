@@ -47,14 +47,15 @@ class LinearAttentionAdapter(nn.Module):
         return self.feature_map(query, "q"), self.feature_map(key, "k")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, scaling: float, causal: bool = True,
-                key_mask: Tensor | None = None) -> Tensor:
-        """This layer's attention without a cache: query [B, H, T, d], key/value [B, Hkv, T, d|Dv],
-        key_mask [B, T] -> o [B, H, T, Dv] (the sliding-window hybrid when ``window`` > 0)."""
+                key_mask: Tensor | None = None, layer=None) -> Tensor:
+        """This layer's attention: query [B, H, T, d], key/value [B, Hkv, T, d|Dv], key_mask [B, T] ->
+        o [B, H, T, Dv] (the sliding-window hybrid when ``window`` > 0). ``layer``: a sliding-window layer's
+        cache layer (plain linear layers with a cache are the attention function's business)."""
         if self.window:
             if not causal:
                 raise ValueError("the sliding-window hybrid is causal; this layer is not")
             from .window import window_attention
-            return window_attention(self, query, key, value, scaling, key_mask)
+            return window_attention(self, query, key, value, scaling, key_mask, layer)
         phi_q, phi_k = self.features(query, key)
         o, _ = fastattn.linear_attention(phi_q, phi_k, value, causal=causal, eps=self.eps, key_mask=key_mask,
                                          backend=self.backend)
@@ -126,11 +127,8 @@ def linear_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         groups = adapter.num_heads // adapter.num_kv_heads
         fm.calibrate_key_shift(key.repeat_interleave(groups, 1) if groups > 1 else key, key_mask)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if layer is None:
-        return adapter(query, key, value, scaling, causal, key_mask).transpose(1, 2).contiguous(), None
-    if adapter.window:
-        from .window import window_attention
-        return window_attention(adapter, query, key, value, scaling, key_mask, layer).transpose(1, 2).contiguous(), None
+    if layer is None or adapter.window:
+        return adapter(query, key, value, scaling, causal, key_mask, layer).transpose(1, 2).contiguous(), None
     phi_q, phi_k = adapter.features(query, key)
     if layer.state is not None and T == 1:
         if key_mask is not None:
