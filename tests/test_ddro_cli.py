@@ -45,14 +45,23 @@ def test_verifier():
     assert qs == problems(5, 0, 9) and all(0 <= a <= 18 for _, a in qs)
 
 
-def test_verifier_cli_tiny(tmp_path):
+def test_verifier_cli_tiny(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
+    from fastattn.ddro import verifier
+    # the random tiny model is never right: label by response length so that every loss has both classes
+    monkeypatch.setattr(verifier, "verify", lambda response, answer: len(response) % 2 == 0)
     out = tmp_path / "b"
     assert main(["ddro", "verifier", "--preset", "tiny", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["reference"]) == {"greedy", "sampled"}
     assert set(m["runs"]) == {"ddro", "rdro", "dpo", "kto"}
     assert (out / "report.md").read_text().startswith("# DDRO experiment (b)")
+    # a rerun resumes every finished (loss, seed) from partial.json and trains nothing
+    capsys.readouterr()
+    assert main(["ddro", "verifier", "--preset", "tiny", "--out", str(out)]) == 0
+    trained = sum(len(r) for r in m["runs"].values() if "skipped" not in r)
+    assert trained >= 3 and capsys.readouterr().out.count(": resumed") == trained
+    assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]
 
 
 def test_batched_generation_with_left_padding_equals_one_prompt_at_a_time():

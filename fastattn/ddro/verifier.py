@@ -193,8 +193,14 @@ def run(cfg: VerifierConfig, log=print) -> dict:
     n_pos = sum(r["label"] for r in unpaired)
     log(f"{len(unpaired)} sampled responses, {n_pos} verified correct; {len(paired)} pairs")
     held_out = problems(cfg.eval_prompts, 2000, cfg.max_operand)
-    result = {"config": asdict(cfg), "n_rows": len(unpaired), "n_correct": n_pos, "n_pairs": len(paired),
-              "reference": accuracy(ref, tok, held_out, cfg, 0), "runs": {}}
+    # every finished (loss, seed) is kept in partial.json, so a rerun with the same config resumes
+    partial = Path(cfg.out) / "partial.json"
+    result = json.loads(partial.read_text()) if partial.exists() else {}
+    if result.get("config") != json.loads(json.dumps(asdict(cfg))):   # (tuples come back as lists)
+        result = {"config": asdict(cfg), "n_rows": len(unpaired), "n_correct": n_pos, "n_pairs": len(paired),
+                  "reference": accuracy(ref, tok, held_out, cfg, 0), "runs": {}}
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(result, indent=1))
     log(f"reference: {result['reference']}")
     for loss in cfg.losses:
         data = paired if loss == "dpo" else unpaired
@@ -202,6 +208,9 @@ def run(cfg: VerifierConfig, log=print) -> dict:
             result["runs"][loss] = {"skipped": "no usable data (needs both correct and incorrect samples)"}
             continue
         for seed in cfg.seeds:
+            if str(seed) in result["runs"].get(loss, {}):
+                log(f"{loss} seed {seed}: resumed {result['runs'][loss][str(seed)]}")
+                continue
             policy = copy.deepcopy(ref)
             tcfg = DDROConfig(loss_type=loss, learning_rate=cfg.learning_rate, beta=cfg.beta, max_steps=cfg.steps,
                               per_device_train_batch_size=cfg.batch_size, seed=seed, device=str(dev),
@@ -212,6 +221,7 @@ def run(cfg: VerifierConfig, log=print) -> dict:
             trainer.train(log=lambda s: log(f"  {loss} seed {seed}: {s}"))
             acc = accuracy(policy.eval(), tok, held_out, cfg, 0)
             result["runs"].setdefault(loss, {})[str(seed)] = acc
+            partial.write_text(json.dumps(result, indent=1))
             log(f"{loss} seed {seed}: {acc}")
             del policy, trainer
     return result
