@@ -42,7 +42,7 @@ def make_parser(parser):
         p.add_argument("--config", default=None, help="YAML file of config keys (below command-line flags)")
         if name == "verifier":
             p.add_argument("--preset", default="gpu",
-                           help="gpu (one H200) | cpu (2 cores, ~30 min) | tiny (smoke test)")
+                           help="gpu (one H200) | cpu (2 cores, ~2 h) | tiny (smoke test)")
         for field in dataclasses.fields(cls):
             if field.name == "preset":
                 continue

@@ -58,7 +58,7 @@ class VerifierConfig:
 
 PRESETS = {
     "gpu": {},
-    # a 2-core CPU in about half an hour: fewer prompts, short answers, two seeds, a larger learning rate
+    # a 2-core CPU in about two hours on one thread: fewer prompts, two seeds, a larger learning rate
     "cpu": dict(seeds=(0, 1), train_prompts=96, eval_prompts=64, samples_per_prompt=8, eval_samples=2,
                 max_new_tokens=16, max_operand=50, steps=40, batch_size=16, learning_rate=1e-5, device="cpu"),
     "tiny": dict(model="tiny-random", losses=("ddro", "rdro", "dpo", "kto"), seeds=(0,), train_prompts=6,
