@@ -93,8 +93,7 @@ def greedy_decode(model: nn.Module, input_ids: Tensor, max_new_tokens: int, atte
         _restore(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step()
-        _restore(saved)   # capture does not run the step, but be exact about the starting point
+            step()          # recorded, not run: the buffers still hold the first step's inputs
         step = graph.replay
     for i in range(1, max_new_tokens):
         step()
