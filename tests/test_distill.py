@@ -120,6 +120,7 @@ def test_tiny_cli_run_with_window_hybrid_and_lora_stage2(tiny_model_dir, tmp_pat
     fixed = metrics["student"]["throughput"]["fixed_steps"]          # greedy_decode, eager on the CPU
     assert fixed["new_tokens"] == 32 and fixed["tokens_per_s"] > 0 and not fixed["cuda_graph"]
     assert "fixed_steps" not in metrics["teacher"]["throughput"]
+    assert metrics["student"]["throughput_linear_only"]["fixed_steps"]["tokens_per_s"] > 0   # window off
     run = metrics["runs"]["uniform_s0"]
     for name in ("heldout", "linear_only_heldout", "stage2_heldout", "stage2_linear_only_heldout"):
         assert math.isfinite(run[name]["loss"]), name
@@ -128,6 +129,7 @@ def test_tiny_cli_run_with_window_hybrid_and_lora_stage2(tiny_model_dir, tmp_pat
     assert saved["window"] == 8 and saved["lora"]["rank"] == 2
     report = (out / "report.md").read_text()
     assert "sliding-window softmax hybrid" in report and "+ stage 2 (lora), without its window" in report
+    assert "window off) | greedy_decode (eager)" in report
 
 
 def test_config_validation():

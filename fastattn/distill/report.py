@@ -196,6 +196,9 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
         lines += _tp_rows("teacher (SDPA)" if encoder else "teacher (SDPA, KV cache)", metrics["teacher"]["throughput"])
         lines += _tp_rows(f"student ({metrics['student']['rule']}, "
                           f"{'linear attention' if encoder else 'recurrent state'})", metrics["student"]["throughput"])
+        if "throughput_linear_only" in metrics["student"]:
+            lines += _tp_rows(f"student ({metrics['student']['rule']}, window off)",
+                              metrics["student"]["throughput_linear_only"])
         skipped = metrics["teacher"]["throughput"].get("skipped_lengths")
         if skipped:
             lines.append(f"\nNot measured: T = {skipped} (beyond the encoder's max_position_embeddings).")

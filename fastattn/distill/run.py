@@ -270,6 +270,9 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
             metrics["student"]["text"] = generate_text(model, tok, cfg.prompts, cfg.gen_tokens, device)
         if cfg.throughput:
             metrics["student"]["throughput"] = _throughput(model, tok, cfg, device, encoder)
+            if cfg.window:   # the same student without its window: plain linear layers (CUDA-graph decoding)
+                with _window_off(model):
+                    metrics["student"]["throughput_linear_only"] = _throughput(model, tok, cfg, device, encoder)
         metrics["summary"] = summarize(metrics)
     return distributed.broadcast_object(metrics if main else None)
 

@@ -1,0 +1,148 @@
+"""Teacher (softmax, SDPA) against its linearized student on one model: prefill, generate, peak memory, profile.
+
+Throughput does not depend on trained feature maps, so the student here is ``linearize(model, dims, "prf")``
+untrained (keys calibrated on the prompt as in generate). Measured, in one process, on the GPU:
+  - prefill (B=1, no cache, logits of the last token) at each T, median of 3, with each linear-attention backend
+    the student can use (auto, triton, cuda);
+  - HF ``generate`` (teacher: KV cache; student: the recurrent cache) and ``fastattn.hf.greedy_decode`` (student:
+    one CUDA graph replay per token) at B=1 after a prompt of --gen-context tokens, tokens/s and peak memory;
+  - a torch.profiler table of one student and one teacher prefill at the first T (host time against device
+    time; the top ops by self CPU time), to show where a host-bound forward spends its time.
+
+    python bench/hf_speed.py --model path/to/model.gguf --out bench/results    # hf_speed_<device>.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastattn import models  # noqa: E402
+from fastattn.distill.evaluate import generate_throughput, prefill_throughput  # noqa: E402
+from fastattn.hf import adapters, linearize, softmax_attention  # noqa: E402
+from linear_attn import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+
+def profile_prefill(model, vocab: int, T: int, device, rows: int = 15) -> dict:
+    """Host (CPU) and device (CUDA) time of one B=1 prefill over T tokens, and the top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.device(device).type == "cuda"
+    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(use_cache=False, logits_to_keep=1)
+    with torch.no_grad():
+        model(ids, **kw)
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            model(ids, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    cuda_total = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    return {"T": T, "ops": sum(e.count for e in events if not e.key.startswith(("cuda", "Activity"))),
+            "self_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3, "self_cuda_ms": cuda_total / 1e3,
+            "top": [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                     "self_cuda_ms": getattr(e, "self_device_time_total", 0.0) / 1e3} for e in top]}
+
+
+def _set_backend(model, backend: str) -> None:
+    for a in adapters(model).values():
+        a.backend = backend
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    model, tok = models.load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
+    vocab = len(tok)
+    res = {"model": args.model, "lengths": args.lengths, "gen_context": args.gen_context,
+           "new_tokens": args.new_tokens, "feature_dims": args.dims, "teacher": {}, "student": {}}
+    t, s = res["teacher"], res["student"]
+    linearize(model, args.dims, feature_map="prf", seed=0)
+    with softmax_attention(model):
+        t["prefill"] = [prefill_throughput(model, vocab, T, device) for T in args.lengths]
+        print("teacher prefill", [f"{p['T']}: {p['ms']:.1f} ms" for p in t["prefill"]], flush=True)
+        t["profile"] = profile_prefill(model, vocab, args.lengths[0], device)
+        t["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
+        print("teacher generate", t["generate"], flush=True)
+    s["prefill"] = {}
+    for backend in args.backends:
+        _set_backend(model, backend)
+        try:
+            s["prefill"][backend] = [prefill_throughput(model, vocab, T, device) for T in args.lengths]
+        except RuntimeError as e:   # a backend this machine lacks: say so
+            s["prefill"][backend] = str(e)
+        print("student prefill", backend, s["prefill"][backend], flush=True)
+    _set_backend(model, "auto")
+    s["profile"] = profile_prefill(model, vocab, args.lengths[0], device)
+    s["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
+    print("student generate", s["generate"], flush=True)
+    s["greedy_decode"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device,
+                                             fixed_steps=True)
+    print("student greedy_decode", s["greedy_decode"], flush=True)
+    return res
+
+
+def markdown(res: dict, env: dict) -> str:
+    t, s = res["teacher"], res["student"]
+    lines = [f"# Teacher vs linearized student: {Path(res['model']).name}", "",
+             f"GPU {env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, commit {env['commit']}; "
+             f"bf16, B=1, student: untrained prf, {res['feature_dims']} features per head in every layer.", "",
+             "| prefill T | teacher (SDPA) ms | " + " | ".join(f"student {b} ms" for b in s["prefill"])
+             + " | teacher / student (auto) |", "|---" * (len(s["prefill"]) + 3) + "|"]
+    for i, p in enumerate(t["prefill"]):
+        cells = [f"{v[i]['ms']:.1f}" if isinstance(v, list) else "n/a" for v in s["prefill"].values()]
+        auto = s["prefill"].get("auto")
+        ratio = f"{p['ms'] / auto[i]['ms']:.2f}x" if isinstance(auto, list) else "n/a"
+        lines.append(f"| {p['T']} | {p['ms']:.1f} | " + " | ".join(cells) + f" | {ratio} |")
+    lines += ["", f"| generate, context {res['gen_context']}, {res['new_tokens']} new tokens | tokens/s | peak GB | "
+              "vs teacher |", "|---|---|---|---|"]
+    base = t["generate"]["tokens_per_s"]
+    for name, row in (("teacher, HF generate (KV cache)", t["generate"]),
+                      ("student, HF generate (recurrent cache)", s["generate"]),
+                      ("student, greedy_decode (CUDA graph)", s["greedy_decode"])):
+        lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row.get('peak_mem_gb', float('nan')):.2f} | "
+                     f"{row['tokens_per_s'] / base:.2f}x |")
+    for who, d in (("teacher", t), ("student", s)):
+        p = d["profile"]
+        lines += ["", f"Profile of one {who} prefill at T={p['T']}: {p['ops']} op calls, self CPU "
+                      f"{p['self_cpu_ms']:.1f} ms, self CUDA {p['self_cuda_ms']:.1f} ms. Top ops by self CPU:", "",
+                  "| op | calls | self CPU ms | self CUDA ms |", "|---|---|---|---|"]
+        lines += [f"| `{e['name']}` | {e['count']} | {e['self_cpu_ms']:.2f} | {e['self_cuda_ms']:.2f} |"
+                  for e in p["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="a name, HF directory or .gguf (fastattn.models.load)")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 16384])
+    ap.add_argument("--gen-context", type=int, default=8192)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dims", type=int, default=64, help="feature dim of every layer")
+    ap.add_argument("--backends", type=lambda s: s.split(","), default=["auto", "triton", "cuda"])
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of this script")
+    ap.add_argument("--out", default=None, help="folder for hf_speed_<device>.json and .md")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("hf_speed.py measures GPU throughput; no CUDA device here")
+    t0 = time.time()
+    res = run(args)
+    env = environment(torch.device(args.device))
+    res["env"], res["seconds"] = env, time.time() - t0
+    md = markdown(res, env)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = "h200" if args.device == "cuda" else args.device
+        (out / f"hf_speed_{name}.json").write_text(json.dumps(res, indent=1))
+        (out / f"hf_speed_{name}.md").write_text(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
