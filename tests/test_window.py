@@ -46,7 +46,8 @@ def reference(adapter, q, k, v, scaling, key_mask=None):
     lq, lk = log_prf64(adapter.feature_map, q), log_prf64(adapter.feature_map, k)
     softmax_kernel = ((q.double() @ k.transpose(-1, -2)) * scaling).exp()
     feature_kernel = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], -1).exp()
-    lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    pos = torch.arange(T, device=q.device)
+    lag = pos[:, None] - pos[None, :]
     weights = torch.where((lag >= 0) & (lag < W), softmax_kernel, torch.where(lag >= W, feature_kernel, 0.0))
     if key_mask is not None:
         weights = weights * key_mask[:, None, None, :]
