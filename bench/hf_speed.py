@@ -24,12 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastattn import models  # noqa: E402
 from fastattn.distill.evaluate import generate_throughput, prefill_throughput  # noqa: E402
-from fastattn.hf import adapters, linearize, softmax_attention  # noqa: E402
+from fastattn.hf import adapters, greedy_decode, linearize, softmax_attention  # noqa: E402
 from linear_attn import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
-def profile_prefill(model, vocab: int, T: int, device, rows: int = 15) -> dict:
-    """Host (CPU) and device (CUDA) time of one B=1 prefill over T tokens, and the top ops by self CPU time."""
+def profile_prefill(model, vocab: int, T: int, device, rows: int = 12) -> dict:
+    """Host (CPU) and device (CUDA) time of one B=1 prefill over T tokens; the top ops by self CPU time and the
+    top kernels by self CUDA time."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.device(device).type == "cuda"
     ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
@@ -41,12 +42,48 @@ def profile_prefill(model, vocab: int, T: int, device, rows: int = 15) -> dict:
             if cuda:
                 torch.cuda.synchronize()
     events = prof.key_averages()
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    cuda_total = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+
+    def dev(e) -> float:
+        return getattr(e, "self_device_time_total", 0.0) / 1e3
+
+    def table(key):
+        return [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3, "self_cuda_ms": dev(e)}
+                for e in sorted(events, key=key, reverse=True)[:rows]]
     return {"T": T, "ops": sum(e.count for e in events if not e.key.startswith(("cuda", "Activity"))),
-            "self_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3, "self_cuda_ms": cuda_total / 1e3,
-            "top": [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
-                     "self_cuda_ms": getattr(e, "self_device_time_total", 0.0) / 1e3} for e in top]}
+            "self_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "self_cuda_ms": sum(dev(e) for e in events),
+            "top": table(lambda e: e.self_cpu_time_total), "top_cuda": table(dev)}
+
+
+@torch.no_grad()
+def graphed_prefill(model, vocab: int, T: int, device, reps: int = 10) -> dict:
+    """Median ms of one B=1 prefill over T tokens captured once as a CUDA graph and replayed: device time without
+    the eager forward's host work (the same for teacher and student). {"error": ...} where capture fails."""
+    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(use_cache=False, logits_to_keep=1)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):    # warm-up off the capture stream (compilation, workspaces)
+            for _ in range(2):
+                model(ids, **kw)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(ids, **kw)
+    except Exception as e:  # noqa: BLE001 - a forward that cannot be captured is a result
+        torch.cuda.synchronize()
+        return {"T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return {"T": T, "ms": sorted(times)[reps // 2]}
 
 
 def _set_backend(model, backend: str) -> None:
@@ -62,12 +99,18 @@ def run(args) -> dict:
            "new_tokens": args.new_tokens, "feature_dims": args.dims, "teacher": {}, "student": {}}
     t, s = res["teacher"], res["student"]
     linearize(model, args.dims, feature_map="prf", seed=0)
+    cuda = device.type == "cuda"
     with softmax_attention(model):
         t["prefill"] = [prefill_throughput(model, vocab, T, device) for T in args.lengths]
         print("teacher prefill", [f"{p['T']}: {p['ms']:.1f} ms" for p in t["prefill"]], flush=True)
-        t["profile"] = profile_prefill(model, vocab, args.lengths[0], device)
+        if cuda:
+            t["prefill_graph"] = [graphed_prefill(model, vocab, T, device) for T in args.lengths]
+            print("teacher prefill, CUDA graph", t["prefill_graph"], flush=True)
+        t["profile"] = [profile_prefill(model, vocab, T, device) for T in args.lengths]
         t["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
         print("teacher generate", t["generate"], flush=True)
+    # fix every layer's key shift on a prompt, as a trained student has it (calibrate_key_shifts in the driver)
+    greedy_decode(model, torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(2)).to(device), 1)
     s["prefill"] = {}
     for backend in args.backends:
         _set_backend(model, backend)
@@ -77,7 +120,10 @@ def run(args) -> dict:
             s["prefill"][backend] = str(e)
         print("student prefill", backend, s["prefill"][backend], flush=True)
     _set_backend(model, "auto")
-    s["profile"] = profile_prefill(model, vocab, args.lengths[0], device)
+    if cuda:
+        s["prefill_graph"] = [graphed_prefill(model, vocab, T, device) for T in args.lengths]
+        print("student prefill, CUDA graph", s["prefill_graph"], flush=True)
+    s["profile"] = [profile_prefill(model, vocab, T, device) for T in args.lengths]
     s["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
     print("student generate", s["generate"], flush=True)
     s["greedy_decode"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device,
@@ -86,18 +132,36 @@ def run(args) -> dict:
     return res
 
 
+def _ms(row: dict) -> str:
+    return f"{row['ms']:.1f}" if "ms" in row else "n/a"
+
+
 def markdown(res: dict, env: dict) -> str:
     t, s = res["teacher"], res["student"]
+    graphs = "prefill_graph" in t
     lines = [f"# Teacher vs linearized student: {Path(res['model']).name}", "",
              f"GPU {env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, commit {env['commit']}; "
-             f"bf16, B=1, student: untrained prf, {res['feature_dims']} features per head in every layer.", "",
+             f"bf16, B=1, student: untrained prf, {res['feature_dims']} features per head in every layer, key shifts "
+             "calibrated on a 512-token prompt. Eager forward, median of 3; CUDA graph: the same forward captured "
+             "once and replayed (device time), median of 10.", "",
              "| prefill T | teacher (SDPA) ms | " + " | ".join(f"student {b} ms" for b in s["prefill"])
-             + " | teacher / student (auto) |", "|---" * (len(s["prefill"]) + 3) + "|"]
+             + " | teacher / student (auto) |" + (" teacher, graph ms | student, graph ms | ratio, graphs |"
+                                                  if graphs else ""),
+             "|---" * (len(s["prefill"]) + 3 + 3 * graphs) + "|"]
     for i, p in enumerate(t["prefill"]):
         cells = [f"{v[i]['ms']:.1f}" if isinstance(v, list) else "n/a" for v in s["prefill"].values()]
         auto = s["prefill"].get("auto")
         ratio = f"{p['ms'] / auto[i]['ms']:.2f}x" if isinstance(auto, list) else "n/a"
-        lines.append(f"| {p['T']} | {p['ms']:.1f} | " + " | ".join(cells) + f" | {ratio} |")
+        row = f"| {p['T']} | {p['ms']:.1f} | " + " | ".join(cells) + f" | {ratio} |"
+        if graphs:
+            tg, sg = t["prefill_graph"][i], s["prefill_graph"][i]
+            gratio = f"{tg['ms'] / sg['ms']:.2f}x" if "ms" in tg and "ms" in sg else "n/a"
+            row += f" {_ms(tg)} | {_ms(sg)} | {gratio} |"
+        lines.append(row)
+    errors = [f"{who} T={g['T']}: {g['error']}" for who, d in (("teacher", t), ("student", s))
+              for g in d.get("prefill_graph", []) if "error" in g]
+    if errors:
+        lines += ["", "CUDA graph capture failed: " + "; ".join(errors)]
     lines += ["", f"| generate, context {res['gen_context']}, {res['new_tokens']} new tokens | tokens/s | peak GB | "
               "vs teacher |", "|---|---|---|---|"]
     base = t["generate"]["tokens_per_s"]
@@ -107,12 +171,14 @@ def markdown(res: dict, env: dict) -> str:
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row.get('peak_mem_gb', float('nan')):.2f} | "
                      f"{row['tokens_per_s'] / base:.2f}x |")
     for who, d in (("teacher", t), ("student", s)):
-        p = d["profile"]
-        lines += ["", f"Profile of one {who} prefill at T={p['T']}: {p['ops']} op calls, self CPU "
-                      f"{p['self_cpu_ms']:.1f} ms, self CUDA {p['self_cuda_ms']:.1f} ms. Top ops by self CPU:", "",
-                  "| op | calls | self CPU ms | self CUDA ms |", "|---|---|---|---|"]
-        lines += [f"| `{e['name']}` | {e['count']} | {e['self_cpu_ms']:.2f} | {e['self_cuda_ms']:.2f} |"
-                  for e in p["top"]]
+        lines += [""] + [f"Profile of one {who} prefill at T={p['T']}: {p['ops']} op calls, self CPU "
+                         f"{p['self_cpu_ms']:.1f} ms, self CUDA {p['self_cuda_ms']:.1f} ms." for p in d["profile"]]
+        p = d["profile"][-1]
+        for title, key in (("ops by self CPU", "top"), ("kernels by self CUDA", "top_cuda")):
+            lines += ["", f"{who}, T={p['T']}: top {title}", "", "| op | calls | self CPU ms | self CUDA ms |",
+                      "|---|---|---|---|"]
+            lines += [f"| `{e['name'][:90]}` | {e['count']} | {e['self_cpu_ms']:.2f} | {e['self_cuda_ms']:.2f} |"
+                      for e in p[key]]
     return "\n".join(lines) + "\n"
 
 
