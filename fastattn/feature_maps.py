@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops.prf_features import reference as prf_reference
+from .ops.prf_features.interface import prf_features
+
 ROLES = ("q", "k")
 
 _REGISTRY: dict[str, type[FeatureMap]] = {}
@@ -126,10 +129,6 @@ class FeatureMap(nn.Module):
         return f"head_dim={self.head_dim}, feature_dim={self.feature_dim}, num_heads={self.num_heads}"
 
 
-# Dims over which forward's log-space shift takes its max: per query row, one per (sequence, head) for keys.
-_SHIFT_DIMS = {"q": (-1,), "k": (-2, -1)}
-
-
 class _PositiveRandomFeatures(FeatureMap):
     """Phi_m(x) = c_m * exp(w_m.x / d^(1/4) - |x|^2 / (2 sqrt d)) per head, so that for w_m ~ N(0, I) and
     c_m = 1/sqrt(M): E[Phi(x).Phi(y)] = exp(x.y / sqrt d). Subclasses supply w [H, M, d] and log c [H, M].
@@ -186,18 +185,19 @@ class _PositiveRandomFeatures(FeatureMap):
         return self._log_features(x.float())
 
     def _log_features(self, x: Tensor) -> Tensor:
-        d = self.head_dim
-        proj = (x @ self._projections().float().transpose(-1, -2)) * d ** -0.25   # [B, H, T, M]
-        half_sq_norm = x.square().sum(-1, keepdim=True) * (0.5 * d ** -0.5)
-        return proj - half_sq_norm + self._log_scale().float()[:, None, :]
+        return prf_reference.log_features(x, self._projections(), self._log_scale())
 
-    def _features(self, x: Tensor, role: str) -> Tensor:
-        logf = self._log_features(x)
-        if self.stabilize and role == "k" and self.key_shift_calibrated:
-            return (logf - self.key_shift[:, None, None]).exp()
-        if self.stabilize:
-            logf = logf - logf.detach().amax(dim=_SHIFT_DIMS[role], keepdim=True)
-        return logf.exp()
+    def forward(self, x: Tensor, role: str = "q") -> Tensor:
+        """x [B, H, T, head_dim] -> [B, H, T, feature_dim] in x.dtype (fp32 math): ``fastattn.ops.prf_features``,
+        one fused kernel on a GPU outside autograd, the differentiable torch definition inside it."""
+        self._check_input(x, role)
+        if not self.stabilize:
+            shift = "none"
+        elif role == "k":
+            shift = self.key_shift if self.key_shift_calibrated else "seq"
+        else:
+            shift = "row"
+        return prf_features(x, self._projections(), self._log_scale(), shift)
 
 
 @register("prf")

@@ -12,74 +12,17 @@ counts and the strides that scale with T are not specialised, so a new T never c
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..triton_gate import triton_gate
+from ..triton_gate import import_kernels, triton_gate
 from .layout import empty_output
 
-try:
-    import triton
-    from . import triton_kernels as _k
-    _IMPORT_ERROR: str | None = None
-except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
-    triton, _k = None, None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
 
-def _interpreter_compat() -> None:
-    """Bugs of Triton 3.6's interpreter (TRITON_INTERPRET=1: CPU runs and CI) that these kernels hit:
-    - loop bounds become ints through ``int(array of shape [1])``, which numpy >= 2.4 rejects: take the element;
-    - ``tl.dot`` multiplies bf16 tiles as their raw uint16 storage: widen bf16 operands to fp32 first (exact);
-    - fp32 -> bf16 casts truncate: round to nearest even, as the GPU (and torch) does.
-    Compiled kernels are unaffected; the patches are idempotent and touch only the interpreter."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original_patch = interpreter._patch_lang_tensor
-    if not getattr(original_patch, "_fastattn_fix", False):
-        try:
-            int(np.zeros(1, dtype=np.int32))
-        except TypeError:
-            def patch_lang_tensor(tensor, scope):
-                original_patch(tensor, scope)
-                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-            patch_lang_tensor._fastattn_fix = True
-            interpreter._patch_lang_tensor = patch_lang_tensor
-
-    builder = interpreter.InterpreterBuilder
-    original_dot = builder.create_dot
-    if not getattr(original_dot, "_fastattn_fix", False):
-        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-            if a.dtype.scalar == tl.bfloat16:
-                a = self.cast_impl(a, tl.float32)
-            if b.dtype.scalar == tl.bfloat16:
-                b = self.cast_impl(b, tl.float32)
-            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-        create_dot._fastattn_fix = True
-        builder.create_dot = create_dot
-
-    original_cast = builder.cast_impl
-    if not getattr(original_cast, "_fastattn_fix", False):
-        def cast_impl(self, src, dst_type):
-            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-                bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
-                rne = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # finite values
-                return interpreter.TensorHandle(rne, tl.bfloat16)
-            return original_cast(self, src, dst_type)
-
-        cast_impl._fastattn_fix = True
-        builder.cast_impl = cast_impl
-
-
-if _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_compat()
 
 BT = 64                           # chunk length
 SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (None: from the GPU size)

@@ -19,22 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..triton_gate import triton_gate
+from ..triton_gate import import_kernels, triton_gate
 
-try:
-    import triton
-    from . import triton_kernels as _k
-    _IMPORT_ERROR: str | None = None
-except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
-    triton, _k = None, None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if _IMPORT_ERROR is None and _INTERPRET:
-    # the Triton 3.6 interpreter fixes (bf16 dots, rounding casts, numpy >= 2.4 loop bounds) live with the
-    # linear-attention kernels; they are idempotent and touch only the interpreter
-    from ..linear_attn.triton import _interpreter_compat
-    _interpreter_compat()
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 G_BUFFER_BYTES = 256 * 2 ** 20      # default size of the backward's [chunk, V] gradient buffer

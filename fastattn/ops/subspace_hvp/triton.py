@@ -7,25 +7,15 @@ programs accumulates into its own partial slot, summed here in a fixed order: re
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
 
-from ..triton_gate import triton_gate
+from ..triton_gate import import_kernels, triton_gate
 from .sketch import seed_key
 
-try:
-    import triton
-    from . import triton_kernels as _k
-    _IMPORT_ERROR: str | None = None
-except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason kept
-    triton, _k = None, None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
-if _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1":
-    from ..linear_attn.triton import _interpreter_compat
-    _interpreter_compat()
 
 BK = 32
 MAX_BS = 128

@@ -1,0 +1,65 @@
+"""Triton kernel of ``prf_features`` (launched by ``triton.py``).
+
+One program per (token tile, sequence x head): it loads its [BT, d] tile of x once (any strides, converted to
+fp32) and, per [BM] slice of the M features, forms the fp32 logits x @ w^T with IEEE fp32 dots, subtracts
+|x|^2 / (2 sqrt d), adds log c, and either stores exp(logits - shift) in the output dtype or (STATS) only the
+tile's max. SHIFT: 0 none, 1 per-token max over all M (a first pass over the slices finds it), 2 a per-(sequence,
+head) constant read from shift_ptr[b * s_sb + h * s_sh]. Tails of T, d and M are masked; nothing is padded.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits(xt, sq, w_ptr, log_c_ptr, h, ms, m_m, swh, swm, swd, sch, scm, ds, m_d, c_proj):
+    """[BT, BM] fp32 log-features of the loaded x tile xt [BT, BD] for features ms (out of range: -inf)."""
+    w = tl.load(w_ptr + h * swh + ms[None, :] * swm + ds[:, None] * swd, mask=m_d[:, None] & m_m[None, :],
+                other=0.0).to(tl.float32)                                                   # [BD, BM]
+    logc = tl.load(log_c_ptr + h * sch + ms * scm, mask=m_m, other=0.0).to(tl.float32)
+    logits = tl.dot(xt, w, input_precision="ieee") * c_proj - sq[:, None] + logc[None, :]
+    return tl.where(m_m[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def prf_features_kernel(x_ptr, w_ptr, log_c_ptr, shift_ptr, out_ptr, stats_ptr,
+                        sxb, sxh, sxt, sxd, swh, swm, swd, sch, scm, s_sb, s_sh, sob, soh, sot, som,
+                        T, M, H, c_proj, c_sq,
+                        D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                        SHIFT: tl.constexpr, STATS: tl.constexpr):
+    pid_t, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    ts = pid_t * BT + tl.arange(0, BT)
+    ds = tl.arange(0, BD)
+    m_t, m_d = ts < T, ds < D
+    xt = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + ts[:, None].to(tl.int64) * sxt + ds[None, :] * sxd,
+                 mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)               # [BT, BD]
+    sq = tl.sum(xt * xt, axis=1) * c_sq
+    if STATS:   # the tile's max log-feature (rows past T excluded) -> stats[bh, pid_t]
+        best = tl.full((BT,), float("-inf"), tl.float32)
+        for m0 in range(0, M, BM):
+            ms = m0 + tl.arange(0, BM)
+            logits = _logits(xt, sq, w_ptr, log_c_ptr, h, ms, ms < M, swh, swm, swd, sch, scm, ds, m_d, c_proj)
+            best = tl.maximum(best, tl.max(logits, axis=1))
+        best = tl.where(m_t, best, float("-inf"))
+        tl.store(stats_ptr + bh * tl.num_programs(0) + pid_t, tl.max(best, axis=0))
+    else:
+        if SHIFT == 1:
+            shift = tl.full((BT,), float("-inf"), tl.float32)
+            for m0 in range(0, M, BM):
+                ms = m0 + tl.arange(0, BM)
+                logits = _logits(xt, sq, w_ptr, log_c_ptr, h, ms, ms < M, swh, swm, swd, sch, scm, ds, m_d,
+                                 c_proj)
+                shift = tl.maximum(shift, tl.max(logits, axis=1))
+        elif SHIFT == 2:
+            shift = tl.full((BT,), 0.0, tl.float32) + tl.load(shift_ptr + b * s_sb + h * s_sh).to(tl.float32)
+        else:
+            shift = tl.zeros((BT,), tl.float32)
+        for m0 in range(0, M, BM):
+            ms = m0 + tl.arange(0, BM)
+            m_m = ms < M
+            logits = _logits(xt, sq, w_ptr, log_c_ptr, h, ms, m_m, swh, swm, swd, sch, scm, ds, m_d, c_proj)
+            phi = tl.exp(logits - shift[:, None])
+            tl.store(out_ptr + b.to(tl.int64) * sob + h * soh + ts[:, None].to(tl.int64) * sot + ms[None, :] * som,
+                     phi.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_m[None, :])
