@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastattn import models  # noqa: E402
 from fastattn.distill.evaluate import generate_throughput, prefill_throughput  # noqa: E402
-from fastattn.hf import adapters, greedy_decode, linearize, softmax_attention  # noqa: E402
+from fastattn.distill.train import adapter_parameters, lm_loss  # noqa: E402
+from fastattn.hf import adapters, add_lora, greedy_decode, linearize, softmax_attention  # noqa: E402
 from linear_attn import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
@@ -86,6 +87,39 @@ def graphed_prefill(model, vocab: int, T: int, device, reps: int = 10) -> dict:
     return {"T": T, "ms": sorted(times)[reps // 2]}
 
 
+def train_step(model, vocab: int, batch: int, T: int, device, reps: int = 3) -> dict:
+    """Median seconds of one end-to-end training step of the adapters (``lm_loss`` forward + backward, base
+    weights frozen: the distill driver's second stage) on [batch, T] tokens, and its profile's top ops."""
+    from torch.profiler import ProfilerActivity, profile
+    ids = torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(3)).to(device)
+    params = adapter_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+    def step():
+        lm_loss(model, ids).backward()
+        for p in params:
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")) as prof:
+        step()
+    events = prof.key_averages()
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {"batch": batch, "T": T, "seconds": sorted(times)[reps // 2],
+            "ops": sum(e.count for e in events if not e.key.startswith(("cuda", "Activity"))),
+            "self_cuda_ms": sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3,
+            "top": [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in top]}
+
+
 def _set_backend(model, backend: str) -> None:
     for a in adapters(model).values():
         a.backend = backend
@@ -129,6 +163,14 @@ def run(args) -> dict:
     s["greedy_decode"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device,
                                              fixed_steps=True)
     print("student greedy_decode", s["greedy_decode"], flush=True)
+    if args.train_batch:   # the second stage's step: linear attention, then the window hybrid, LoRA on both
+        s["train_step"] = {}
+        for window in (0, args.train_window):
+            linearize(model, args.dims, feature_map="prf", window=window, seed=0)
+            add_lora(model, 8, 16.0, seed=0)
+            s["train_step"][f"window {window} + lora"] = train_step(model, vocab, args.train_batch, args.train_T,
+                                                                     device)
+            print("student train step, window", window, s["train_step"][f"window {window} + lora"], flush=True)
     return res
 
 
@@ -170,6 +212,11 @@ def markdown(res: dict, env: dict) -> str:
                       ("student, greedy_decode (CUDA graph)", s["greedy_decode"])):
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row.get('peak_mem_gb', float('nan')):.2f} | "
                      f"{row['tokens_per_s'] / base:.2f}x |")
+    for name, row in s.get("train_step", {}).items():
+        lines += ["", f"Training step of the adapters ({name}, lm_loss forward + backward, [{row['batch']}, "
+                      f"{row['T']}] tokens): {row['seconds'] * 1e3:.0f} ms, {row['ops']} op calls, self CUDA "
+                      f"{row['self_cuda_ms']:.0f} ms. Top ops by self CPU: "
+                      + ", ".join(f"`{e['name'][:60]}` {e['count']}x {e['self_cpu_ms']:.1f} ms" for e in row["top"])]
     for who, d in (("teacher", t), ("student", s)):
         lines += [""] + [f"Profile of one {who} prefill at T={p['T']}: {p['ops']} op calls, self CPU "
                          f"{p['self_cpu_ms']:.1f} ms, self CUDA {p['self_cuda_ms']:.1f} ms." for p in d["profile"]]
@@ -190,6 +237,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dims", type=int, default=64, help="feature dim of every layer")
     ap.add_argument("--backends", type=lambda s: s.split(","), default=["auto", "triton", "cuda"])
+    ap.add_argument("--train-batch", type=int, default=8, help="batch of the training-step timing (0: skip)")
+    ap.add_argument("--train-T", type=int, default=1024)
+    ap.add_argument("--train-window", type=int, default=64)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of this script")
     ap.add_argument("--out", default=None, help="folder for hf_speed_<device>.json and .md")
     args = ap.parse_args(argv)

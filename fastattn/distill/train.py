@@ -21,9 +21,10 @@ from ..hf import adapters
 from .losses import LOSSES
 
 
-def optimizer(model: nn.Module, cfg, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+def optimizer(model: nn.Module, cfg, lr_scale: float = 1.0, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam over the adapters: feature maps with the paper's learning rates z 0.02, log_alpha 0.2 (other
-    feature-map parameters: lr_other), all times lr_scale; LoRA factors (stage 2) at cfg.lora_lr."""
+    feature-map parameters: lr_other), all times lr_scale; LoRA factors (stage 2) at cfg.lora_lr. capturable:
+    Adam's state on the device, so that its step can live in a CUDA graph."""
     groups = {"z": [], "log_alpha": [], "other": [], "lora": []}
     for adapter in adapters(model).values():
         for name, p in adapter.named_parameters():
@@ -31,7 +32,8 @@ def optimizer(model: nn.Module, cfg, lr_scale: float = 1.0) -> torch.optim.Optim
             groups["lora" if name.startswith("lora.") else leaf if leaf in groups else "other"].append(p)
     lrs = {"z": cfg.lr_z * lr_scale, "log_alpha": cfg.lr_alpha * lr_scale, "other": cfg.lr_other * lr_scale,
            "lora": getattr(cfg, "lora_lr", cfg.lr_other)}
-    return torch.optim.Adam([{"params": ps, "lr": lrs[n], "name": n} for n, ps in groups.items() if ps])
+    return torch.optim.Adam([{"params": ps, "lr": lrs[n], "name": n} for n, ps in groups.items() if ps],
+                            capturable=capturable)
 
 
 def _scaling(model) -> float:
@@ -147,21 +149,35 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
         p.requires_grad_(id(p) in feature)
     fsdp = bool(getattr(cfg, "fsdp", False)) and distributed.world_size() > 1
     whole, model = model, _sharded_copy(model) if fsdp else model
-    opt = optimizer(model, cfg, lr_scale)
+    graphs = bool(getattr(cfg, "cuda_graph", False)) and train_ids.is_cuda and distributed.world_size() == 1
+    opt = optimizer(model, cfg, lr_scale, capturable=graphs)
     start, history = _restore(ckpt, model, opt)
     n = train_ids.shape[0]
     mine = distributed.shard(cfg.batch_size, f"batch_size={cfg.batch_size}")
     params = adapter_parameters(model)
+
+    def eager_step(ids: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model, ids)
+        loss.backward()
+        if not fsdp:   # FSDP averages in its reduce-scatter
+            distributed.average_gradients(params)
+        opt.step()
+        return loss
+
+    graphed = _GraphedStep(model, opt) if graphs else None
     try:
         for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress,
                          leave=False):
-            idx = (torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n)[mine]
-            opt.zero_grad(set_to_none=True)
-            loss = lm_loss(model, train_ids[idx])
-            loss.backward()
-            if not fsdp:   # FSDP averages in its reduce-scatter
-                distributed.average_gradients(params)
-            opt.step()
+            ids = train_ids[(torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n)[mine]]
+            if graphed is not None and step - start >= _GraphedStep.WARMUP:
+                loss = graphed(ids)
+                if loss is None:   # capture failed (logged): eager steps from here on
+                    graphed, loss = None, eager_step(ids)
+            elif graphed is not None:   # the first steps, eagerly on a side stream (lazy inits before capture)
+                loss = graphed.warmup(eager_step, ids)
+            else:
+                loss = eager_step(ids)
             history.append({"step": step + 1, "loss": distributed.all_reduce(loss.detach()).item()})
             if not math.isfinite(history[-1]["loss"]):
                 raise FloatingPointError(f"{desc} loss became {history[-1]['loss']} at step {step + 1}")
@@ -172,9 +188,53 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
             for i, a in adapters(whole).items():
                 a.load_state_dict(distributed.full_state_dict(sharded[i]))
     finally:
+        opt.zero_grad(set_to_none=True)   # (a captured step's gradients live in its graph's memory pool)
         for p in frozen:
             p.requires_grad_(True)
     return history
+
+
+class _GraphedStep:
+    """The end-to-end training step (zero grads, ``lm_loss`` forward and backward, Adam with capturable state)
+    captured once as a CUDA graph and replayed: every step has the same [B, T] shape, and the eager step's tens of
+    thousands of small ops cost far more host time than the GPU needs for them. The batch is copied into a static
+    buffer; the loss is a static tensor. The first WARMUP steps run eagerly on a side stream (the capture
+    recipe: lazy initialisation off the capture stream); those are ordinary training steps."""
+
+    WARMUP = 3
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
+        self.model, self.opt, self.graph, self.side = model, opt, None, torch.cuda.Stream()
+
+    def warmup(self, eager_step, ids: torch.Tensor) -> torch.Tensor:
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            loss = eager_step(ids)
+        torch.cuda.current_stream().wait_stream(self.side)
+        return loss
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor | None:
+        if self.graph is None:
+            self.ids = ids.clone()
+            self.opt.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.loss = lm_loss(self.model, self.ids)
+                    self.loss.backward()
+                    self.opt.step()
+            except Exception as e:  # noqa: BLE001 - an uncapturable model trains eagerly
+                import logging
+                logging.getLogger("fastattn").warning("fastattn: CUDA graph capture of the training step failed "
+                                                      "(%s: %s); eager steps instead", type(e).__name__, e)
+                torch.cuda.synchronize()
+                self.opt.zero_grad(set_to_none=True)
+                return None
+            self.graph = graph
+        else:
+            self.ids.copy_(ids)
+        self.graph.replay()
+        return self.loss
 
 
 def _sharded_copy(model: nn.Module) -> nn.Module:
