@@ -302,7 +302,7 @@ def _grid(args) -> tuple[list[int], list[int]]:
 
 def warm(args) -> None:
     """Compile (no timing) every triton kernel the GPU grid launches for the feature dims in --D, at both split
-    settings the sweep can pick (one segment, several). Fills Triton's disk cache, so one such process per D can
+    settings the sweep can pick (one segment, several) and both forward tile widths. Fills Triton's disk cache, so one such process per D can
     run in parallel before the timed run, which then compiles nothing of ours (fla: see probe_fla)."""
     from fastattn.ops.linear_attn import triton as tri
     if not backends.availability("triton")[0]:
@@ -317,11 +317,17 @@ def warm(args) -> None:
                 tri.PROGRAMS_PER_SM.update(fwd=pps, bwd=pps)
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
                 fastattn.linear_attention(*leaves, layout="bthd", backend="triton")[0].backward(do)
+            for bk in BK_VALUES if D > 64 else ():   # the forward's wider tile (sweep_fwd_bk)
+                tri.FWD_MAX_BK = bk
+                for pps in (1, 8):
+                    tri.PROGRAMS_PER_SM.update(fwd=pps)
+                    fastattn.linear_attention(q, k, v, layout="bthd", backend="triton")
             torch.cuda.synchronize()
         print(f"warm: D={D} compiled ({time.time() - t0:.0f}s)", flush=True)
 
 
 SWEEP_VALUES = (1, 2, 4, 8)
+BK_VALUES = (64, 128)
 
 
 def sweep_split(dtype) -> dict:
@@ -362,6 +368,30 @@ def sweep_split(dtype) -> dict:
                           "chosen": best}
         print(f"sweep {direction}: scores {({k: round(v, 3) for k, v in score.items()})} -> {best}", flush=True)
     return out
+
+
+def sweep_fwd_bk(dtype) -> dict:
+    """Triton's widest forward feature tile (FWD_MAX_BK: 64, or 128 = one K tile for D <= 128, no partials),
+    timed forward at D in {96, 128, 256}, T in {16k, 64k}; the value with the lowest geometric mean of
+    (time / best time per shape) is used for the rest of the run."""
+    import math
+
+    from fastattn.ops.linear_attn import triton as tri
+    shapes = [(65536 // T, 8, T, D) for T in (16384, 65536) for D in (96, 128, 256)]
+    times = {val: [] for val in BK_VALUES}
+    for B, H, T, D in shapes:
+        q, k, v, _ = _inputs(B, H, T, D, 64, dtype)
+        for val in BK_VALUES:
+            tri.FWD_MAX_BK = val
+            times[val].append(time_gpu(lambda: fastattn.linear_attention(q, k, v, layout="bthd", backend="triton")))
+    best_per_shape = [min(times[val][i] for val in BK_VALUES) for i in range(len(shapes))]
+    score = {val: math.exp(statistics.fmean(math.log(t / b) for t, b in zip(times[val], best_per_shape)))
+             for val in BK_VALUES}
+    tri.FWD_MAX_BK = min(score, key=score.get)
+    print(f"sweep FWD_MAX_BK: scores {({k: round(v, 3) for k, v in score.items()})} -> {tri.FWD_MAX_BK}", flush=True)
+    return {"values": list(BK_VALUES), "shapes": [list(x) for x in shapes],
+            "ms": {str(k): v for k, v in times.items()}, "score": {str(k): v for k, v in score.items()},
+            "chosen": tri.FWD_MAX_BK}
 
 
 def _partial(args, rows: list[dict]) -> None:
@@ -482,6 +512,7 @@ def bench_gpu(args, save) -> dict:
     result = {"hbm_bytes_per_s": bw, "dtype": "bf16", "rows": [], "sdpa": [], "decode": []}
     if "triton" in ours and args.sweep:
         result["split_sweep"] = sweep_split(dtype)
+        result["fwd_bk_sweep"] = sweep_fwd_bk(dtype)
         save(result)
     from fastattn.ops.linear_attn import triton as tri
     if "triton" in ours:
@@ -539,6 +570,13 @@ def markdown_gpu(result: dict, env: dict) -> str:
             if d in sweep:
                 lines.append(f"| {d} | " + " | ".join(f"{sweep[d]['score'][str(v)]:.3f}" for v in sweep["values"])
                              + f" | {sweep[d]['chosen']} |")
+    bk = result.get("fwd_bk_sweep")
+    if bk:
+        lines += ["", "Triton forward's widest feature tile (FWD_MAX_BK), forward ms per [B, H, T, D]:", "",
+                  "| FWD_MAX_BK | " + " | ".join(str(x) for x in bk["shapes"]) + " | score |",
+                  "|---|" + "---|" * (len(bk["shapes"]) + 1)]
+        lines += [f"| {v}{' (chosen)' if v == bk['chosen'] else ''} | " + " | ".join(f"{t:.3f}" for t in bk["ms"][str(v)])
+                  + f" | {bk['score'][str(v)]:.3f} |" for v in bk["values"]]
     lines += ["", "SDPA causal (flash), head dim 64:", "", "| B | H | T | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
     for r in result["sdpa"]:
         lines.append(f"| {r['B']} | {r['H']} | {r['T']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")

@@ -165,3 +165,18 @@ def test_reference_t0_and_t1():
     v = torch.rand(1, 2, 1, 4)
     o, *_ = linear_attention_chunked(q, q, v, eps=0.0)
     torch.testing.assert_close(o, v)  # one token: o = v exactly when eps = 0
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("hf_view_gqa", "T1_D96", "D130_gqa", "D257_Dv1",
+                                                                 "noncausal_bthd_mask")], ids=str)
+def test_triton_forward_with_128_wide_feature_tiles(case, dtype, monkeypatch):
+    """FWD_MAX_BK = 128 (D <= 128 in one K tile, wider D in 128-wide tiles) gives the same answers: outputs,
+    every gradient and the final state against fp64 (the backward keeps its own tiles)."""
+    from fastattn.ops.linear_attn import triton as tri
+    monkeypatch.setattr(tri, "FWD_MAX_BK", 128)
+    assert tri._fwd_config(96, 16, 128).BK == 128 and tri._fwd_config(257, 1, 128).BK == 128
+    inputs, cot = make_inputs(case, dtype)
+    same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
+    _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)

@@ -30,6 +30,9 @@ SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (Non
 # leaves each SM one sequential chain of chunk loads; more segments hide load latency at the price of the
 # extra read of the segment-state pass. bench/linear_attn.py --sweep measures these on the GPU.
 PROGRAMS_PER_SM = {"fwd": 1, "bwd": 1}
+# The forward's widest feature tile: 64 (measured default) or 128, which serves D <= 128 in one tile (no fp32
+# partials, no summing kernel) with an 8-warp program; bench/linear_attn.py --sweep-bk measures both.
+FWD_MAX_BK = 64
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -43,9 +46,17 @@ class _Config:
     stages: int       # software pipelining of the per-chunk loads
 
 
-def _tile(d: int) -> int:
-    """Feature tile: a power of two in 16..64 (the MMA needs >= 16; tails are masked in the kernel)."""
-    return 16 if d <= 16 else 32 if d <= 32 else 64
+def _tile(d: int, widest: int = 64) -> int:
+    """Feature tile: a power of two in 16..widest (the MMA needs >= 16; tails are masked in the kernel)."""
+    return 16 if d <= 16 else 32 if d <= 32 else 64 if d <= 64 or widest == 64 else 128
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
+    """The forward's config: as _config, but up to ``widest`` (FWD_MAX_BK) features in one K tile."""
+    cfg = _config(D, Dv)
+    BK = _tile(D, widest)
+    return cfg if BK == cfg.BK else _Config(BK=BK, BV=cfg.BV, warps=8, stages=cfg.stages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,7 +168,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
         if normalize:
             z.copy_(z0) if z0 is not None else z.zero_()
         return o, S, z, den
-    cfg = _config(D, Dv)
+    cfg = _fwd_config(D, Dv, FWD_MAX_BK)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
     CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "fwd")
     split, align = _SPLIT[q.dtype], _aligned(q, k, v, o)
