@@ -82,6 +82,8 @@ def test_determinism_by_seed():
     assert a.rules == b.rules and a.rules != c.rules
     sa, sb, sc = a.sample(16, seed=0), b.sample(16, seed=0), a.sample(16, seed=1)
     assert torch.equal(sa.terminals, sb.terminals) and torch.equal(sa.meta, sb.meta)
+    sg = a.sample(16, seed=torch.Generator().manual_seed(0))
+    assert torch.equal(sa.terminals, sg.terminals) and torch.equal(sa.lengths, sg.lengths)
     assert not (sa.terminals.shape == sc.terminals.shape and torch.equal(sa.terminals, sc.terminals))
 
 
@@ -93,6 +95,45 @@ def test_sample_lengths_and_meta():
     assert int(s.terminals.max()) < g.num_terminals
     beyond = torch.arange(s.terminals.shape[1]) >= s.lengths[:, None]
     assert (s.terminals[beyond] == 0).all()
+
+
+def chi_square(counts: dict, probs: dict, n: int) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom of ``counts`` (of ``n`` draws) against ``probs``; cells expected
+    fewer than 5 times are pooled into one."""
+    cells = set(counts) | set(probs)
+    big = [c for c in cells if n * probs.get(c, 0.0) >= 5]
+    pooled = [c for c in cells if n * probs.get(c, 0.0) < 5]
+    obs = [counts.get(c, 0) for c in big] + [sum(counts.get(c, 0) for c in pooled)]
+    exp = [n * probs[c] for c in big] + [n * sum(probs.get(c, 0.0) for c in pooled)]
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0) + (math.inf if exp[-1] == 0 and obs[-1] else 0)
+    return stat, len(big)
+
+
+def test_sampler_frequencies_match_enumeration():
+    """Empirical (metadata, document) frequencies of 200k samples against p(j) p(w | j) by enumeration."""
+    g = LeveledPCFG(PCFGConfig(**SMALL))
+    tuples = [tuple(j) for j in g.meta_tuples.tolist()]
+    langs = [enumerate_language(g, j) for j in tuples]
+    probs = {(j, w): p / len(tuples) for j, lang in zip(tuples, langs) for w, p in lang.items()}
+    n = 200_000
+    s = g.sample(n, seed=0)
+    counts: dict = defaultdict(int)
+    for j, w, length in zip(s.meta.tolist(), s.terminals.tolist(), s.lengths.tolist()):
+        counts[(tuple(j), tuple(w[:length]))] += 1
+    assert set(counts) <= set(probs)                       # nothing outside the languages of its own metadata
+    stat, df = chi_square(counts, probs, n)
+    bound = df + 5 * math.sqrt(2 * df)                     # chi-square(df) mean + 5 sd
+    assert df > 100 and stat < bound, (stat, df)
+    # the test has power: the same draws fail against a 5% admixture of the distribution with the last level's
+    # rule sets swapped (same support, probabilities slightly off)
+    swapped = {(j, w): probs.get((j[:-1] + (1 - j[-1],), w), 0.0) for j, w in probs}
+    assert chi_square(counts, {c: 0.95 * p + 0.05 * swapped[c] for c, p in probs.items()}, n)[0] > bound
+    # fixed metadata: every draw lies in that tuple's language
+    meta = g.meta_tuples.repeat(50, 1)
+    fixed = g.sample(len(meta), seed=1, meta=meta)
+    assert torch.equal(fixed.meta, meta)
+    for j, w, length in zip(meta.tolist(), fixed.terminals.tolist(), fixed.lengths.tolist()):
+        assert tuple(w[:length]) in langs[tuples.index(tuple(j))]
 
 
 def test_dp_matches_enumeration(small):

@@ -67,6 +67,16 @@ def test_training_batch_determinism_sharding_and_loss_mask(tiny):
     assert len({tuple(r) for r in batch["tokens"].tolist()}) <= 5
 
 
+@pytest.mark.gpu
+def test_batches_reach_the_gpu_unchanged(tiny):
+    from fastattn.pcfg.train import to_device
+    _, g = tiny
+    batch = training_batch(DocumentSource(g, seed=0), 16, step=0, meta_depth=2, p_meta=0.5)
+    moved = to_device(batch, torch.device("cuda"))           # pinned, non-blocking
+    torch.cuda.synchronize()
+    assert all(moved[k].is_cuda and torch.equal(moved[k].cpu(), v) for k, v in batch.items())
+
+
 def test_trainer_is_deterministic_resumes_and_branches(tiny, tmp_path):
     cfg, g = tiny
     cfg = make_config("tiny", steps=12, warmup_steps=2, cooldown_steps=4, ckpt_every=5, log_every=4)
@@ -172,10 +182,11 @@ def test_left_padded_prompts_sample_like_unpadded_ones(tiny, attention):
     short = torch.cat([head, docs.terminals[0, :2]])[None]
     padded = torch.cat([torch.full((1, 5), g.pad_id), short], dim=1)
     mask = (padded != g.pad_id).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)       # what generate() derives from the attention mask
     with torch.no_grad():
         want = model(input_ids=short).logits[0, -1]
-        got = model(input_ids=padded, attention_mask=mask).logits[0, -1]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        got = model(input_ids=padded, attention_mask=mask, position_ids=positions).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     terminals, lengths = ev.sample_continuations(model, g, docs.terminals, torch.tensor([2, 5]), cfg, CPU, seed=0)
     assert terminals.shape == (2, 3 ** g.depth + 1)
     assert torch.equal(terminals[0, :2], docs.terminals[0, :2]) and torch.equal(terminals[1, :5], docs.terminals[1, :5])
@@ -191,11 +202,33 @@ def test_linear_attention_model_trains(tiny, tmp_path):
     assert any("fastattn.feature_map" in k for k in torch.load(tmp_path / "lin" / "model.pt"))
 
 
-def test_time_limit_skips_runs_and_still_reports(tmp_path):
+def _without_times(x):
+    """A metrics entry without its wall-clock fields (every key containing "seconds")."""
+    if isinstance(x, dict):
+        return {k: _without_times(v) for k, v in x.items() if "seconds" not in k}
+    if isinstance(x, list):
+        return [_without_times(v) for v in x]
+    return x
+
+
+def test_workers_train_the_same_runs_as_one_process(tmp_path):
+    from fastattn.cli import main
+    args = ["pcfg", "--preset", "tiny", "--threads", "1", "--progress", "0"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert list(two["runs"]) == list(one["runs"]) == ["dm0_s0", "dm3_s0", "dm3_s0_cool"]
+    assert two["runs"]["dm3_s0_cool"]["train"]["steps_run"] == 10          # resumed from its parent's branch
+    assert _without_times(two["runs"]) == _without_times(one["runs"])      # same seeds: identical losses, metrics
+    assert two["summary"] == one["summary"] and two["config"]["workers"] == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_time_limit_skips_runs_and_still_reports(tmp_path, workers):
     from fastattn.cli import main
     out = tmp_path / "late"
     assert main(["pcfg", "--preset", "tiny", "--out", str(out), "--threads", "1", "--progress", "0",
-                 "--time-limit-s", "1e-9"]) == 0
+                 "--time-limit-s", "1e-9", "--workers", str(workers)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["runs"] == {} and metrics["skipped"] == ["dm0_s0", "dm3_s0", "dm3_s0_cool"]
     assert "not made" in (out / "report.md").read_text()

@@ -155,9 +155,9 @@ def sample_continuations(model: nn.Module, pcfg: LeveledPCFG, prompts: Tensor, p
                          cfg: PCFGRunConfig, device, seed: int) -> tuple[Tensor, Tensor]:
     """Sample (temperature 1, terminals and EOS only) after ``[BOS] MASK*D w_1..w_k``, prompts of mixed k.
 
-    prompts [N, K] (row n uses its first ``prompt_lengths[n]`` terminals; rows are left-padded, which RoPE's
-    relative positions make harmless). Returns whole documents (terminals [N, 3^D + 1], lengths [N]); one
-    without EOS within 3^D terminals gets length 3^D + 1, which no grammar accepts.
+    prompts [N, K] (row n uses its first ``prompt_lengths[n]`` terminals; rows are left-padded, which changes
+    nothing: ``generate`` counts positions from the attention mask). Returns whole documents (terminals
+    [N, 3^D + 1], lengths [N]); one without EOS within 3^D terminals gets length 3^D + 1, which no grammar accepts.
     """
     n = len(prompt_lengths)
     limit = 3 ** pcfg.depth

@@ -145,22 +145,25 @@ class LeveledPCFG:
         return tuple(out)
 
     @cached_property
-    def _sampling_tables(self) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
-        """Per level: rhs [K, n_i, R, 3] long, rhs length [K, n_i, R] long (0 = padding), prob [K, n_i, R]."""
+    def _sampling_tables(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Per level i, with symbol id n_i standing for an empty slot and rows ``k * (n_i + 1) + a`` (rule set k,
+        symbol a), R = most rules of one symbol: cumulative rule probabilities [K * (n_i + 1), R] float64, exactly
+        1.0 from the symbol's last rule on (so a uniform u in [0, 1) counts only real rules below it), and children
+        [K * (n_i + 1) * R, 3] long (row ``.. * R + r``: rule r's right-hand side, padded with the empty id n_{i+1};
+        an empty slot has three empty children)."""
         out = []
         for i, level in enumerate(self.rules):
+            n, empty = self.sizes[i] + 1, self.sizes[i + 1]
             r_max = max(len(rules) for rule_set in level for rules in rule_set)
-            shape = (self.num_alternatives, self.sizes[i], r_max)
-            rhs_t = torch.zeros(*shape, 3, dtype=torch.long)
-            len_t = torch.zeros(shape, dtype=torch.long)
-            prob_t = torch.zeros(shape, dtype=torch.float64)
+            cum = torch.ones(self.num_alternatives * n, r_max, dtype=torch.float64)
+            children = torch.full((self.num_alternatives * n * r_max, 3), empty, dtype=torch.long)
             for k, rule_set in enumerate(level):
                 for a, rules in enumerate(rule_set):
-                    for r, (rhs, p) in enumerate(rules):
-                        rhs_t[k, a, r, :len(rhs)] = torch.tensor(rhs)
-                        len_t[k, a, r] = len(rhs)
-                        prob_t[k, a, r] = p
-            out.append((rhs_t, len_t, prob_t))
+                    row = k * n + a
+                    cum[row, :len(rules) - 1] = torch.tensor([p for _, p in rules[:-1]], dtype=torch.float64).cumsum(0)
+                    for r, (rhs, _) in enumerate(rules):
+                        children[row * r_max + r, :len(rhs)] = torch.tensor(rhs)
+            out.append((cum, children))
         return tuple(out)
 
     @cached_property
@@ -171,29 +174,31 @@ class LeveledPCFG:
 
     # ----- sampling ----------------------------------------------------------------------------------------------
     def sample(self, n: int, seed: int | torch.Generator = 0, meta: Tensor | None = None) -> PCFGSample:
-        """Draw ``n`` documents (CPU). ``meta`` [n, D] fixes the rule-set choices; otherwise uniform per level."""
+        """Draw ``n`` documents (CPU). ``meta`` [n, D] fixes the rule-set choices; otherwise uniform per level.
+
+        The level-i string lives in 3^i slots per document (slot s rewrites into slots 3s..3s+2; unused slots hold
+        the empty id n_i), so a level is a few whole-batch table look-ups with no reshuffling, and the terminals
+        are packed once at the end. Each rule is picked by one uniform u: the number of cumulative probabilities
+        <= u.
+        """
         gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
         if meta is None:
             meta = torch.randint(self.num_alternatives, (n, self.depth), generator=gen)
         meta = meta.to(torch.long).cpu()
         if meta.shape != (n, self.depth):
             raise ValueError(f"meta must have shape {(n, self.depth)}, got {tuple(meta.shape)}")
-        symbols = torch.zeros(n, 1, dtype=torch.long)
-        lengths = torch.ones(n, dtype=torch.long)
-        rows = torch.arange(n)
-        for i, (rhs_t, len_t, prob_t) in enumerate(self._sampling_tables):
-            width = symbols.shape[1]
-            k = meta[:, i:i + 1].expand(n, width)
-            probs = prob_t[k, symbols]                                            # [n, W, R]
-            choice = torch.multinomial(probs.view(n * width, -1), 1, generator=gen).view(n, width)
-            children = rhs_t[k, symbols, choice]                                  # [n, W, 3]
-            child_len = len_t[k, symbols, choice] * (torch.arange(width) < lengths[:, None])
-            keep = (torch.arange(3) < child_len[..., None]).view(n, -1)
-            position = keep.cumsum(1) - 1
-            lengths = child_len.sum(1)
-            symbols = torch.zeros(n, int(lengths.max()), dtype=torch.long)
-            symbols[rows[:, None].expand_as(keep)[keep], position[keep]] = children.view(n, -1)[keep]
-        return PCFGSample(symbols, lengths, meta)
+        slots = torch.zeros(n, 1, dtype=torch.long)             # [n, 3^i] level-i symbols, n_i = empty slot
+        for i, (cum, children) in enumerate(self._sampling_tables):
+            row = meta[:, i:i + 1] * (self.sizes[i] + 1) + slots                 # [n, 3^i]
+            u = torch.rand(slots.shape, dtype=torch.float64, generator=gen)
+            choice = (u[..., None] >= cum[row]).sum(-1)                           # [n, 3^i] rule index
+            slots = children[row * cum.shape[1] + choice].view(n, -1)             # [n, 3^(i+1)]
+        filled = slots < self.num_terminals
+        lengths = filled.sum(1)
+        width = slots.shape[1]
+        position = torch.where(filled, filled.cumsum(1) - 1, width)               # empty slots -> a spill column
+        packed = torch.zeros(n, width + 1, dtype=torch.long).scatter_(1, position, slots * filled)
+        return PCFGSample(packed[:, :int(lengths.max()) if n else 0], lengths, meta)
 
     # ----- encoding ----------------------------------------------------------------------------------------------
     @property

@@ -204,6 +204,14 @@ def _fmt(x: float) -> str:
     return f"{x:+.3f}"
 
 
+def _wall(metrics: dict) -> str:
+    """The wall time of all runs and how many trained at once (absent from metrics of older versions)."""
+    if "runs_wall_seconds" not in metrics:
+        return ""
+    return f"all runs {metrics['runs_wall_seconds'] / 60:.1f} min wall, {metrics['config'].get('workers', 1)} at a " \
+        "time; "
+
+
 def write_report(metrics: dict, out: Path, command: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -234,8 +242,9 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
              f"{cfg['attention']} attention). Training: {cfg['steps']} steps x {cfg['batch_size']} fresh documents, "
              f"p_meta={cfg['p_meta']}, lr {cfg['lr']} (warmup {cfg['warmup_steps']}, cosine to "
              f"{cfg['min_lr_ratio']}x), seeds {list(cfg['seeds'])}, D_M in {list(cfg['meta_depths'])}; cooldown "
-             f"ablation: last {cfg['cooldown_steps']} steps without metadata. Time: training {train_s / 60:.1f} min, "
-             f"evaluation {eval_s / 60:.1f} min, exact DP of the reference sets {ref['dp_seconds']:.1f} s.", "",
+             f"ablation: last {cfg['cooldown_steps']} steps without metadata. Time (summed over runs): training "
+             f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min; {_wall(metrics)}exact DP of the reference "
+             f"sets {ref['dp_seconds']:.1f} s.", "",
              "## Targets", ""]
     if metrics.get("skipped"):
         lines[-2:-2] = [f"**Runs not made (time limit {cfg['time_limit_s']:.0f} s): {', '.join(metrics['skipped'])}.**",

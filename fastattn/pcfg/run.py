@@ -1,11 +1,16 @@
 """The experiment: train every (D_M, seed) run (and its metadata-free cooldown branch), evaluate figures A-C with
 the exact Bayes references, summarise the issue's targets. Every run's training and evaluation are saved in its
-directory as they finish, so a rerun resumes."""
+directory as they finish, so a rerun resumes. ``cfg.workers > 1`` trains and evaluates up to that many runs at once
+in spawned processes on the same device (each one the same ``Runner`` call as the sequential path; a cooldown
+starts once its parent run is done)."""
 from __future__ import annotations
 
+import functools
 import json
+import os
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -81,19 +86,120 @@ class Evaluator:
         return out
 
 
+class Runner:
+    """What one process needs to train and evaluate runs: the grammar, the device and (rank 0) the evaluator."""
+
+    def __init__(self, cfg: PCFGRunConfig, progress: bool = True, log=print):
+        self.cfg, self.progress, self.log = cfg, progress, log
+        self.runs = Path(cfg.out) / "runs"
+        self.device = resolve_device(cfg)
+        self.pcfg = LeveledPCFG(**cfg.grammar_kwargs())
+        self.evaluator = Evaluator(cfg, self.pcfg, self.device, log) if distributed.is_main() else None
+
+    def __call__(self, key: str, d: int, seed: int, cool: bool) -> dict | None:
+        """Train run ``key`` (every rank under torchrun) and evaluate it (rank 0, which returns its metrics entry;
+        other ranks return None). Finished training and evaluation are loaded from the run directory."""
+        run_dir = self.runs / key
+        branch = self.runs / f"dm{d}_s{seed}" / "branch.pt" if cool else None
+        model, train = train_run(self.cfg, self.pcfg, d, seed, run_dir, self.device, branch_from=branch,
+                                 progress=self.progress, log=self.log)
+        if self.evaluator is None:
+            return None
+        done = run_dir / "eval.json"
+        if self.cfg.resume and done.exists():
+            result = json.loads(done.read_text())
+        else:
+            result = self.evaluator(model, d, seed)
+            done.write_text(json.dumps(result))
+        g = result["grammar"]
+        self.log(f"{key}: all-MASK loss {result['loss']['mask']['average']:.4f}, metadata loss "
+                 f"{result['loss']['meta']['average']:.4f}; grammatical accuracy "
+                 + " ".join(f"k={k}:{v['accuracy']:.2f}" for k, v in g.items()) + f" ({result['eval_seconds']:.0f}s)")
+        return {"meta_depth": d, "seed": seed, "cooldown": cool, "train": train, **result}
+
+
+def _late(cfg: PCFGRunConfig, key: str, started: float) -> bool:
+    """Whether run ``key`` is past the time limit: start no new run after it (a finished one is still loaded)."""
+    return bool(cfg.time_limit_s) and time.time() - started > cfg.time_limit_s and \
+        not (Path(cfg.out) / "runs" / key / "eval.json").exists()
+
+
+def _skip(cfg: PCFGRunConfig, key: str, skipped: list, log) -> None:
+    skipped.append(key)
+    log(f"{key}: skipped (time limit of {cfg.time_limit_s:.0f}s reached)")
+
+
+def run_sequential(runner: Runner, keys: list, started: float) -> tuple[dict, list]:
+    """({key: metrics entry} (rank 0), [skipped keys]) training the runs one after another (every rank)."""
+    runs, skipped = {}, []
+    for key, d, seed, cool in keys:
+        if distributed.broadcast_object(_late(runner.cfg, key, started)):      # rank 0's clock decides for every rank
+            _skip(runner.cfg, key, skipped, runner.log)
+            continue
+        entry = runner(key, d, seed, cool)
+        if entry is not None:
+            runs[key] = entry
+    return runs, skipped
+
+
+_WORKER: Runner | None = None
+
+
+def _start_worker(cfg: PCFGRunConfig) -> None:
+    """A spawned worker's one ``Runner``; CPU threads split among the workers unless ``cfg.threads`` is set."""
+    global _WORKER
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers))
+    _WORKER = Runner(cfg, progress=False, log=functools.partial(print, flush=True))
+
+
+def _work(job: tuple) -> dict:
+    return _WORKER(*job)
+
+
+def run_parallel(cfg: PCFGRunConfig, keys: list, started: float, log=print) -> tuple[dict, list]:
+    """Like ``run_sequential`` with up to ``cfg.workers`` runs at once, each in its own spawned process; a cooldown
+    is started only after its parent run (whose branch checkpoint it resumes) is done or skipped."""
+    runs, skipped, settled, pending, running = {}, [], set(), list(keys), {}
+    context = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_start_worker, initargs=(cfg,)) as pool:
+        while pending or running:
+            for job in list(pending):
+                key, d, seed, cool = job
+                if len(running) == cfg.workers:
+                    break
+                if cool and f"dm{d}_s{seed}" not in settled:
+                    continue
+                pending.remove(job)
+                if _late(cfg, key, started):
+                    _skip(cfg, key, skipped, log)
+                    settled.add(key)
+                else:
+                    running[pool.submit(_work, job)] = key
+            assert running or not pending, "a cooldown waits for a parent that is not scheduled"
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                key = running.pop(future)
+                runs[key] = future.result()
+                settled.add(key)
+    order = [key for key, *_ in keys]
+    return {k: runs[k] for k in order if k in runs}, sorted(skipped, key=order.index)
+
+
 def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
-    """Every run's training (on every rank under torchrun) and evaluation (rank 0 alone, which also writes every
-    file and logs); every rank returns rank 0's metrics."""
+    """Every run's training (on every rank under torchrun, or in ``cfg.workers`` processes) and evaluation (rank 0
+    or the worker that trained it; rank 0 also writes the shared files and logs); every rank returns rank 0's
+    metrics."""
     distributed.init()
     main = distributed.is_main()
+    if cfg.workers > 1 and distributed.world_size() > 1:
+        raise ValueError(f"workers={cfg.workers} starts its own processes; under torchrun pass --workers 1")
     if not main:
         log = _silent
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg)
-    pcfg = LeveledPCFG(**cfg.grammar_kwargs())
+    runner = Runner(cfg, progress, log)
+    pcfg, device, evaluator = runner.pcfg, runner.device, runner.evaluator
     size = num_parameters(build_model(cfg, pcfg, 0))
     metrics = {"config": cfg.to_dict(), "device": str(device), "torch": torch.__version__,
                "world_size": distributed.world_size(),
@@ -102,34 +208,15 @@ def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
                                       for rule_set in level] for level in pcfg.rules]},
                "model": {"preset": cfg.model, "parameters": size, "attention": cfg.attention}}
     log(f"grammar D={pcfg.depth} sizes {list(pcfg.sizes)} K={pcfg.num_alternatives}; model {cfg.model} "
-        f"({size / 1e6:.2f}M parameters, {cfg.attention}) on {device}")
-    evaluator = Evaluator(cfg, pcfg, device, log) if main else None
+        f"({size / 1e6:.2f}M parameters, {cfg.attention}) on {device}"
+        + (f", {cfg.workers} runs at a time" if cfg.workers > 1 else ""))
     metrics["reference"] = evaluator.reference if main else None
-    metrics["runs"], metrics["skipped"] = {}, []
     started = time.time()
-    for key, d, seed, cool in run_keys(cfg):
-        run_dir = out / "runs" / key
-        late = cfg.time_limit_s and time.time() - started > cfg.time_limit_s and not (run_dir / "eval.json").exists()
-        if distributed.broadcast_object(late):      # rank 0's clock decides for every rank
-            metrics["skipped"].append(key)
-            log(f"{key}: skipped (time limit of {cfg.time_limit_s:.0f}s reached)")
-            continue
-        branch = out / "runs" / f"dm{d}_s{seed}" / "branch.pt" if cool else None
-        model, train = train_run(cfg, pcfg, d, seed, run_dir, device, branch_from=branch, progress=progress, log=log)
-        if not main:
-            continue
-        done = run_dir / "eval.json"
-        if cfg.resume and done.exists():
-            result = json.loads(done.read_text())
-        else:
-            result = evaluator(model, d, seed)
-            done.write_text(json.dumps(result))
-        metrics["runs"][key] = {"meta_depth": d, "seed": seed, "cooldown": cool, "train": train, **result}
-        g = result["grammar"]
-        log(f"{key}: all-MASK loss {result['loss']['mask']['average']:.4f}, metadata loss "
-            f"{result['loss']['meta']['average']:.4f}; grammatical accuracy "
-            + " ".join(f"k={k}:{v['accuracy']:.2f}" for k, v in g.items()) + f" ({result['eval_seconds']:.0f}s)")
-        del model
+    if cfg.workers > 1:
+        metrics["runs"], metrics["skipped"] = run_parallel(cfg, run_keys(cfg), started, log)
+    else:
+        metrics["runs"], metrics["skipped"] = run_sequential(runner, run_keys(cfg), started)
+    metrics["runs_wall_seconds"] = time.time() - started
     if not main:
         return distributed.broadcast_object(None)
     for seed in cfg.seeds:   # branch checkpoints are only needed until the cooldown runs exist

@@ -42,8 +42,16 @@ def autocast(device: torch.device, cfg: PCFGRunConfig):
 
 def token_losses(model: nn.Module, tokens: Tensor) -> Tensor:
     """-log p(tokens[:, t] | tokens[:, :t]) [B, L-1] in fp32 (entry t-1 scores token t)."""
-    logits = model(input_ids=tokens).logits[:, :-1].float()
+    logits = model(input_ids=tokens, use_cache=False).logits[:, :-1].float()
     return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A host batch on ``device``; to a GPU through pinned memory without blocking, so the host samples the next
+    batch while the GPU still works on this one (a plain copy would wait for the GPU at every step)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -167,8 +175,7 @@ def train_run(cfg: PCFGRunConfig, pcfg: LeveledPCFG, meta_depth: int, seed: int,
         if step == branch_step and cfg.cooldown_steps and meta_depth > 0 and branch_from is None:
             _save(run_dir / "branch.pt", step, model, opt, history, fsdp)
         p_meta = 0.0 if branch_from is not None and step >= branch_step else cfg.p_meta
-        batch = {k: v.to(device) for k, v in training_batch(source, cfg.batch_size, step, meta_depth,
-                                                           p_meta, rank, world).items()}
+        batch = to_device(training_batch(source, cfg.batch_size, step, meta_depth, p_meta, rank, world), device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
