@@ -11,19 +11,7 @@
 # adapters or checkpoints) and $OUT/distill.log.
 set -uo pipefail
 RUN=/root/distill
-pack() {
-  OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-  tr '\r' '\n' < /root/distill.log | grep -v "it/s\]$" > "$OUT/distill.log" 2>/dev/null
-  [ -d "$RUN" ] && tar czf "$OUT/distill_results.tgz" -C "$RUN" --exclude='adapters' --exclude='ckpt.pt' .
-}
-wait_run() {
-  local limit=${WAIT_S:-540} t0
-  t0=$(date +%s)
-  while kill -0 "$(cat /root/distill.pid)" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 5; done
-  if kill -0 "$(cat /root/distill.pid)" 2>/dev/null; then echo "distill still running"; else echo "distill finished"; fi
-  pack
-  tail -25 "$OUT/distill.log"
-}
+wait_run() { bash "$(dirname "$0")/gpu_bg.sh" wait distill "$RUN"; }
 join_gguf() {   # the GGUF from its two parts, gguf installed, the extension built (in place)
   [ -f /root/m/$GGUF ] || cat /root/m/part1 .carry2/part2 > /root/m/$GGUF || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -46,9 +34,8 @@ case "${1:-}" in
   start)
     shift
     join_gguf || exit 1
-    setsid nohup python3 -m fastattn.cli distill --model /root/m/$GGUF --preset full \
-      --out "$RUN" "$@" > /root/distill.log 2>&1 < /dev/null &
-    echo $! > /root/distill.pid
+    bash "$(dirname "$0")/gpu_bg.sh" start distill "$RUN" python3 -m fastattn.cli distill --model /root/m/$GGUF \
+      --preset full --out "$RUN" "$@"
     wait_run ;;
   wait)
     wait_run ;;
