@@ -128,3 +128,20 @@ def test_feature_maps_inference_path_equals_training_path(name, monkeypatch):
                 fast = fm(x, role)
             slow = fm(x.clone().requires_grad_(), role).detach()
             torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [64, 241])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_on_gpu_at_model_sizes(M, dtype):
+    """The compiled kernel at a SmolLM2 layer's size (9 heads, head dim 64, T = 4099) against the fp64 definition,
+    every shift mode."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x, w, log_c = _inputs(1, 9, 4099, 64, M, dtype, seed=2)
+    for shift in ("row", "seq", "none", torch.randn(9) + 8.0):
+        ref = definition(x, w, log_c, shift)
+        got = prf_features(x.cuda(), w.cuda(), log_c.cuda(), shift.cuda() if isinstance(shift, torch.Tensor)
+                           else shift, backend="triton")
+        err = ((got.cpu().double() - ref).abs() / ref.abs().amax()).max().item()
+        assert got.dtype == dtype and err <= TOL[dtype], (str(shift)[:10], err)
