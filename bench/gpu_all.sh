@@ -27,9 +27,9 @@ timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu $GPU_TESTS -n 4 -p no
 el "GPU tests rc=$?"; grep -E "passed|failed" "$LOGS/gpu_tests.log" | tail -3
 wait $prep; el "prepare rc=$?"; tail -1 "$LOGS/prepare.log"
 
-timeout "$(cap 100)" python3 bench/linear_attn.py --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
+timeout "$(cap 175)" python3 bench/linear_attn.py --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
   --out "$OUT" > "$LOGS/bench_linear_attn.log" 2>&1; el "linear_attn bench rc=$?"
-timeout "$(cap 55)" python3 bench/seq_logps.py --out "$OUT" > "$LOGS/bench_seq_logps.log" 2>&1
+timeout "$(cap 60)" python3 bench/seq_logps.py --out "$OUT" > "$LOGS/bench_seq_logps.log" 2>&1
 el "seq_logps bench rc=$?"
 timeout "$(cap 5)" python3 bench/subspace_hvp.py --out "$OUT" > "$LOGS/bench_subspace_hvp.log" 2>&1
 el "subspace_hvp bench rc=$?"

@@ -80,9 +80,47 @@ def _peak(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
 
 
-def gpu(out: Path) -> dict:
+# (BM, BN, BK, warps, stages) tried by --sweep; the first is the built-in bf16 default
+SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+         (128, 128, 64, 8, 4), (64, 256, 64, 4, 3), (128, 256, 32, 8, 4)]
+
+
+def sweep(dev) -> dict:
+    """Triton tile configs at B=8, T=1024 (bf16): each checked for correctness (the bf16 rule), then timed
+    forward and forward + backward; the correct one with the fastest forward + backward is kept for the run."""
+    from triton.testing import do_bench
+
+    from fastattn.ops.seq_logps import triton as tr
+    B, T = 8, 1024
+    h, w, labels, mask = inputs(B, T, torch.bfloat16, dev)
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    grad = torch.ones(B, device=dev)
+    rows = []
+    for BM, BN, BK, warps, stages in SWEEP:
+        tr.CONFIG_OVERRIDE.clear()
+        tr.CONFIG_OVERRIDE.update(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages)
+        row = {"BM": BM, "BN": BN, "BK": BK, "warps": warps, "stages": stages}
+        try:
+            row["correct"] = correctness(B, T, dev)["ok"]
+            row["fwd_ms"] = do_bench(lambda: fastattn.seq_logps(h, w, labels, mask, backend="triton"))
+            row["fwd_bwd_ms"] = do_bench(lambda: torch.autograd.grad(
+                fastattn.seq_logps(hg, wg, labels, mask, backend="triton"), (hg, wg), grad))
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: a result of the sweep
+            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+        print("sweep", row, flush=True)
+    ok = [r for r in rows if r.get("correct") and "fwd_bwd_ms" in r]
+    best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
+    tr.CONFIG_OVERRIDE.clear()
+    if best:
+        tr.CONFIG_OVERRIDE.update({k: best[k] for k in ("BM", "BN", "BK", "warps", "stages")})
+    return {"B": B, "T": T, "rows": rows, "chosen": best}
+
+
+def gpu(out: Path, do_sweep: bool = False) -> dict:
     from triton.testing import do_bench
     dev = torch.device("cuda")
+    tiles = sweep(dev) if do_sweep else None
     rows = []
     for B, T in ((8, 1024), (4, 4096)):
         check = correctness(B, T, dev)
@@ -105,7 +143,7 @@ def gpu(out: Path) -> dict:
             print(f"B={B} T={T} {name:>20}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms, "
                   f"peak extra {row['fwd_peak_gib']:.2f} / {row['fwd_bwd_peak_gib']:.2f} GiB", flush=True)
         print(f"  correctness (bf16 rule): {check}", flush=True)
-    return {"device": torch.cuda.get_device_name(), "rows": rows}
+    return {"device": torch.cuda.get_device_name(), "rows": rows, "sweep": tiles}
 
 
 def cpu(out: Path, N: int = 1024, rounds: int = 5) -> dict:
@@ -144,6 +182,14 @@ def _markdown(res: dict) -> str:
         head += ["", "Correctness (triton vs fp32 full logits, same bf16 inputs; bound = 2 x bf16-logits error + "
                  "1e-2 x scale): " + ", ".join(f"B={r['B']} T={r['T']}: {'ok' if r['correct']['ok'] else 'FAIL'}"
                                                for r in res["rows"][::2])]
+        if res.get("sweep"):
+            sw = res["sweep"]
+            head += ["", f"Triton tile sweep at B={sw['B']}, T={sw['T']} (the timed rows above use the chosen one: "
+                     f"{sw['chosen'] and {k: sw['chosen'][k] for k in ('BM', 'BN', 'BK', 'warps', 'stages')}}):", "",
+                     "| BM | BN | BK | warps | stages | correct | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|"]
+            head += [f"| {r['BM']} | {r['BN']} | {r['BK']} | {r['warps']} | {r['stages']} | {r.get('correct', '-')} | "
+                     f"{r.get('fwd_ms', float('nan')):.3f} | {r.get('fwd_bwd_ms', float('nan')):.3f} |"
+                     + (f" {r['error']}" if "error" in r else "") for r in sw["rows"]]
     else:
         head += [f"{res['threads']} threads, fp32, interleaved rounds", "",
                  "| backend | pass | N | median s | min s | max s |", "|---|---|---|---|---|---|"]
@@ -157,11 +203,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--cpu-tokens", type=int, default=1024)
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: sweep the Triton tile configs first and time the best one")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mode = "gpu" if args.device == "cuda" else "cpu"
-    res = gpu(out) if mode == "gpu" else cpu(out, args.cpu_tokens)
+    res = gpu(out, args.sweep) if mode == "gpu" else cpu(out, args.cpu_tokens)
     try:
         import triton
         tv = triton.__version__

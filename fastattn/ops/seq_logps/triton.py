@@ -12,6 +12,7 @@ accumulated in fp32. The default chunk keeps that buffer near ``G_BUFFER_BYTES``
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -40,8 +41,15 @@ class _Config:
     stages: int
 
 
-@functools.lru_cache(maxsize=None)
+CONFIG_OVERRIDE: dict = {}   # bench hook: fields of _Config to use instead of the defaults (bench/seq_logps.py --sweep)
+
+
 def _config(dtype: torch.dtype, interpret: bool) -> _Config:
+    return dataclasses.replace(_default_config(dtype, interpret), **CONFIG_OVERRIDE)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_config(dtype: torch.dtype, interpret: bool) -> _Config:
     """Fixed tiles (no autotuning): 128 x 128 logits tiles, one 8-warp program each, for bf16/fp16 (wgmma on
     Hopper); fp32 inputs use IEEE fp32 dots on 64 x 64 tiles. The interpreter uses the smallest legal tiles so
     that CPU tests cover ragged tails of every dim at small sizes."""
