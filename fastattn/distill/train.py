@@ -103,29 +103,43 @@ def train_layerwise(model, teacher_batches: list[list[dict]], cfg, ckpt: Path | 
     ads = adapters(model)
     from ..hf import attention_modules
     causal = getattr(attention_modules(model)[0], "is_causal", True)
-    opt = optimizer(model, cfg)
+    first = teacher_batches[0][next(iter(ads))]["q"] if teacher_batches and ads else None
+    # (the l2 loss draws its pairs with a host generator: not capturable)
+    graphs = (bool(getattr(cfg, "cuda_graph", False)) and first is not None and first.is_cuda and cfg.loss != "l2"
+              and distributed.world_size() == 1)
+    opt = optimizer(model, cfg, capturable=graphs)
     start, history = _restore(ckpt, model, opt)
     total = cfg.epochs * len(teacher_batches)
     scaling = _scaling(model)
-    bar = tqdm(total=total, initial=start, desc=f"layerwise {cfg.loss}", disable=not progress, leave=False)
-    for step in range(start, total):
-        batch = teacher_batches[step % len(teacher_batches)]
-        rows = sample_rows(batch[next(iter(ads))]["q"].shape[2], cfg.loss_rows, seed, step)
-        opt.zero_grad(set_to_none=True)
+
+    def body(batch: list[dict], rows: torch.Tensor | None) -> torch.Tensor:
         losses = []
         for i, adapter in ads.items():
             loss, _ = loss_fn(adapter, batch[i], scaling, causal, rows)
             loss.backward()                    # layers share no parameters: one backward each bounds memory
             losses.append(loss.detach())
         distributed.average_gradients(feature_parameters(model))
-        per_layer = distributed.all_reduce(torch.stack(losses)).tolist()   # one host sync per step
         opt.step()
+        return torch.stack(losses)
+
+    stepper = _GraphedStep(body, opt) if graphs else None
+    bar = tqdm(total=total, initial=start, desc=f"layerwise {cfg.loss}", disable=not progress, leave=False)
+    for step in range(start, total):
+        batch = teacher_batches[step % len(teacher_batches)]
+        rows = sample_rows(batch[next(iter(ads))]["q"].shape[2], cfg.loss_rows, seed, step)
+        if stepper is not None:
+            losses = stepper.step(step - start, batch, None if rows is None else rows.to(first.device))
+        else:
+            opt.zero_grad(set_to_none=True)
+            losses = body(batch, rows)
+        per_layer = distributed.all_reduce(losses).tolist()   # one host sync per step
         history.append({"step": step + 1, "loss": sum(per_layer) / len(per_layer), "per_layer": per_layer})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
         if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == total):
             _checkpoint(ckpt, step + 1, model, opt, history)
     bar.close()
+    opt.zero_grad(set_to_none=True)   # (a captured step's gradients live in its graph's memory pool)
     return history
 
 
@@ -156,8 +170,7 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
     mine = distributed.shard(cfg.batch_size, f"batch_size={cfg.batch_size}")
     params = adapter_parameters(model)
 
-    def eager_step(ids: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
+    def body(ids: torch.Tensor) -> torch.Tensor:
         loss = lm_loss(model, ids)
         loss.backward()
         if not fsdp:   # FSDP averages in its reduce-scatter
@@ -165,19 +178,16 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
         opt.step()
         return loss
 
-    graphed = _GraphedStep(model, opt) if graphs else None
+    stepper = _GraphedStep(body, opt) if graphs else None
     try:
         for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress,
                          leave=False):
             ids = train_ids[(torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n)[mine]]
-            if graphed is not None and step - start >= _GraphedStep.WARMUP:
-                loss = graphed(ids)
-                if loss is None:   # capture failed (logged): eager steps from here on
-                    graphed, loss = None, eager_step(ids)
-            elif graphed is not None:   # the first steps, eagerly on a side stream (lazy inits before capture)
-                loss = graphed.warmup(eager_step, ids)
+            if stepper is not None:
+                loss = stepper.step(step - start, ids)
             else:
-                loss = eager_step(ids)
+                opt.zero_grad(set_to_none=True)
+                loss = body(ids)
             history.append({"step": step + 1, "loss": distributed.all_reduce(loss.detach()).item()})
             if not math.isfinite(history[-1]["loss"]):
                 raise FloatingPointError(f"{desc} loss became {history[-1]['loss']} at step {step + 1}")
@@ -194,47 +204,80 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
     return history
 
 
+def _tree(x, fn):
+    """fn applied to every tensor of a nest of lists, tuples and dicts (other leaves, e.g. None, kept)."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _tree(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_tree(v, fn) for v in x)
+    return x
+
+
+def _leaves(x) -> list:
+    out = []
+    _tree(x, out.append)
+    return out
+
+
 class _GraphedStep:
-    """The end-to-end training step (zero grads, ``lm_loss`` forward and backward, Adam with capturable state)
-    captured once as a CUDA graph and replayed: every step has the same [B, T] shape, and the eager step's tens of
-    thousands of small ops cost far more host time than the GPU needs for them. The batch is copied into a static
-    buffer; the loss is a static tensor. The first WARMUP steps run eagerly on a side stream (the capture
-    recipe: lazy initialisation off the capture stream); those are ordinary training steps."""
+    """One training step ``body(*inputs)`` (forward, backward, optimizer step with capturable state; returns the
+    loss tensor) captured once as a CUDA graph and replayed: every step has the same shapes, and the eager step's
+    thousands of small ops cost far more host time than the GPU needs for them. The inputs (a nest of tensors) are
+    copied into static buffers, the loss is a static tensor. The first WARMUP steps run eagerly on a side stream
+    (the capture recipe: lazy initialisation off the capture stream); those are ordinary training steps. A step
+    whose inputs differ in shape or structure from the captured ones runs eagerly."""
 
     WARMUP = 3
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
-        self.model, self.opt, self.graph, self.side = model, opt, None, torch.cuda.Stream()
+    def __init__(self, body, opt: torch.optim.Optimizer):
+        self.body, self.opt, self.graph, self.side, self.failed = body, opt, None, torch.cuda.Stream(), False
 
-    def warmup(self, eager_step, ids: torch.Tensor) -> torch.Tensor:
+    def eager(self, *inputs) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        return self.body(*inputs)
+
+    def warmup(self, *inputs) -> torch.Tensor:
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            loss = eager_step(ids)
+            loss = self.eager(*inputs)
         torch.cuda.current_stream().wait_stream(self.side)
         return loss
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor | None:
+    def _matches(self, inputs) -> bool:
+        new, old = _leaves(inputs), _leaves(self.inputs)
+        return len(new) == len(old) and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(new, old))
+
+    def __call__(self, *inputs) -> torch.Tensor:
+        if self.failed:
+            return self.eager(*inputs)
         if self.graph is None:
-            self.ids = ids.clone()
+            self.inputs = _tree(inputs, torch.clone)
             self.opt.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    self.loss = lm_loss(self.model, self.ids)
-                    self.loss.backward()
-                    self.opt.step()
-            except Exception as e:  # noqa: BLE001 - an uncapturable model trains eagerly
+                    self.loss = self.body(*self.inputs)
+            except Exception as e:  # noqa: BLE001 - an uncapturable step trains eagerly
                 import logging
                 logging.getLogger("fastattn").warning("fastattn: CUDA graph capture of the training step failed "
                                                       "(%s: %s); eager steps instead", type(e).__name__, e)
                 torch.cuda.synchronize()
-                self.opt.zero_grad(set_to_none=True)
-                return None
+                self.failed = True
+                return self.eager(*inputs)
             self.graph = graph
+        elif not self._matches(inputs):
+            return self.eager(*inputs)
         else:
-            self.ids.copy_(ids)
+            for dst, src in zip(_leaves(self.inputs), _leaves(inputs)):
+                dst.copy_(src)
         self.graph.replay()
         return self.loss
+
+    def step(self, index: int, *inputs) -> torch.Tensor:
+        """Training step number ``index`` (counted from this process's first): eager warm-up, then replays."""
+        return self.warmup(*inputs) if index < self.WARMUP else self(*inputs)
 
 
 def _sharded_copy(model: nn.Module) -> nn.Module:
