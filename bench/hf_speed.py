@@ -29,19 +29,14 @@ from fastattn.hf import adapters, add_lora, greedy_decode, linearize, softmax_at
 from linear_attn import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
-def profile_prefill(model, vocab: int, T: int, device, rows: int = 12) -> dict:
-    """Host (CPU) and device (CUDA) time of one B=1 prefill over T tokens; the top ops by self CPU time and the
+def _profiled(fn, cuda: bool, rows: int) -> dict:
+    """Run fn once under torch.profiler: op calls, self CPU and CUDA ms, the top ops by self CPU time and the
     top kernels by self CUDA time."""
     from torch.profiler import ProfilerActivity, profile
-    cuda = torch.device(device).type == "cuda"
-    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
-    kw = dict(use_cache=False, logits_to_keep=1)
-    with torch.no_grad():
-        model(ids, **kw)
-        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-            model(ids, **kw)
-            if cuda:
-                torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
     events = prof.key_averages()
 
     def dev(e) -> float:
@@ -50,10 +45,19 @@ def profile_prefill(model, vocab: int, T: int, device, rows: int = 12) -> dict:
     def table(key):
         return [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3, "self_cuda_ms": dev(e)}
                 for e in sorted(events, key=key, reverse=True)[:rows]]
-    return {"T": T, "ops": sum(e.count for e in events if not e.key.startswith(("cuda", "Activity"))),
+    return {"ops": sum(e.count for e in events if not e.key.startswith(("cuda", "Activity"))),
             "self_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
             "self_cuda_ms": sum(dev(e) for e in events),
             "top": table(lambda e: e.self_cpu_time_total), "top_cuda": table(dev)}
+
+
+@torch.no_grad()
+def profile_prefill(model, vocab: int, T: int, device, rows: int = 12) -> dict:
+    """The profile (``_profiled``) of one B=1 prefill over T tokens, after one unprofiled warm-up."""
+    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(use_cache=False, logits_to_keep=1)
+    model(ids, **kw)
+    return {"T": T, **_profiled(lambda: model(ids, **kw), torch.device(device).type == "cuda", rows)}
 
 
 @torch.no_grad()
@@ -89,8 +93,7 @@ def graphed_prefill(model, vocab: int, T: int, device, reps: int = 10) -> dict:
 
 def train_step(model, vocab: int, batch: int, T: int, device, reps: int = 3) -> dict:
     """Median seconds of one end-to-end training step of the adapters (``lm_loss`` forward + backward, base
-    weights frozen: the distill driver's second stage) on [batch, T] tokens, and its profile's top ops."""
-    from torch.profiler import ProfilerActivity, profile
+    weights frozen: the distill driver's second stage) on [batch, T] tokens, and its profile."""
     ids = torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(3)).to(device)
     params = adapter_parameters(model)
     for p in model.parameters():
@@ -110,14 +113,7 @@ def train_step(model, vocab: int, batch: int, T: int, device, reps: int = 3) -> 
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")) as prof:
-        step()
-    events = prof.key_averages()
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-    return {"batch": batch, "T": T, "seconds": sorted(times)[reps // 2],
-            "ops": sum(e.count for e in events if not e.key.startswith(("cuda", "Activity"))),
-            "self_cuda_ms": sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3,
-            "top": [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in top]}
+    return {"batch": batch, "T": T, "seconds": sorted(times)[reps // 2], **_profiled(step, device.type == "cuda", 8)}
 
 
 def _set_backend(model, backend: str) -> None:
@@ -133,33 +129,31 @@ def run(args) -> dict:
            "new_tokens": args.new_tokens, "feature_dims": args.dims, "teacher": {}, "student": {}}
     t, s = res["teacher"], res["student"]
     linearize(model, args.dims, feature_map="prf", seed=0)
-    cuda = device.type == "cuda"
+
+    def measure(who: str, d: dict, backends: list[str]) -> None:
+        """Eager prefill per linear-attention backend (the teacher: one run), graphed prefill, profiles, generate."""
+        for backend in backends:
+            _set_backend(model, backend)
+            try:
+                d.setdefault("prefill", {})[backend] = [prefill_throughput(model, vocab, T, device)
+                                                        for T in args.lengths]
+            except RuntimeError as e:   # a backend this machine lacks: say so
+                d["prefill"][backend] = str(e)
+            print(who, "prefill", backend, d["prefill"][backend], flush=True)
+        _set_backend(model, "auto")
+        if device.type == "cuda":
+            d["prefill_graph"] = [graphed_prefill(model, vocab, T, device) for T in args.lengths]
+            print(who, "prefill, CUDA graph", d["prefill_graph"], flush=True)
+        d["profile"] = [profile_prefill(model, vocab, T, device) for T in args.lengths]
+        d["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
+        print(who, "generate", d["generate"], flush=True)
+
     with softmax_attention(model):
-        t["prefill"] = [prefill_throughput(model, vocab, T, device) for T in args.lengths]
-        print("teacher prefill", [f"{p['T']}: {p['ms']:.1f} ms" for p in t["prefill"]], flush=True)
-        if cuda:
-            t["prefill_graph"] = [graphed_prefill(model, vocab, T, device) for T in args.lengths]
-            print("teacher prefill, CUDA graph", t["prefill_graph"], flush=True)
-        t["profile"] = [profile_prefill(model, vocab, T, device) for T in args.lengths]
-        t["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
-        print("teacher generate", t["generate"], flush=True)
+        measure("teacher", t, ["auto"])
+    t["prefill"] = t["prefill"]["auto"]
     # fix every layer's key shift on a prompt, as a trained student has it (calibrate_key_shifts in the driver)
     greedy_decode(model, torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(2)).to(device), 1)
-    s["prefill"] = {}
-    for backend in args.backends:
-        _set_backend(model, backend)
-        try:
-            s["prefill"][backend] = [prefill_throughput(model, vocab, T, device) for T in args.lengths]
-        except RuntimeError as e:   # a backend this machine lacks: say so
-            s["prefill"][backend] = str(e)
-        print("student prefill", backend, s["prefill"][backend], flush=True)
-    _set_backend(model, "auto")
-    if cuda:
-        s["prefill_graph"] = [graphed_prefill(model, vocab, T, device) for T in args.lengths]
-        print("student prefill, CUDA graph", s["prefill_graph"], flush=True)
-    s["profile"] = [profile_prefill(model, vocab, T, device) for T in args.lengths]
-    s["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
-    print("student generate", s["generate"], flush=True)
+    measure("student", s, args.backends)
     s["greedy_decode"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device,
                                              fixed_steps=True)
     print("student greedy_decode", s["greedy_decode"], flush=True)

@@ -330,13 +330,20 @@ SWEEP_VALUES = (1, 2, 4, 8)
 BK_VALUES = (64, 128)
 
 
+def _scores(times: dict) -> tuple[dict, object]:
+    """times {value: [ms per shape]} -> ({value: geometric mean of time / best time per shape}, best value)."""
+    import math
+    best_per_shape = [min(col) for col in zip(*times.values())]
+    score = {val: math.exp(statistics.fmean(math.log(t / b) for t, b in zip(ts, best_per_shape)))
+             for val, ts in times.items()}
+    return score, min(score, key=score.get)
+
+
 def sweep_split(dtype) -> dict:
     """Triton's split-T target (PROGRAMS_PER_SM), forward first (timed forward), then backward (timed
     forward+backward with the chosen forward value), over T in {4k, 16k, 64k} at D = 64 and D in {32, 128} at
     16k, plus B=1, H=9, T=64k. The value with the lowest geometric mean of (time / best time per shape) wins
     and is used for the rest of the run; every timing is returned."""
-    import math
-
     import triton.testing
     from fastattn.ops.linear_attn import triton as tri
     shapes = [(65536 // T, 8, T, 64) for T in (4096, 16384, 65536)] + [(4, 8, 16384, 32), (4, 8, 16384, 128),
@@ -359,10 +366,7 @@ def sweep_split(dtype) -> dict:
                 tri.PROGRAMS_PER_SM[direction] = val
                 times[val].append(triton.testing.do_bench(f if direction == "fwd" else fb, warmup=10, rep=40,
                                                           return_mode="median"))
-        best_per_shape = [min(times[val][i] for val in SWEEP_VALUES) for i in range(len(shapes))]
-        score = {val: math.exp(statistics.fmean(math.log(t / b) for t, b in zip(times[val], best_per_shape)))
-                 for val in SWEEP_VALUES}
-        best = min(score, key=score.get)
+        score, best = _scores(times)
         tri.PROGRAMS_PER_SM[direction] = best
         out[direction] = {"ms": {str(k): v for k, v in times.items()}, "score": {str(k): v for k, v in score.items()},
                           "chosen": best}
@@ -374,8 +378,6 @@ def sweep_fwd_bk(dtype) -> dict:
     """Triton's widest forward feature tile (FWD_MAX_BK: 64, or 128 = one K tile for D <= 128, no partials),
     timed forward at D in {96, 128, 256}, T in {16k, 64k}; the value with the lowest geometric mean of
     (time / best time per shape) is used for the rest of the run."""
-    import math
-
     from fastattn.ops.linear_attn import triton as tri
     shapes = [(65536 // T, 8, T, D) for T in (16384, 65536) for D in (96, 128, 256)]
     times = {val: [] for val in BK_VALUES}
@@ -384,10 +386,7 @@ def sweep_fwd_bk(dtype) -> dict:
         for val in BK_VALUES:
             tri.FWD_MAX_BK = val
             times[val].append(time_gpu(lambda: fastattn.linear_attention(q, k, v, layout="bthd", backend="triton")))
-    best_per_shape = [min(times[val][i] for val in BK_VALUES) for i in range(len(shapes))]
-    score = {val: math.exp(statistics.fmean(math.log(t / b) for t, b in zip(times[val], best_per_shape)))
-             for val in BK_VALUES}
-    tri.FWD_MAX_BK = min(score, key=score.get)
+    score, tri.FWD_MAX_BK = _scores(times)
     print(f"sweep FWD_MAX_BK: scores {({k: round(v, 3) for k, v in score.items()})} -> {tri.FWD_MAX_BK}", flush=True)
     return {"values": list(BK_VALUES), "shapes": [list(x) for x in shapes],
             "ms": {str(k): v for k, v in times.items()}, "score": {str(k): v for k, v in score.items()},

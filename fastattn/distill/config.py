@@ -52,7 +52,7 @@ class DistillConfig:
     throughput_gen_context: int = 2048
     ckpt_every: int = 50
     fsdp: bool = False                   # under torchrun: end-to-end stages fully shard the model (FSDP2)
-    cuda_graph: bool = True              # one process on a GPU: end-to-end steps replay one captured CUDA graph
+    cuda_graph: bool = True              # one process on a GPU: training steps replay one captured CUDA graph
     resume: bool = True
 
     def __post_init__(self):

@@ -6,14 +6,12 @@ launch writes each tile's max, torch takes the max over tiles, and the feature l
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
 from ..triton_gate import import_kernels, triton_gate
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
-
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256

@@ -23,6 +23,18 @@ def _logits(xt, sq, w_ptr, log_c_ptr, h, ms, m_m, swh, swm, swd, sch, scm, ds, m
 
 
 @triton.jit
+def _row_max(xt, sq, w_ptr, log_c_ptr, h, M, swh, swm, swd, sch, scm, ds, m_d, c_proj,
+             BT: tl.constexpr, BM: tl.constexpr):
+    """[BT] max log-feature of each row of the x tile over all M features (one pass over the slices)."""
+    best = tl.full((BT,), float("-inf"), tl.float32)
+    for m0 in range(0, M, BM):
+        ms = m0 + tl.arange(0, BM)
+        logits = _logits(xt, sq, w_ptr, log_c_ptr, h, ms, ms < M, swh, swm, swd, sch, scm, ds, m_d, c_proj)
+        best = tl.maximum(best, tl.max(logits, axis=1))
+    return best
+
+
+@triton.jit
 def prf_features_kernel(x_ptr, w_ptr, log_c_ptr, shift_ptr, out_ptr, stats_ptr,
                         sxb, sxh, sxt, sxd, swh, swm, swd, sch, scm, s_sb, s_sh, sob, soh, sot, som,
                         T, M, H, c_proj, c_sq,
@@ -37,21 +49,11 @@ def prf_features_kernel(x_ptr, w_ptr, log_c_ptr, shift_ptr, out_ptr, stats_ptr,
                  mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)               # [BT, BD]
     sq = tl.sum(xt * xt, axis=1) * c_sq
     if STATS:   # the tile's max log-feature (rows past T excluded) -> stats[bh, pid_t]
-        best = tl.full((BT,), float("-inf"), tl.float32)
-        for m0 in range(0, M, BM):
-            ms = m0 + tl.arange(0, BM)
-            logits = _logits(xt, sq, w_ptr, log_c_ptr, h, ms, ms < M, swh, swm, swd, sch, scm, ds, m_d, c_proj)
-            best = tl.maximum(best, tl.max(logits, axis=1))
-        best = tl.where(m_t, best, float("-inf"))
-        tl.store(stats_ptr + bh * tl.num_programs(0) + pid_t, tl.max(best, axis=0))
+        best = _row_max(xt, sq, w_ptr, log_c_ptr, h, M, swh, swm, swd, sch, scm, ds, m_d, c_proj, BT, BM)
+        tl.store(stats_ptr + bh * tl.num_programs(0) + pid_t, tl.max(tl.where(m_t, best, float("-inf")), axis=0))
     else:
         if SHIFT == 1:
-            shift = tl.full((BT,), float("-inf"), tl.float32)
-            for m0 in range(0, M, BM):
-                ms = m0 + tl.arange(0, BM)
-                logits = _logits(xt, sq, w_ptr, log_c_ptr, h, ms, ms < M, swh, swm, swd, sch, scm, ds, m_d,
-                                 c_proj)
-                shift = tl.maximum(shift, tl.max(logits, axis=1))
+            shift = _row_max(xt, sq, w_ptr, log_c_ptr, h, M, swh, swm, swd, sch, scm, ds, m_d, c_proj, BT, BM)
         elif SHIFT == 2:
             shift = tl.full((BT,), 0.0, tl.float32) + tl.load(shift_ptr + b * s_sb + h * s_sh).to(tl.float32)
         else:

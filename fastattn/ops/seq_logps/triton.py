@@ -45,7 +45,8 @@ CONFIG_OVERRIDE: dict = {}   # bench hook: fields of _Config to use instead of t
 
 
 def _config(dtype: torch.dtype, interpret: bool) -> _Config:
-    return dataclasses.replace(_default_config(dtype, interpret), **CONFIG_OVERRIDE)
+    cfg = _default_config(dtype, interpret)
+    return dataclasses.replace(cfg, **CONFIG_OVERRIDE) if CONFIG_OVERRIDE else cfg
 
 
 @functools.lru_cache(maxsize=None)
