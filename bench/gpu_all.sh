@@ -3,6 +3,7 @@
 #   build (sm_90) | fla probes + compile warm-up of our kernels (parallel workers) | GPU tests ($GPU_TESTS)
 #   ->  bench/linear_attn.py  ->  bench/seq_logps.py  ->  bench/subspace_hvp.py
 # Usage (repository root on the GPU machine): OUT=dir CALL_LIMIT=seconds [GPU_TESTS="tests/..."] bash bench/gpu_all.sh
+# LA_ARGS: extra bench/linear_attn.py flags (e.g. "--Ts 65536,4096 --backends triton"); HVP_S=0 skips the last.
 # (all GPU tests: GPU_TESTS=tests TEST_TIMEOUT=240 — the linear-attention ones alone took 168 s with 6 workers).
 # Returns under $OUT (8 files at most): linear_attn_h200.{json,md}, linear_attn_partial.jsonl,
 # seq_logps_gpu.{json,md}, subspace_hvp_h200.{json,md}, logs.tgz (build, tests, probes, bench logs).
@@ -27,10 +28,13 @@ timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu $GPU_TESTS -n 4 -p no
 el "GPU tests rc=$?"; grep -E "passed|failed" "$LOGS/gpu_tests.log" | tail -3
 wait $prep; el "prepare rc=$?"; tail -1 "$LOGS/prepare.log"
 
-timeout "$(cap 175)" python3 bench/linear_attn.py --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
-  --out "$OUT" > "$LOGS/bench_linear_attn.log" 2>&1; el "linear_attn bench rc=$?"
-timeout "$(cap 60)" python3 bench/seq_logps.py --out "$OUT" > "$LOGS/bench_seq_logps.log" 2>&1
+HVP_S=${HVP_S:-60}   # seconds kept for bench/subspace_hvp.py (0: not run); seq_logps keeps 110 s besides
+timeout "$(cap $(( 115 + HVP_S )))" python3 bench/linear_attn.py --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
+  --out "$OUT" ${LA_ARGS:-} > "$LOGS/bench_linear_attn.log" 2>&1; el "linear_attn bench rc=$?"
+timeout "$(cap $(( HVP_S > 0 ? HVP_S : 5 )))" python3 bench/seq_logps.py --out "$OUT" > "$LOGS/bench_seq_logps.log" 2>&1
 el "seq_logps bench rc=$?"
-timeout "$(cap 5)" python3 bench/subspace_hvp.py --out "$OUT" > "$LOGS/bench_subspace_hvp.log" 2>&1
-el "subspace_hvp bench rc=$?"
+if [ "$HVP_S" -gt 0 ]; then
+  timeout "$(cap 5)" python3 bench/subspace_hvp.py --out "$OUT" > "$LOGS/bench_subspace_hvp.log" 2>&1
+  el "subspace_hvp bench rc=$?"
+fi
 cat "$OUT/linear_attn_h200.md" "$OUT/seq_logps_gpu.md" "$OUT/subspace_hvp_h200.md" 2>/dev/null | head -120

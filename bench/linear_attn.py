@@ -295,7 +295,8 @@ def _inputs(B, H, T, D, Dv, dtype, seed=0):
 
 
 def _grid(args) -> tuple[list[int], list[int]]:
-    Ts = [1024, 4096, 16384, 65536] if not args.quick else [4096, 65536]
+    Ts = [4096, 65536] if args.quick else [1024, 4096, 16384, 65536]
+    Ts = [int(t) for t in args.Ts.split(",")] if getattr(args, "Ts", None) else Ts
     Ds = [int(d) for d in args.D.split(",")] if args.D else [9, 32, 48, 64, 96, 128, 182, 256]
     return Ts, Ds
 
@@ -506,7 +507,8 @@ def add_ratios(result: dict) -> None:
 def bench_gpu(args, save) -> dict:
     """The GPU grid; calls save(result) after every T so that a run cut short keeps its table."""
     dtype = torch.bfloat16
-    ours = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)]
+    ours = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)
+            and (args.backends is None or n in args.backends.split(","))]
     bw = hbm_bandwidth("cuda")
     result = {"hbm_bytes_per_s": bw, "dtype": "bf16", "rows": [], "sdpa": [], "decode": []}
     if "triton" in ours and args.sweep:
@@ -593,6 +595,10 @@ def main(argv=None) -> dict | None:
     p.add_argument("--T", type=int, default=None, help="CPU: sequence length (default 4096)")
     p.add_argument("--repeat", type=int, default=5, help="CPU: measurement rounds (backends interleaved)")
     p.add_argument("--D", default=None, help="GPU: comma-separated feature dims")
+    p.add_argument("--Ts", default=None, help="GPU: comma-separated sequence lengths, in the order run "
+                                              "(default 1024,4096,16384,65536)")
+    p.add_argument("--backends", default=None, help="GPU: comma-separated backends of ours to time "
+                                                    "(default: every available one)")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--fla-dims", default=None, type=lambda s: [int(x) for x in s.split(",")],
                    help="GPU: run fla only at these feature dims (each new D costs fla a compile + autotune)")

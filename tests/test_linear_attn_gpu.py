@@ -48,6 +48,21 @@ def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
                                           (1, 4, 2, 65536, 130, 48)])
 def test_long_sequences_against_fp64(backend, dtype, B, H, Hv, T, D, Dv):
     """Relative error (Frobenius) of o, dq, dk, dv and the final state at most 5e-3 in bf16, 1e-5 in fp32."""
+    _check_long(backend, dtype, B, H, Hv, T, D, Dv)
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("B,H,Hv,T,D,Dv", [(4, 8, 8, 16384, 96, 64), (1, 8, 4, 65536, 128, 64),
+                                          (2, 4, 4, 16384, 182, 64)])
+def test_long_sequences_with_128_wide_forward_tiles(dtype, B, H, Hv, T, D, Dv, monkeypatch):
+    """The same bounds with triton's optional 128-wide forward feature tile (FWD_MAX_BK = 128)."""
+    from fastattn.ops.linear_attn import triton as tri
+    monkeypatch.setattr(tri, "FWD_MAX_BK", 128)
+    _check_long("triton", dtype, B, H, Hv, T, D, Dv)
+
+
+def _check_long(backend, dtype, B, H, Hv, T, D, Dv):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.rand(B, T, H, D, device="cuda", generator=g, dtype=dtype).transpose(1, 2)
     k = torch.rand(B, T, H, D, device="cuda", generator=g, dtype=dtype).transpose(1, 2)

@@ -115,7 +115,8 @@ def _causal_table(metrics: dict) -> list[str]:
         for name, label in (("linear_only", "without its window (linear only)"), ("stage2", f"+ stage 2 ({stage2})"),
                             ("stage2_linear_only", f"+ stage 2 ({stage2}), without its window")):
             if f"{name}_loss_mean" in row:
-                rows.append([f"{rule} {label}", str(row["total_dim"]), f"{row[f'{name}_loss_mean']:.4f}",
+                rows.append([f"{rule} {label}", str(row["total_dim"]),
+                             f"{row[f'{name}_loss_mean']:.4f} +- {row.get(f'{name}_loss_std', 0.0):.4f} (n={row['n']})",
                              f"{row[f'{name}_gap']:+.4f}", f"{math.exp(row[f'{name}_loss_mean']):.2f}", "-"])
     return ["## Held-out next-token loss", ""] + _table(
         ["model", "total feature dim", "held-out loss (mean +- std)", "gap to teacher", "ppl", "mean attention KL"],

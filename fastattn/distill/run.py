@@ -315,7 +315,9 @@ def summarize(metrics: dict) -> dict:
             row["hidden_rel_err_mean"] = statistics.fmean(r["heldout"]["hidden_rel_err"] for r in runs)
         for name in ("stage2", "linear_only", "stage2_linear_only"):   # optional stages and ablations
             if runs and f"{name}_heldout" in runs[0]:
-                row[f"{name}_loss_mean"] = statistics.fmean(r[f"{name}_heldout"]["loss"] for r in runs)
+                stage = [r[f"{name}_heldout"]["loss"] for r in runs]
+                row[f"{name}_loss_mean"] = statistics.fmean(stage)
+                row[f"{name}_loss_std"] = statistics.stdev(stage) if len(stage) > 1 else 0.0
                 row[f"{name}_gap"] = row[f"{name}_loss_mean"] - teacher
         out[rule] = row
     return out
