@@ -507,8 +507,8 @@ def add_ratios(result: dict) -> None:
 def bench_gpu(args, save) -> dict:
     """The GPU grid; calls save(result) after every T so that a run cut short keeps its table."""
     dtype = torch.bfloat16
-    ours = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)
-            and (args.backends is None or n in args.backends.split(","))]
+    every = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)]
+    ours = [n for n in every if args.backends is None or n in args.backends.split(",")]   # decode: every one
     bw = hbm_bandwidth("cuda")
     result = {"hbm_bytes_per_s": bw, "dtype": "bf16", "rows": [], "sdpa": [], "decode": []}
     if "triton" in ours and args.sweep:
@@ -525,7 +525,7 @@ def bench_gpu(args, save) -> dict:
     for T in Ts:
         result["sdpa"].append(bench_sdpa(65536 // T, 8, T, dtype))
     _partial(args, result["sdpa"])
-    result["decode"] = bench_decode(1, 9, 64, 64, ours) + bench_decode(64, 9, 64, 64, ours)
+    result["decode"] = bench_decode(1, 9, 64, 64, every) + bench_decode(64, 9, 64, 64, every)
     _partial(args, result["decode"])
     save(result)
     shapes = [(65536 // T, 8, T, D) for T in Ts for D in Ds] + [(1, 9, 65536, 64)]
