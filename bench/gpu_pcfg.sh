@@ -14,7 +14,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 RUN=${RUN:-/root/pcfg}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=.:${PYTHONPATH:-}   # (bench/pcfg_dp.py imports fastattn)
 python3 -c "import torch, transformers, matplotlib; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 timeout 40 python3 bench/pcfg_dp.py --depth 5 --docs 2000 --out "$OUT/pcfg_dp_timing.json" | tail -4
 timeout "${TIME_S:-540}" python3 -m fastattn.cli pcfg --preset gpu --out "$RUN" --progress 0 \

@@ -221,6 +221,7 @@ def test_workers_train_the_same_runs_as_one_process(tmp_path):
     assert two["runs"]["dm3_s0_cool"]["train"]["steps_run"] == 10          # resumed from its parent's branch
     assert _without_times(two["runs"]) == _without_times(one["runs"])      # same seeds: identical losses, metrics
     assert two["summary"] == one["summary"] and two["config"]["workers"] == 2
+    assert not (tmp_path / "two" / "eval_sets.tmp").exists()   # the parent's sets for the workers, removed
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -366,5 +366,8 @@ def conditional(pcfg: LeveledPCFG, terminals: Tensor, lengths: Tensor, meta: Ten
     return log_seq, log_prefix
 
 
+CUDA_SHARE = 8   # a chunk's default budget on CUDA: 1/CUDA_SHARE of the free memory (processes sharing a GPU raise it)
+
+
 def _default_budget(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0] // 8 if device.type == "cuda" else 2 ** 30
+    return torch.cuda.mem_get_info(device)[0] // CUDA_SHARE if device.type == "cuda" else 2 ** 30

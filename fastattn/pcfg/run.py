@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from . import evaluate as ev
+from . import evaluate as ev, inference
 from .config import PCFGRunConfig
 from .grammar import LeveledPCFG
 from .inference import inside
@@ -45,8 +45,14 @@ def run_keys(cfg: PCFGRunConfig) -> list[tuple[str, int, int, bool]]:
 class Evaluator:
     """The shared held-out sets and their DP (computed once), and the per-model evaluation."""
 
-    def __init__(self, cfg: PCFGRunConfig, pcfg: LeveledPCFG, device, log=print):
+    STATE = ("loss_set", "probe_train", "probe_test", "pool", "prompts", "reference")
+
+    def __init__(self, cfg: PCFGRunConfig, pcfg: LeveledPCFG, device, log=print, load: Path | None = None):
+        """load: a file written by ``save`` (worker processes take the parent's sets instead of redoing the DP)."""
         self.cfg, self.pcfg, self.device = cfg, pcfg, device
+        if load is not None:
+            self.__dict__.update(torch.load(load, map_location=device, weights_only=False))
+            return
         t0 = time.time()
         s = cfg.eval_seed
         self.loss_set = ev.eval_set(pcfg, cfg.eval_sequences, s, device)
@@ -66,6 +72,9 @@ class Evaluator:
             "prompt_counts": {str(k): len(i) for k, i in self.prompts.items()},
             "dp_seconds": time.time() - t0}
         log(f"evaluation sets and exact DP: {self.reference['dp_seconds']:.1f}s")
+
+    def save(self, path: Path) -> None:
+        torch.save({k: getattr(self, k) for k in self.STATE}, path)
 
     def probes(self, model) -> list:
         cfg, pos = self.cfg, self.cfg.positions
@@ -89,12 +98,13 @@ class Evaluator:
 class Runner:
     """What one process needs to train and evaluate runs: the grammar, the device and (rank 0) the evaluator."""
 
-    def __init__(self, cfg: PCFGRunConfig, progress: bool = True, log=print):
+    def __init__(self, cfg: PCFGRunConfig, progress: bool = True, log=print, eval_sets: Path | None = None):
         self.cfg, self.progress, self.log = cfg, progress, log
         self.runs = Path(cfg.out) / "runs"
         self.device = resolve_device(cfg)
         self.pcfg = LeveledPCFG(**cfg.grammar_kwargs())
-        self.evaluator = Evaluator(cfg, self.pcfg, self.device, log) if distributed.is_main() else None
+        self.evaluator = Evaluator(cfg, self.pcfg, self.device, log, load=eval_sets) if distributed.is_main() \
+            else None
 
     def __call__(self, key: str, d: int, seed: int, cool: bool) -> dict | None:
         """Train run ``key`` (every rank under torchrun) and evaluate it (rank 0, which returns its metrics entry;
@@ -145,23 +155,32 @@ def run_sequential(runner: Runner, keys: list, started: float) -> tuple[dict, li
 _WORKER: Runner | None = None
 
 
-def _start_worker(cfg: PCFGRunConfig) -> None:
-    """A spawned worker's one ``Runner``; CPU threads split among the workers unless ``cfg.threads`` is set."""
+def _start_worker(cfg: PCFGRunConfig, eval_sets: Path) -> None:
+    """A spawned worker's one ``Runner`` over the parent's evaluation sets; CPU threads and the exact DP's GPU
+    memory split among the workers (threads: unless ``cfg.threads`` is set)."""
     global _WORKER
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers))
-    _WORKER = Runner(cfg, progress=False, log=functools.partial(print, flush=True))
+    inference.CUDA_SHARE = 8 * cfg.workers
+    _WORKER = Runner(cfg, progress=False, log=functools.partial(print, flush=True), eval_sets=eval_sets)
 
 
 def _work(job: tuple) -> dict:
     return _WORKER(*job)
 
 
-def run_parallel(cfg: PCFGRunConfig, keys: list, started: float, log=print) -> tuple[dict, list]:
-    """Like ``run_sequential`` with up to ``cfg.workers`` runs at once, each in its own spawned process; a cooldown
-    is started only after its parent run (whose branch checkpoint it resumes) is done or skipped."""
+def run_parallel(cfg: PCFGRunConfig, keys: list, started: float, evaluator: Evaluator,
+                 log=print) -> tuple[dict, list]:
+    """Like ``run_sequential`` with up to ``cfg.workers`` runs at once, each in its own spawned process (sharing
+    ``evaluator``'s sets through a file); a cooldown is started only after its parent run (whose branch
+    checkpoint it resumes) is done or skipped."""
     runs, skipped, settled, pending, running = {}, [], set(), list(keys), {}
     context = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_start_worker, initargs=(cfg,)) as pool:
+    sets = Path(cfg.out) / "eval_sets.tmp"
+    evaluator.save(sets)
+    if evaluator.device.type == "cuda":
+        torch.cuda.empty_cache()   # the parent's DP buffers, for the workers
+    with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_start_worker,
+                             initargs=(cfg, sets)) as pool:
         while pending or running:
             for job in list(pending):
                 key, d, seed, cool = job
@@ -180,6 +199,7 @@ def run_parallel(cfg: PCFGRunConfig, keys: list, started: float, log=print) -> t
                 key = running.pop(future)
                 runs[key] = future.result()
                 settled.add(key)
+    sets.unlink(missing_ok=True)
     order = [key for key, *_ in keys]
     return {k: runs[k] for k in order if k in runs}, sorted(skipped, key=order.index)
 
@@ -213,7 +233,7 @@ def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
     metrics["reference"] = evaluator.reference if main else None
     started = time.time()
     if cfg.workers > 1:
-        metrics["runs"], metrics["skipped"] = run_parallel(cfg, run_keys(cfg), started, log)
+        metrics["runs"], metrics["skipped"] = run_parallel(cfg, run_keys(cfg), started, evaluator, log)
     else:
         metrics["runs"], metrics["skipped"] = run_sequential(runner, run_keys(cfg), started)
     metrics["runs_wall_seconds"] = time.time() - started
