@@ -51,7 +51,7 @@ class Evaluator:
         """load: a file written by ``save`` (worker processes take the parent's sets instead of redoing the DP)."""
         self.cfg, self.pcfg, self.device = cfg, pcfg, device
         if load is not None:
-            self.__dict__.update(torch.load(load, map_location=device, weights_only=False))
+            self.__dict__.update(torch.load(load, weights_only=False))   # each tensor on the device it was saved from
             return
         t0 = time.time()
         s = cfg.eval_seed
