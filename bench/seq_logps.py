@@ -81,7 +81,7 @@ def _peak(fn) -> float:
 
 
 # (BM, BN, BK, warps, stages) tried by --sweep; the first is the built-in bf16 default
-SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 3)]
+SWEEP = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 3)]
 
 
 def sweep(dev) -> dict:
