@@ -58,9 +58,10 @@ def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def teacher_dof(model, calib: list[torch.Tensor], cfg: DistillConfig) -> dict:
     """Per-head DoF [S, H] of every layer's post-RoPE q/k at cfg.lam, and the layer values (max over heads)."""
     res = sample_qk(model, calib, max_per_head=cfg.dof_samples, seed=0)
+    device = next(model.parameters()).device   # the fp64 Grams and eigendecompositions: on the GPU when there is one
     per_head = []
     for layer in range(len(attention_modules(model))):
-        q, k = res.get(layer)
+        q, k = (t.to(device) for t in res.get(layer))
         per_head.append(dof.degrees_of_freedom(q, k, cfg.lam, num_samples=cfg.dof_samples, seed=layer).tolist())
     per_layer = [max(h) for h in per_head]
     return {"lam": cfg.lam, "per_head": per_head, "per_layer": per_layer, "samples_per_head": cfg.dof_samples}
