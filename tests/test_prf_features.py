@@ -48,8 +48,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}   # relat
 
 @needs_triton
 @pytest.mark.parametrize("shift", ["row", "seq", "none", "tensor"])
-@pytest.mark.parametrize("B,H,T,d,M", [(2, 3, 37, 8, 13), (1, 2, 70, 20, 70), (1, 1, 5, 64, 129)],
-                         ids=["small", "two_tiles", "three_slices"])
+@pytest.mark.parametrize("B,H,T,d,M", [(2, 3, 37, 8, 13), (1, 2, 70, 20, 70), (1, 1, 5, 64, 129),
+                                       (1, 2, 9, 16, 300)],
+                         ids=["small", "two_tiles_one_slice", "two_slices", "three_slices"])
 def test_triton_matches_fp64_definition(shift, B, H, T, d, M):
     x, w, log_c = _inputs(B, H, T, d, M, torch.float32)
     s = torch.randn(H) if shift == "tensor" else shift

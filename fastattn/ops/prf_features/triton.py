@@ -6,6 +6,8 @@ launch writes each tile's max, torch takes the max over tiles, and the feature l
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -16,8 +18,10 @@ triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 BT = 64
-BM = 64                       # features per slice (the kernel loops over slices of M)
+MAX_BM = 128                  # features per slice: up to 128 in one slice (one pass for the row shift), else a loop
 _SHIFT = {"none": 0, "row": 1}
+# fp32-accurate dots: three TF32 tensor-core products on a GPU; the interpreter has only IEEE fp32
+PRECISION = "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32x3"
 
 
 def supports(x: Tensor, weight: Tensor) -> tuple[bool, str]:
@@ -34,6 +38,7 @@ def _launch(x: Tensor, weight: Tensor, log_scale: Tensor, out: Tensor | None, sh
             shift: Tensor | None, stats: Tensor | None) -> None:
     B, H, T, d = x.shape
     M = weight.shape[1]
+    BM = min(MAX_BM, max(16, triton.next_power_of_2(M)))
     grid = (triton.cdiv(T, BT), B * H)
     dummy = x if out is None else out
     s_sb, s_sh = (shift.stride(0), shift.stride(1)) if shift is not None else (0, 0)
@@ -42,7 +47,7 @@ def _launch(x: Tensor, weight: Tensor, log_scale: Tensor, out: Tensor | None, sh
         log_scale, *x.stride(), *weight.stride(), *log_scale.stride(), s_sb, s_sh, *dummy.stride(),
         T, M, H, d ** -0.25, 0.5 * d ** -0.5,
         D=d, BD=max(16, triton.next_power_of_2(d)), BT=BT, BM=BM, SHIFT=shift_mode, STATS=stats is not None,
-        num_warps=4)
+        ONE_SLICE=M <= BM, PREC=PRECISION, num_warps=4 if BM <= 64 else 8)
 
 
 def forward(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tensor) -> Tensor:
@@ -52,7 +57,7 @@ def forward(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tensor) -
     out = torch.empty(B, H, T, M, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    weight, log_scale = weight.float(), log_scale.float()
+    # weight and log_scale are read in their own dtype and strides (converted to fp32 in the kernel): no copies
     if isinstance(shift, Tensor):            # one constant per head: [H] -> strides (0, 1) over (b, h)
         _launch(x, weight, log_scale, out, 2, shift.float().expand(B, H), None)
     elif shift == "seq":
