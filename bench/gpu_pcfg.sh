@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The PCFG metadata-conditioning experiment on one H200 (gpu preset: D=5 grammar, ~10M-parameter Llama,
 # D_M 0/1/3/5 x 2 seeds x 6000 steps + metadata-free cooldown branches of 1200 steps, 8 runs at a time in their own
-# processes; expected ~8 min, see the preset's comment in fastattn/pcfg/config.py), in one device call:
-#   OUT=$OUT bash bench/gpu_pcfg.sh [extra fastattn pcfg flags]
+# processes; ~12 min in all, see the preset's comment in fastattn/pcfg/config.py), over two device calls back to
+# back (the second resumes on the warm machine: cooldowns and evaluations):
+#   OUT=$OUT bash bench/gpu_pcfg.sh [extra fastattn pcfg flags]     (both calls the same)
 # First times the exact DP on 2000 D=5 documents ($OUT/pcfg_dp_timing.json, at most 40 s). The experiment starts
 # no new run after RUN_LIMIT_S (default 420 s: the base runs must be done by then for the cooldowns to start; the
 # report lists the runs not made), is killed at TIME_S (default 540 s, so the call stays under 10 min) as a last

@@ -123,19 +123,15 @@ PRESETS: dict[str, dict] = {
                 lr=3e-3, warmup_steps=100, cooldown_steps=240, ckpt_every=200, eval_sequences=384, threads=1,
                 probe_train=768, probe_test=384, positions=(0, 1, 2, 4, 8, 16, 32), gen_samples=64,
                 eval_batch_size=128),
-    # one H200 in ~8 min (estimated, not yet measured): 8 runs x 6000 steps + 6 cooldowns x 1200 = 55k steps of
-    # batch 64 (384k documents per run), 8 runs at a time. Basis: the first gpu run (batch 128, one process) took
-    # 37-43 ms per step, host-bound; on one CPU core a step of this model costs ~29 ms of Python and dispatch (HF
-    # Llama forward + backward, clipping, foreach AdamW, bf16 autocast: timed with a 6-layer model of hidden size 20)
-    # plus the batch (6.6 ms before the table sampler, 2.1 ms now), so a process makes ~30 steps/s and 8 processes
-    # on the 16 host cores ~250 steps/s. The GPU work, from every op's bytes and FLOPs on the real model (1.4 MB of
-    # elementwise traffic and 59 MFLOP of matmuls per token, ~1000 kernels, rows padded to ~152 tokens), is ~7 ms a
-    # step at batch 64 (~11 ms at 128), so the 8 processes share a busy GPU at ~130 steps/s: ~6 min for the base
-    # runs, ~1 min for the cooldowns, ~1 min for start-up and evaluation.
+    # one H200 over two device calls (the second resumes): 8 runs x 6000 steps of batch 64 (384k documents per run),
+    # 8 runs at a time, then 6 cooldowns x 1200 steps. Measured (results/pcfg/gpu_h200, 4500 steps): the 8 base
+    # runs side by side took 377 s (95 steps/s together), a cooldown of 900 steps 60 s, an evaluation 15-20 s at 128
+    # prompts per k; so ~500 s of base runs here, and 512 prompts per k (binomial standard error ~0.018 of one
+    # accuracy near 0.2, against 0.035 at 128, which left every accuracy difference of that run noise-sized).
     "gpu": dict(depth=5, model="10m", meta_depths=(0, 1, 3, "D"), seeds=(0, 1), steps=6000, batch_size=64,
                 lr=1.5e-3, warmup_steps=300, cooldown_steps=1200, ckpt_every=1000, log_every=200, workers=8,
                 eval_sequences=1024, probe_train=2048, probe_test=1024, positions=(0, 1, 2, 4, 8, 16, 32, 64),
-                gen_samples=128, eval_batch_size=1024),
+                gen_samples=512, eval_batch_size=1024),
 }
 
 
