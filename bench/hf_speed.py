@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastattn import models  # noqa: E402
-from fastattn.distill.evaluate import generate_throughput, prefill_throughput  # noqa: E402
+from fastattn.distill.evaluate import generate_throughput, prefill_inputs, prefill_throughput  # noqa: E402
 from fastattn.distill.train import adapter_parameters, lm_loss  # noqa: E402
 from fastattn.hf import adapters, add_lora, greedy_decode, linearize, softmax_attention  # noqa: E402
 from linear_attn import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
@@ -38,24 +38,26 @@ def _profiled(fn, cuda: bool, rows: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
     events = prof.key_averages()
+    # an op's self device time is that of the kernels it launched, which are events of their own: device totals
+    # and the kernel table count the kernel events only (summing both counted every kernel twice)
+    kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
 
     def dev(e) -> float:
-        return getattr(e, "self_device_time_total", 0.0) / 1e3
+        return e.self_device_time_total / 1e3
 
-    def table(key):
+    def table(evs, key):
         return [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3, "self_cuda_ms": dev(e)}
-                for e in sorted(events, key=key, reverse=True)[:rows]]
+                for e in sorted(evs, key=key, reverse=True)[:rows]]
     return {"ops": sum(e.count for e in events if not e.key.startswith(("cuda", "Activity"))),
             "self_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
-            "self_cuda_ms": sum(dev(e) for e in events),
-            "top": table(lambda e: e.self_cpu_time_total), "top_cuda": table(dev)}
+            "self_cuda_ms": sum(dev(e) for e in kernels),
+            "top": table(events, lambda e: e.self_cpu_time_total), "top_cuda": table(kernels, dev)}
 
 
 @torch.no_grad()
 def profile_prefill(model, vocab: int, T: int, device, rows: int = 12) -> dict:
     """The profile (``_profiled``) of one B=1 prefill over T tokens, after one unprofiled warm-up."""
-    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
-    kw = dict(use_cache=False, logits_to_keep=1)
+    ids, kw = prefill_inputs(vocab, T, device)
     model(ids, **kw)
     return {"T": T, **_profiled(lambda: model(ids, **kw), torch.device(device).type == "cuda", rows)}
 
@@ -64,8 +66,7 @@ def profile_prefill(model, vocab: int, T: int, device, rows: int = 12) -> dict:
 def graphed_prefill(model, vocab: int, T: int, device, reps: int = 10) -> dict:
     """Median ms of one B=1 prefill over T tokens captured once as a CUDA graph and replayed: device time without
     the eager forward's host work (the same for teacher and student). {"error": ...} where capture fails."""
-    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
-    kw = dict(use_cache=False, logits_to_keep=1)
+    ids, kw = prefill_inputs(vocab, T, device)
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

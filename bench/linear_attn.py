@@ -296,15 +296,16 @@ def _inputs(B, H, T, D, Dv, dtype, seed=0):
 
 def _grid(args) -> tuple[list[int], list[int]]:
     Ts = [4096, 65536] if args.quick else [1024, 4096, 16384, 65536]
-    Ts = [int(t) for t in args.Ts.split(",")] if getattr(args, "Ts", None) else Ts
+    Ts = [int(t) for t in args.Ts.split(",")] if args.Ts else Ts
     Ds = [int(d) for d in args.D.split(",")] if args.D else [9, 32, 48, 64, 96, 128, 182, 256]
     return Ts, Ds
 
 
 def warm(args) -> None:
     """Compile (no timing) every triton kernel the GPU grid launches for the feature dims in --D, at both split
-    settings the sweep can pick (one segment, several) and both forward tile widths. Fills Triton's disk cache, so one such process per D can
-    run in parallel before the timed run, which then compiles nothing of ours (fla: see probe_fla)."""
+    settings the sweep can pick (one segment, several) and both forward tile widths. Fills Triton's disk cache,
+    so one such process per D can run in parallel before the timed run, which then compiles nothing of ours (fla:
+    see probe_fla)."""
     from fastattn.ops.linear_attn import triton as tri
     if not backends.availability("triton")[0]:
         return

@@ -76,12 +76,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def prefill_inputs(vocab: int, T: int, device, encoder: bool = False) -> tuple[torch.Tensor, dict]:
+    """(ids [1, T], forward kwargs) of one timed B=1 prefill: causal LMs without cache, logits of the last token
+    only; encoders the plain forward."""
+    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
+    return ids, {} if encoder else dict(use_cache=False, logits_to_keep=1)
+
+
 @torch.no_grad()
 def prefill_throughput(model, vocab: int, T: int, device, reps: int = 3, encoder: bool = False) -> dict:
-    """Tokens/s of one B=1 forward over T tokens (causal LMs: no cache, logits of the last token only;
-    encoders: the plain encoder forward)."""
-    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(device)
-    kw = {} if encoder else dict(use_cache=False, logits_to_keep=1)
+    """Tokens/s of one B=1 forward over T tokens (``prefill_inputs``)."""
+    ids, kw = prefill_inputs(vocab, T, device, encoder)
     model(ids, **kw)   # warm-up at the full length: kernels specialised for it compile here, not in a timed rep
     times = []
     for _ in range(reps):

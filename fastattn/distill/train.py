@@ -130,8 +130,7 @@ def train_layerwise(model, teacher_batches: list[list[dict]], cfg, ckpt: Path | 
         if stepper is not None:
             losses = stepper.step(step - start, batch, None if rows is None else rows.to(first.device))
         else:
-            opt.zero_grad(set_to_none=True)
-            losses = body(batch, rows)
+            losses = _eager_step(opt, body, batch, rows)
         per_layer = distributed.all_reduce(losses).tolist()   # one host sync per step
         history.append({"step": step + 1, "loss": sum(per_layer) / len(per_layer), "per_layer": per_layer})
         bar.update(1)
@@ -183,11 +182,7 @@ def train_direct(model, train_ids: torch.Tensor, cfg, steps: int, lr_scale: floa
         for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress,
                          leave=False):
             ids = train_ids[(torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % n)[mine]]
-            if stepper is not None:
-                loss = stepper.step(step - start, ids)
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss = body(ids)
+            loss = stepper.step(step - start, ids) if stepper is not None else _eager_step(opt, body, ids)
             history.append({"step": step + 1, "loss": distributed.all_reduce(loss.detach()).item()})
             if not math.isfinite(history[-1]["loss"]):
                 raise FloatingPointError(f"{desc} loss became {history[-1]['loss']} at step {step + 1}")
@@ -221,6 +216,11 @@ def _leaves(x) -> list:
     return out
 
 
+def _eager_step(opt: torch.optim.Optimizer, body, *inputs) -> torch.Tensor:
+    opt.zero_grad(set_to_none=True)
+    return body(*inputs)
+
+
 class _GraphedStep:
     """One training step ``body(*inputs)`` (forward, backward, optimizer step with capturable state; returns the
     loss tensor) captured once as a CUDA graph and replayed: every step has the same shapes, and the eager step's
@@ -235,8 +235,7 @@ class _GraphedStep:
         self.body, self.opt, self.graph, self.side, self.failed = body, opt, None, torch.cuda.Stream(), False
 
     def eager(self, *inputs) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        return self.body(*inputs)
+        return _eager_step(self.opt, self.body, *inputs)
 
     def warmup(self, *inputs) -> torch.Tensor:
         self.side.wait_stream(torch.cuda.current_stream())

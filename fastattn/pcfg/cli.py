@@ -9,7 +9,7 @@ from .config import PRESETS, PCFGRunConfig, make_config
 
 def make_parser(parser):
     return add_flags(parser, PCFGRunConfig, PRESETS, "cpu", "cpu: ~40 min on a 2-core CPU; gpu: ~10M-parameter "
-                     "model on one GPU, 8 runs at a time (~8 min estimated); tiny: smoke test", int_tuples=("seeds", "positions"))
+                     "model on one GPU, 8 runs at a time (~12 min, see config.py); tiny: smoke test", int_tuples=("seeds", "positions"))
 
 
 def resolve(args) -> PCFGRunConfig:

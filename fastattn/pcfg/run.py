@@ -160,7 +160,7 @@ def _start_worker(cfg: PCFGRunConfig, eval_sets: Path) -> None:
     memory split among the workers (threads: unless ``cfg.threads`` is set)."""
     global _WORKER
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers))
-    inference.CUDA_SHARE = 8 * cfg.workers
+    inference.CUDA_SHARE *= cfg.workers
     _WORKER = Runner(cfg, progress=False, log=functools.partial(print, flush=True), eval_sets=eval_sets)
 
 

@@ -22,8 +22,6 @@ from .layout import empty_output
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
-
-
 BT = 64                           # chunk length
 SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (None: from the GPU size)
 # Split-T target: programs per SM that the segment split aims for, forward and backward. One program per SM
@@ -31,7 +29,7 @@ SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (Non
 # extra read of the segment-state pass. bench/linear_attn.py --sweep measures these on the GPU.
 PROGRAMS_PER_SM = {"fwd": 1, "bwd": 1}
 # The forward's widest feature tile: 64 (measured default) or 128, which serves D <= 128 in one tile (no fp32
-# partials, no summing kernel) with an 8-warp program; bench/linear_attn.py --sweep-bk measures both.
+# partials, no summing kernel) with an 8-warp program; bench/linear_attn.py --sweep measures both.
 FWD_MAX_BK = 64
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*

@@ -16,7 +16,6 @@ from .sketch import seed_key
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
-
 BK = 32
 MAX_BS = 128
 INPUT_PRECISION = "tf32x3"     # fp32 accuracy on tensor cores; "ieee" (CUDA cores) or "tf32" (fast, ~1e-3)
