@@ -62,6 +62,10 @@ def test_verifier_cli_tiny(tmp_path, capsys, monkeypatch):
     trained = sum(len(r) for r in m["runs"].values() if "skipped" not in r)
     assert trained >= 3 and capsys.readouterr().out.count(": resumed") == trained
     assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]
+    # so does a rerun that lists fewer losses (losses and seeds select runs); the report keeps every run
+    assert main(["ddro", "verifier", "--preset", "tiny", "--losses", "kto", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count(": resumed") == len(m["runs"]["kto"])
+    assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]
 
 
 def test_batched_generation_with_left_padding_equals_one_prompt_at_a_time():

@@ -185,6 +185,11 @@ def build_datasets(model, tok, cfg: VerifierConfig) -> tuple[list[dict], list[di
     return unpaired, paired
 
 
+def _run_settings(config: dict) -> dict:
+    """The config keys that change a (loss, seed) run's result, JSON-normalised (tuples come back as lists)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in ("losses", "seeds", "preset")}))
+
+
 def run(cfg: VerifierConfig, log=print) -> dict:
     from .trainer import resolve_device
     dev, dtype = resolve_device(DDROConfig(device=cfg.device))
@@ -193,14 +198,16 @@ def run(cfg: VerifierConfig, log=print) -> dict:
     n_pos = sum(r["label"] for r in unpaired)
     log(f"{len(unpaired)} sampled responses, {n_pos} verified correct; {len(paired)} pairs")
     held_out = problems(cfg.eval_prompts, 2000, cfg.max_operand)
-    # every finished (loss, seed) is kept in partial.json, so a rerun with the same config resumes
+    # every finished (loss, seed) is kept in partial.json: a rerun with the same settings resumes, also when it
+    # lists other losses or seeds (they select runs, they do not change one)
     partial = Path(cfg.out) / "partial.json"
     result = json.loads(partial.read_text()) if partial.exists() else {}
-    if result.get("config") != json.loads(json.dumps(asdict(cfg))):   # (tuples come back as lists)
-        result = {"config": asdict(cfg), "n_rows": len(unpaired), "n_correct": n_pos, "n_pairs": len(paired),
+    if _run_settings(result.get("config", {})) != _run_settings(asdict(cfg)):
+        result = {"n_rows": len(unpaired), "n_correct": n_pos, "n_pairs": len(paired),
                   "reference": accuracy(ref, tok, held_out, cfg, 0), "runs": {}}
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(result, indent=1))
+    result["config"] = asdict(cfg)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(result, indent=1))
     log(f"reference: {result['reference']}")
     for loss in cfg.losses:
         data = paired if loss == "dpo" else unpaired
