@@ -9,7 +9,7 @@ import torch
 
 from fastattn.ops.subspace_hvp import GLM
 from fastattn.rshtr import RSHTR, RSHTROptions, homogenized_step, lanczos_leftmost, minimize
-from fastattn.rshtr.sketches import draw
+from fastattn.rshtr.sketches import draw, subspace
 
 from .test_subspace_hvp import glm_backends
 
@@ -188,6 +188,28 @@ def test_every_hvp_path_gives_the_same_iterates():
         target = hash_ref if "hash" in name else ref
         assert (r.x - target.x).abs().max().item() < 1e-8, name
     assert (hash_ref.x - ref.x).abs().max().item() > 1e-6      # the two sketch sources draw different P
+
+
+@pytest.mark.parametrize("kind", ["coordinate", "identity", "rademacher", "orthonormal"])
+def test_subspace_operators_equal_the_drawn_matrix(kind):
+    n, s = 23, 23 if kind == "identity" else 7
+    g = torch.Generator().manual_seed(0)
+    v, u = torch.randn(n, generator=g, dtype=F64), torch.randn(s, generator=g, dtype=F64)
+    P = draw(kind, s, n, 9, "jl")[0]
+    op = subspace(kind, s, n, 9, "jl")
+    assert torch.allclose(op.apply(v), P @ v, rtol=0, atol=1e-14), kind
+    assert torch.allclose(op.adjoint(u), P.T @ u, rtol=0, atol=1e-14), kind
+
+
+def test_coordinate_sketch_same_iterates_as_a_formed_P():
+    """The gathered-column GLM path against autodiff on the formed P, inside the iteration."""
+    glm = _rank_deficient_glm(25, 60, reg="nonconvex", lam=0.05)
+    x0 = torch.full((60,), 0.1, dtype=F64)
+    opts = {"sketch": "coordinate", "sketch_scale": "jl", "max_iter": 8, "gtol": 0.0}
+    fused = minimize(glm, x0, 12, **opts)
+    autodiff = minimize(lambda v: glm(v), x0, 12, **opts)
+    assert (fused.x - autodiff.x).abs().max().item() < 1e-8
+    assert fused.n_hvp == autodiff.n_hvp == 8 * 12 and fused.fun < glm(x0).item()
 
 
 def test_triton_glm_path_inside_the_iteration():

@@ -171,6 +171,19 @@ def test_sketch_fill_kernel_matches_the_torch_hash(kind):
                        make_sketch(kind, 4, 9, seed=1).materialize(9, F64, use_kernel=False)) or kind == "gaussian"
 
 
+@pytest.mark.parametrize("m,n,s,reg", [(37, 29, 5, "nonconvex"), (19, 65, 65, "l2"), (70, 50, 1, "none")])
+def test_coordinate_sketch_gathers_columns_against_explicit_hessian(m, n, s, reg):
+    """A coordinate Sketch on the GLM path (columns of A gathered, P never formed) against explicit fp64 P H P^T."""
+    glm64, x64 = make_glm(m, n, "logistic", reg)
+    sk = make_sketch("coordinate", s, n, seed=5, scale="jl")
+    P64 = sk.materialize(n, F64)
+    ref = explicit(glm64, x64, P64)
+    for dtype in (torch.float32, F64):
+        got = fastattn.subspace_hvp(glm64.to(dtype), x64.to(dtype), sk)
+        _check(got, ref, dtype, f"coordinate {dtype}")
+        assert got[1].dtype == dtype
+
+
 def test_sketch_kinds_and_determinism():
     n, s = 64, 8
     for kind in ("gaussian", "rademacher", "orthonormal", "coordinate"):

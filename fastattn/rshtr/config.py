@@ -151,7 +151,7 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-_ALL_METHODS = ("rshtr", "rshtr_jl", "rshtr_rad", "hsodm", "hsodm_mf", "rs_gd", "rs_newton", "gd", "lbfgs",
+_ALL_METHODS = ("rshtr", "rshtr_jl", "rshtr_rad", "rshtr_coord", "hsodm", "hsodm_mf", "rs_gd", "rs_newton", "gd", "lbfgs",
                 "newton_cg", "trust_ncg", "trust_krylov")
 
 PRESETS: dict[str, dict] = {

@@ -43,11 +43,11 @@ class Oracle:
         g, f = self._grad_and_value(x)
         return float(f), g.detach()
 
-    def subspace_hessian(self, x: Tensor, P: Tensor, sketch: Sketch | None = None) -> Tensor:
-        """P H(x) P^T [s, s]; a GLM may generate P from ``sketch`` inside its kernel."""
-        self.n_hvp += P.shape[0]
+    def subspace_hessian(self, x: Tensor, P: Tensor | Sketch) -> Tensor:
+        """P H(x) P^T [s, s]; P [s, n] or a Sketch (a GLM kernel generates or gathers it; autodiff forms it)."""
+        self.n_hvp += P.s if isinstance(P, Sketch) else P.shape[0]
         if self.glm is not None:
-            return subspace_hvp(self.glm, x, sketch if sketch is not None else P, backend=self.backend)[1]
+            return subspace_hvp(self.glm, x, P, backend=self.backend)[1]
         return subspace_hvp(self.fun, x, P, chunk_size=self.hvp_chunk)[1]
 
     def hvp(self, x: Tensor) -> Callable[[Tensor], Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.subspace_hvp.sketch import HASHED_KINDS, Sketch, default_scale, make_sketch
+from ..ops.subspace_hvp.sketch import HASHED_KINDS, Sketch, coordinate_indices, default_scale, make_sketch
 
 _M63 = (1 << 63) - 1
 
@@ -42,3 +42,64 @@ def draw(kind: str, s: int, n: int, seed: int, scale: str | float = "unit", sour
         return _torch_rng(kind, s, n, seed, default_scale(kind, s, n, scale), dtype, device), None
     sk = make_sketch(kind, s, n, seed, scale)
     return sk.materialize(n, dtype, device), (sk if sk.code else None)
+
+
+class Subspace:
+    """The sketch of one iteration as an operator: ``apply(v)`` = P v [s], ``adjoint(u)`` = P^T u [n], and
+    ``operand``, what the oracle's subspace Hessian takes (P itself, or a Sketch a GLM kernel reads better)."""
+
+    def __init__(self, P: Tensor | None, n: int, operand=None):
+        self.P, self.n, self._operand = P, n, operand
+
+    @property
+    def operand(self):
+        return self._operand if self._operand is not None else self.P
+
+    def apply(self, v: Tensor) -> Tensor:
+        return self.P @ v
+
+    def adjoint(self, u: Tensor) -> Tensor:
+        return self.P.T @ u
+
+
+class _Identity(Subspace):
+    def __init__(self, n: int, dtype, device):
+        super().__init__(None, n)
+        self.dtype, self.device = dtype, device
+
+    @property
+    def operand(self):   # formed only for the subspace Hessian (P = I)
+        return torch.eye(self.n, dtype=self.dtype, device=self.device)
+
+    def apply(self, v: Tensor) -> Tensor:
+        return v
+
+    def adjoint(self, u: Tensor) -> Tensor:
+        return u
+
+
+class _Coordinates(Subspace):
+    """P = scale * rows idx of the identity: P v and P^T u are a gather and a scatter, never an s x n matrix."""
+
+    def __init__(self, sk: Sketch, n: int, device):
+        super().__init__(None, n, sk)
+        self.idx, self.scale = coordinate_indices(sk, n).to(device), sk.scale
+
+    def apply(self, v: Tensor) -> Tensor:
+        return self.scale * v[self.idx]
+
+    def adjoint(self, u: Tensor) -> Tensor:
+        return u.new_zeros(self.n).index_copy_(0, self.idx, self.scale * u)
+
+
+def subspace(kind: str, s: int, n: int, seed: int, scale: str | float = "unit", source: str = "torch",
+             dtype: torch.dtype = torch.float64, device="cpu") -> Subspace:
+    """The ``Subspace`` of ``draw(kind, s, n, seed, ...)``: the same P, with the identity and coordinate sketches
+    applied without forming it."""
+    if kind == "identity":
+        if s != n:
+            raise ValueError(f"the identity sketch needs s = n, got s={s}, n={n}")
+        return _Identity(n, dtype, device)
+    if kind == "coordinate":
+        return _Coordinates(make_sketch(kind, s, n, seed, scale), n, device)
+    return Subspace(draw(kind, s, n, seed, scale, source, dtype, device)[0], n)

@@ -13,7 +13,7 @@ from torch import Tensor
 from ... import backends
 from . import reference
 from .glm import GLM, LOSSES, REGULARISERS
-from .sketch import Sketch
+from .sketch import Sketch, coordinate_indices
 
 OP = "subspace_hvp"
 _FLOAT = (torch.float32, torch.float64)
@@ -63,7 +63,8 @@ def subspace_hvp(fun_or_glm: GLM | Callable[[Tensor], Tensor], x: Tensor, P: Ten
         backend "torch" only).
     x: [n], fp32 or fp64.
     P: [s, n] of x's dtype/device, or a ``Sketch`` (gaussian / rademacher: generated inside the GLM kernels from
-        the seed; other kinds are materialised first).
+        the seed; coordinate: the GLM path gathers the s columns of A, whatever ``backend``; other kinds and the
+        general path materialise P first).
     chunk_size: rows of P per vmapped forward-over-reverse batch (general path; None: all s at once).
     mode: general path only: "hvp" (vmap(jvp(grad f))), "vjp" (vmap(vjp(grad f))) or "restricted" (Hessian of
         u -> f(x + P^T u) at 0).
@@ -77,6 +78,8 @@ def subspace_hvp(fun_or_glm: GLM | Callable[[Tensor], Tensor], x: Tensor, P: Ten
                             f"({x.dtype}, {x.device})")
         if x.dtype not in _FLOAT:
             raise TypeError(f"the GLM path takes float32 or float64, got {x.dtype}")
+        if isinstance(P, Sketch) and P.kind == "coordinate":   # a gather and one m x s product, on any backend
+            return reference.glm_columns(glm, x.detach(), coordinate_indices(P, glm.n), P.scale)
         if isinstance(P, Sketch):
             if P.code == 0:
                 Pt, code, seed, scale = P.materialize(glm.n, x.dtype, x.device), 0, 0, 1.0

@@ -106,6 +106,17 @@ def glm_explicit(glm: GLM, x: Tensor, P: Tensor, row_chunk: int = ROW_CHUNK) -> 
     return Pg, symmetrize(H)
 
 
+def glm_columns(glm: GLM, x: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The GLM closed form for a coordinate sketch (P = scale * rows idx [s] of the identity): B = scale * A[:, idx]
+    is a gather, so P g and P H P^T cost m s and m s^2 instead of the m n s of forming A P^T."""
+    lp, lpp, rp, rpp = glm.derivatives(x)
+    idx = idx.to(x.device)
+    B = glm.A[:, idx] * scale                                  # [m, s]
+    Pg = B.T @ lp + scale * rp[idx]
+    H = B.T @ (lpp[:, None] * B) + torch.diag(scale * scale * rpp[idx])
+    return Pg, symmetrize(H)
+
+
 _LOSS_BY_CODE = {v.code: k for k, v in LOSSES.items()}
 _REG_BY_CODE = {v.code: k for k, v in REGULARISERS.items()}
 _KIND_BY_CODE = {1: "gaussian", 2: "rademacher"}

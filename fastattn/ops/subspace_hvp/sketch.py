@@ -13,7 +13,8 @@ compute identically, so a kernel may generate its P tiles instead of reading P:
 mix32 is the "lowbias32" integer finaliser (xor-shift-multiply, constants 0x7FEB352D and 0x846CA68B); the C++
 side lives in csrc/sketch_hash.h (the ``sketch_fill_`` op materialises P with it on CPU and CUDA).
 "orthonormal" (orthonormal rows times ``scale``) and "coordinate" (s distinct coordinates without replacement,
-times ``scale``) are drawn with a torch.Generator seeded by ``seed`` and only exist materialised.
+times ``scale``) are drawn with a torch.Generator seeded by ``seed``; the GLM path reads a coordinate sketch as
+its indices (columns of A gathered, P never formed), every other use materialises them.
 """
 from __future__ import annotations
 
@@ -146,10 +147,17 @@ def _orthonormal(sk: Sketch, n: int, device) -> Tensor:
     return (sk.scale * q.T).to(device)
 
 
-def _coordinate(sk: Sketch, n: int, device) -> Tensor:
+def coordinate_indices(sk: Sketch, n: int) -> Tensor:
+    """The s distinct coordinates (int64 [s], CPU) of a "coordinate" sketch: row i of P is scale * e_idx[i]."""
+    if sk.kind != "coordinate":
+        raise ValueError(f"coordinate_indices needs a coordinate sketch, got {sk.kind!r}")
     if sk.s > n:
         raise ValueError(f"coordinate sketch needs s <= n, got s={sk.s}, n={n}")
-    idx = torch.randperm(n, generator=_generator(sk.seed))[: sk.s]
+    return torch.randperm(n, generator=_generator(sk.seed))[: sk.s]
+
+
+def _coordinate(sk: Sketch, n: int, device) -> Tensor:
+    idx = coordinate_indices(sk, n)
     P = torch.zeros(sk.s, n, dtype=torch.float64)
     P[torch.arange(sk.s), idx] = sk.scale
     return P.to(device)
