@@ -49,8 +49,9 @@ def test_generate_with_recurrent_cache_equals_recomputation(softmax_layers, wind
     states = cache.states()
     for i, st in enumerate(states):
         assert (st is None) == (i in softmax_layers), f"layer {i}: recurrent state {st is not None}"
-    # a window layer's unnormalized state carries the denominator as a last value column
-    assert states[0][0].dtype == torch.float32 and states[0][0].shape == (2, 6, 5, 8 + bool(window))
+    # (S [B, H, D, Dv], z [B, H, D]) fp32, also for a window layer (z: the feature sum of the keys left behind)
+    assert states[0][0].dtype == torch.float32 and states[0][0].shape == (2, 6, 5, 8)
+    assert states[0][1].dtype == torch.float32 and states[0][1].shape == (2, 6, 5)
     if window:   # and its window buffer: kv heads, window, head dim (constant memory)
         assert cache.layers[0].window[0].shape == (2, 2, window, 8)
     assert torch.equal(out.sequences, greedy_by_recomputation(model, ids, 8, torch.ones_like(ids)))

@@ -110,14 +110,13 @@ def test_chunked_prefill_and_decode_steps_equal_one_call_and_the_state_is_exact(
         start += size
         assert layer.window[0].shape[2] == min(start, 5)      # the buffer never holds more than the window
     torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=1e-5, atol=1e-6)
-    # the state holds exactly the keys that left the window: sum_{s <= T-1-W} phi(k_s) [v_s, 1]
+    # the state holds exactly the keys that left the window: S = sum_{s <= T-1-W} phi(k_s) v_s^T, z = sum phi(k_s)
     fm = adapter.feature_map
     phi_k = (log_prf64(fm, k.repeat_interleave(2, 1)) - fm.key_shift.double()[None, :, None, None]).exp()
-    v1 = torch.cat([v, torch.ones(*v.shape[:-1], 1)], -1).double().repeat_interleave(2, 1)
-    S_ref = phi_k[:, :, :29 - 5].transpose(-1, -2) @ v1[:, :, :29 - 5]
+    S_ref = phi_k[:, :, :29 - 5].transpose(-1, -2) @ v.double().repeat_interleave(2, 1)[:, :, :29 - 5]
     S, z = layer.state
-    assert z is None
     torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z.double(), phi_k[:, :, :29 - 5].sum(2), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.window[0], k[:, :, -5:])
 
 

@@ -12,8 +12,11 @@ the larger of the row's largest window logit and the bound max_m log phi_m(q_t) 
 (c: the key shift, the map's calibrated ``key_shift`` or the max key log-feature of the call), so no term overflows.
 
 The linear part is ``fastattn.linear_attention(normalize=False)`` on keys and values delayed by ``window``
-positions, with a column of ones appended to the values (its output column is the denominator), so that its state
-covers exactly the keys that have left every later query's window. A recurrent cache keeps that state plus the
+positions, so that its state covers exactly the keys that have left every later query's window; its denominator
+comes from a cumulative sum of the delayed key features (the state's z). (A ones column appended to the values
+gave the denominator in the same call, but a value width of Dv + 1 = 65 splits the Triton kernels' values into
+two 64-wide tiles, the second holding one column: that call's fp32 backward took 20 ms on the H200,
+bench/results/hf_speed_h200.md, against 0.2 ms for the bf16, Dv = 64 call of a plain linear layer.) A recurrent cache keeps that state plus the
 last ``window`` raw keys/values: prefill, chunked prefill and one-token decode steps run the same code, with
 memory independent of the sequence length.
 """
@@ -113,16 +116,20 @@ def window_attention(adapter, query: Tensor, key: Tensor, value: Tensor, scaling
     p = (logits - r_blocks).exp()
     num_sm = (p @ vb).flatten(2, 3)[:, :, :N]
     den_sm = p.sum(-1).flatten(2)[:, :, :N]
-    # linear part: keys and values (plus a ones column: the denominator) delayed by W positions
-    v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1) * mask[:, None, :, None]
+    # linear part: keys and values delayed by W positions (phi_k is zero on padded keys); its denominator
+    # phi(q_t) . (z0 + sum_{s <= t-W} phi(k_s)) from a cumulative sum of the delayed keys (O(N M), fp32)
     delayed_k = F.pad(phi_k, [0, 0, W, 0])[:, :, :N]
-    delayed_v = F.pad(v1, [0, 0, W, 0])[:, :, :N]
-    o1, new_state = fastattn.linear_attention((lq - r + c).exp(), delayed_k, delayed_v, normalize=False,
-                                              state=state, return_state=True, backend=adapter.backend)
-    o = (num_sm + o1[..., :-1]) / (den_sm + o1[..., -1] + adapter.eps).unsqueeze(-1)
+    delayed_v = F.pad(v, [0, 0, W, 0])[:, :, :N]
+    phi_q = (lq - r + c).exp()
+    o1, (S, _) = fastattn.linear_attention(phi_q, delayed_k, delayed_v, normalize=False,
+                                           state=None if state is None else (state[0], None), return_state=True,
+                                           backend=adapter.backend)
+    z = delayed_k.cumsum(2) if state is None else delayed_k.cumsum(2) + state[1][:, :, None]
+    den1 = (phi_q * z).sum(-1)
+    o = (num_sm + o1) / (den_sm + den1 + adapter.eps).unsqueeze(-1)
     if layer is not None:
         keep = min(N, W)
-        layer.state = new_state
+        layer.state = (S, z[:, :, -1])
         layer.window = (k[:, :, N - keep:], v[:, :, N - keep:], mask[:, N - keep:])
     return o[:, :, L:].to(value.dtype)
 
