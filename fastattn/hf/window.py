@@ -16,9 +16,9 @@ positions, so that its state covers exactly the keys that have left every later 
 comes from a cumulative sum of the delayed key features (the state's z). (A ones column appended to the values
 gave the denominator in the same call, but a value width of Dv + 1 = 65 splits the Triton kernels' values into
 two 64-wide tiles, the second holding one column: that call's fp32 backward took 20 ms on the H200,
-bench/results/hf_speed_h200.md, against 0.2 ms for the bf16, Dv = 64 call of a plain linear layer.) A recurrent cache keeps that state plus the
-last ``window`` raw keys/values: prefill, chunked prefill and one-token decode steps run the same code, with
-memory independent of the sequence length.
+bench/results/hf_speed_h200.md, against 0.2 ms for the bf16, Dv = 64 call of a plain linear layer.) A recurrent
+cache keeps that state plus the last ``window`` raw keys/values: prefill, chunked prefill and one-token decode
+steps run the same code, with memory independent of the sequence length.
 """
 from __future__ import annotations
 
@@ -124,7 +124,9 @@ def window_attention(adapter, query: Tensor, key: Tensor, value: Tensor, scaling
     o1, (S, _) = fastattn.linear_attention(phi_q, delayed_k, delayed_v, normalize=False,
                                            state=None if state is None else (state[0], None), return_state=True,
                                            backend=adapter.backend)
-    z = delayed_k.cumsum(2) if state is None else delayed_k.cumsum(2) + state[1][:, :, None]
+    z = delayed_k.cumsum(2)
+    if state is not None:
+        z = z + state[1][:, :, None]
     den1 = (phi_q * z).sum(-1)
     o = (num_sm + o1) / (den_sm + den1 + adapter.eps).unsqueeze(-1)
     if layer is not None:

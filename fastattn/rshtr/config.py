@@ -151,8 +151,8 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-_ALL_METHODS = ("rshtr", "rshtr_jl", "rshtr_rad", "rshtr_coord", "hsodm", "hsodm_mf", "rs_gd", "rs_newton", "gd", "lbfgs",
-                "newton_cg", "trust_ncg", "trust_krylov")
+_ALL_METHODS = ("rshtr", "rshtr_jl", "rshtr_rad", "rshtr_coord", "hsodm", "hsodm_mf", "rs_gd", "rs_newton", "gd",
+                "lbfgs", "newton_cg", "trust_ncg", "trust_krylov")
 
 PRESETS: dict[str, dict] = {
     # seconds: every problem at toy size, the main methods

@@ -27,6 +27,11 @@ def _torch_rng(kind: str, s: int, n: int, seed: int, scale: float, dtype, device
     return (torch.randint(0, 2, (s, n), generator=gen, device=dev).to(dtype) * 2 - 1) * scale
 
 
+def _check_identity(s: int, n: int) -> None:
+    if s != n:
+        raise ValueError(f"the identity sketch needs s = n, got s={s}, n={n}")
+
+
 def draw(kind: str, s: int, n: int, seed: int, scale: str | float = "unit", source: str = "torch",
          dtype: torch.dtype = torch.float64, device="cpu") -> tuple[Tensor, Sketch | None]:
     """(P [s, n] of ``dtype`` on ``device``, the Sketch a GLM kernel may generate itself or None).
@@ -35,8 +40,7 @@ def draw(kind: str, s: int, n: int, seed: int, scale: str | float = "unit", sour
     Sketch too), orthonormal, coordinate (see fastattn.ops.subspace_hvp.sketch), identity (P = I, s must be n).
     """
     if kind == "identity":
-        if s != n:
-            raise ValueError(f"the identity sketch needs s = n, got s={s}, n={n}")
+        _check_identity(s, n)
         return torch.eye(n, dtype=dtype, device=device), None
     if kind in HASHED_KINDS and source == "torch":
         return _torch_rng(kind, s, n, seed, default_scale(kind, s, n, scale), dtype, device), None
@@ -48,12 +52,12 @@ class Subspace:
     """The sketch of one iteration as an operator: ``apply(v)`` = P v [s], ``adjoint(u)`` = P^T u [n], and
     ``operand``, what the oracle's subspace Hessian takes (P itself, or a Sketch a GLM kernel reads better)."""
 
-    def __init__(self, P: Tensor | None, n: int, operand=None):
-        self.P, self.n, self._operand = P, n, operand
+    def __init__(self, P: Tensor):
+        self.P = P
 
     @property
-    def operand(self):
-        return self._operand if self._operand is not None else self.P
+    def operand(self) -> Tensor | Sketch:
+        return self.P
 
     def apply(self, v: Tensor) -> Tensor:
         return self.P @ v
@@ -64,11 +68,10 @@ class Subspace:
 
 class _Identity(Subspace):
     def __init__(self, n: int, dtype, device):
-        super().__init__(None, n)
-        self.dtype, self.device = dtype, device
+        self.n, self.dtype, self.device = n, dtype, device
 
     @property
-    def operand(self):   # formed only for the subspace Hessian (P = I)
+    def operand(self) -> Tensor:   # formed only for the subspace Hessian (P = I)
         return torch.eye(self.n, dtype=self.dtype, device=self.device)
 
     def apply(self, v: Tensor) -> Tensor:
@@ -82,8 +85,12 @@ class _Coordinates(Subspace):
     """P = scale * rows idx of the identity: P v and P^T u are a gather and a scatter, never an s x n matrix."""
 
     def __init__(self, sk: Sketch, n: int, device):
-        super().__init__(None, n, sk)
+        self.sketch, self.n = sk, n
         self.idx, self.scale = coordinate_indices(sk, n).to(device), sk.scale
+
+    @property
+    def operand(self) -> Sketch:
+        return self.sketch
 
     def apply(self, v: Tensor) -> Tensor:
         return self.scale * v[self.idx]
@@ -97,9 +104,8 @@ def subspace(kind: str, s: int, n: int, seed: int, scale: str | float = "unit", 
     """The ``Subspace`` of ``draw(kind, s, n, seed, ...)``: the same P, with the identity and coordinate sketches
     applied without forming it."""
     if kind == "identity":
-        if s != n:
-            raise ValueError(f"the identity sketch needs s = n, got s={s}, n={n}")
+        _check_identity(s, n)
         return _Identity(n, dtype, device)
     if kind == "coordinate":
         return _Coordinates(make_sketch(kind, s, n, seed, scale), n, device)
-    return Subspace(draw(kind, s, n, seed, scale, source, dtype, device)[0], n)
+    return Subspace(draw(kind, s, n, seed, scale, source, dtype, device)[0])
