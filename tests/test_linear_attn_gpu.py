@@ -125,3 +125,37 @@ def test_torch_compile_fullgraph_on_gpu():
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(q, v), f(q, v))
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on a GPU")
+def test_new_feature_dims_in_one_tile_bucket_compile_nothing_new():
+    """Per-layer feature dims (a DoF allocation) must not compile one kernel set per layer: after one dim of the
+    64-wide bucket, other dims of that bucket (none a multiple of 16, so Triton's divisibility flag is the same)
+    reuse the compiled forward and backward kernels, and still match the fp64 reference."""
+    from fastattn.ops.linear_attn import triton as tri
+
+    def compiled() -> int:
+        dev = torch.cuda.current_device()
+        caches = [fn.device_caches.get(dev) for fn in vars(tri._k).values()
+                  if isinstance(fn, tri.triton.runtime.JITFunction)]
+        return sum(len(c[0]) for c in caches if c is not None)
+
+    def run(D: int) -> None:
+        g = torch.Generator(device="cuda").manual_seed(D)
+        q, k = (torch.rand(2, 3, 300, D, device="cuda", generator=g) / D).to(torch.bfloat16).unbind(0)
+        v = torch.randn(2, 3, 300, 50, device="cuda", generator=g).to(torch.bfloat16)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        o, _ = fastattn.linear_attention(q, k, v, backend="triton")
+        grads = torch.autograd.grad(o.float().square().sum(), (q, k, v))
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = fastattn.linear_attention(*leaves, backend="torch")[0]
+        ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+        assert _relative(o, ref) < 5e-3
+        for got, want in zip(grads, ref_grads):
+            assert _relative(got, want) < 5e-3
+
+    run(33)
+    before = compiled()
+    for D in (37, 41, 50, 57, 63):
+        run(D)
+    assert compiled() == before

@@ -6,8 +6,9 @@ NS is chosen so that the grid fills the GPU (NS = 1, a single fused pass, when B
   backward: [segment sums -> scan] [c pass, big dims] -> bwd_dq_kernel (c fused for D, Dv <= 64)
             [reverse segment sums -> scan]            -> bwd_dkdv_kernel       [-> sum_partials]
 Bracketed steps run only when needed: the state steps when NS > 1 or for the non-causal form, the reductions
-when a feature dim has several tiles (or GQA, for dv). Feature dims are compile-time constants; T, the segment
-counts and the strides that scale with T are not specialised, so a new T never compiles a new kernel.
+when a feature dim has several tiles (or GQA, for dv). Only the feature tiles are compile-time constants: the
+feature dims themselves, T, the segment counts and the strides that scale with T are runtime arguments, so a new
+T or a new feature dim in the same tile bucket never compiles a new kernel.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
 
 @functools.lru_cache(maxsize=None)
 def _config(D: int, Dv: int) -> _Config:
-    """One fixed config per (D, Dv) bucket: no autotuning, one compile per distinct dim. Measured on the H200
+    """One fixed config per (D, Dv) tile bucket: no autotuning, one compile per bucket. Measured on the H200
     (D = Dv = 64, bf16): one warpgroup per program (4 warps, wgmma on 64-row tiles) beats 8 warps by 2x in the
     backward. 3 load stages were ~5-10% faster but hit illegal memory accesses in the bf16 backward (dkdv with
     a 64 x 16 state tile) under Triton 3.6, so 2 stages it is."""
@@ -128,14 +129,14 @@ def _segment_states(y, w, GW, mask_args, den, aw, init, init_z, out, out_z, NS, 
     _k.chunk_state_kernel[(NK * NV * NS * B * H,)](
         y, w, mask, den if den is not None else hs, aw if aw is not None else hs, hs, hz if aug else hs,
         *y.stride(), *w.stride(), smb, smt, T, CPS, NS, H, GW,
-        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, NV=NV, HAS_MASK=has_mask, HAS_DEN=den is not None,
+        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, HAS_MASK=has_mask, HAS_DEN=den is not None,
         AUG=aug, SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
     sS = init.stride() if init is not None else (0,) * 4
     sz = init_z.stride() if init_z is not None else (0,) * 3
     _k.state_scan_kernel[(NK * NV * B * H,)](
         hs, hz if aug else hs, init if init is not None else hs, init_z if init_z is not None else hs,
         out, out_z if aug else out, *sS, *sz, NS, H,
-        D=D, DV=Dv, BK=cfg.BK, BV=cfg.BV, NV=NV, REVERSE=reverse, EXCLUSIVE=exclusive,
+        D=D, DV=Dv, BK=cfg.BK, BV=cfg.BV, REVERSE=reverse, EXCLUSIVE=exclusive,
         HAS_H0=init is not None, HAS_Z0=aug != 0 and init_z is not None, AUG=aug != 0, num_warps=4)
     return hs, hz
 
@@ -185,7 +186,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
         q, k, v, o, mask, *ptrs, den if normalize else S, part, dpart, S, z if normalize else S,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smt, *strides,
         T, CPS, NS, H, H // Hv, eps,
-        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, NV=NV, CAUSAL=causal, NORMALIZE=normalize,
+        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal, NORMALIZE=normalize,
         HAS_MASK=key_mask is not None, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=causal and NS == 1, MODE=mode,
         SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
     if mode:
@@ -218,7 +219,7 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
     mask, smb, smt, _ = mask_args
     den = den.contiguous() if normalize else None  # [B, H, T] fp32, as forward made it
     grid = (NK * NV * NS * B * H,)
-    common = dict(D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, NV=NV, CAUSAL=causal, NORMALIZE=normalize,
+    common = dict(D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal, NORMALIZE=normalize,
                   HAS_MASK=key_mask is not None, SPLIT=split, ALIGN=align)
 
     # forward states entering each segment (S_prev, z_prev), or the totals for the non-causal form

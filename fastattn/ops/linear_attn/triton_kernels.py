@@ -3,6 +3,8 @@
 Names inside the kernels: T tokens, D (= K) the query/key feature dim, DV the value dim, BT the chunk, BK / BV
 the feature tiles (powers of two in 16..64; tails are masked, inputs are never padded). Every kernel works on
 one (batch, head) pair at a time and reads q/k/v/do through their strides, so "bhtd" and "bthd" memory both work.
+D and DV are runtime arguments, only the tiles are compile-time: a model whose layers all have different feature
+dims compiles one kernel per tile bucket (and Triton's divisible-by-16 flag), not one per layer.
 
 Split-T schedule: the T axis is cut into NS segments of CPS chunks. ``chunk_state_kernel`` sums each segment's
 contribution to the state, ``state_scan_kernel`` turns those sums into the state entering each segment (or the
@@ -129,15 +131,15 @@ _NOSPEC = ["sqb", "sqh", "skb", "skh", "svb", "svh", "sxb", "sxh", "sdb", "sdh",
 def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
                        syb, syh, syt, syd, swb, swh, swt, swd, smb, smt,
                        T, CPS, NS, H, GW,
-                       D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       NV: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DEN: tl.constexpr, AUG: tl.constexpr,
+                       D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_DEN: tl.constexpr, AUG: tl.constexpr,
                        SPLIT: tl.constexpr, ALIGN: tl.constexpr):
     """Per-segment state sums: hs[bh, s] = sum_{t in s} y_t^T w_t / den_t  [D, DV] and hz[bh, s] = sum a_t y_t [D].
 
     Forward states: y = k (key-masked), w = v (head h // GW), a = 1. Reverse (backward) states: y = q, w = do
     scaled by 1/den, a = c. AUG: 0 no hz, 1 a = 1, 2 a = aw[bh, t]. Grid: NK * NV * NS * B * H.
     """
-    NK: tl.constexpr = (D + BK - 1) // BK
+    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
@@ -174,7 +176,7 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
 @triton.jit(do_not_specialize=_NOSPEC)
 def state_scan_kernel(hs, hz, h0, z0, h_out, z_out,
                       shb, shh, shk, shv, szb, szh, szk, NS, H,
-                      D: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                      D, DV, BK: tl.constexpr, BV: tl.constexpr,
                       REVERSE: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_H0: tl.constexpr,
                       HAS_Z0: tl.constexpr, AUG: tl.constexpr):
     """Scan of the segment sums of ``chunk_state_kernel``, starting from (h0, z0) (None: zeros).
@@ -183,7 +185,7 @@ def state_scan_kernel(hs, hz, h0, z0, h_out, z_out,
     the right (REVERSE, backward). Always: h_out / z_out [B, H, D, DV] / [B, H, D] get h0 plus every segment.
     Grid: NK * NV * B * H.
     """
-    NK: tl.constexpr = (D + BK - 1) // BK
+    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
     pid = tl.program_id(0)
     i_kv, i_bh = pid % (NK * NV), pid // (NK * NV)
     i_k, i_v = i_kv // NV, i_kv % NV
@@ -225,8 +227,8 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sxb, sxh, sxt, sxd, smb, smt,
                shb, shh, shn, shk, shv, szb, szh, szn, szk,
                T, CPS, NS, H, G, eps,
-               D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               NV: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
+               D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr, MODE: tl.constexpr,
                SPLIT: tl.constexpr, ALIGN: tl.constexpr):
     """Forward over one segment: num_t = q_t S_t (S_t the prefix state, or the total when non-causal), computed
@@ -238,7 +240,7 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     (h0, z0): the state entering each segment, strided (shn = 0 for one shared state). STORE_FINAL: the last
     segment writes the final state to s_out / z_out. Grid: NK * NV * NS * B * H.
     """
-    NK: tl.constexpr = (D + BK - 1) // BK
+    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
@@ -304,8 +306,8 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
                   sxb, sxh, sxt, sxd, smb, smt,
                   shb, shh, shn, shk, shv, szb, szh, szn, szk,
                   T, CPS, NS, H, G,
-                  D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  NV: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
+                  D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_H: tl.constexpr, HAS_Z: tl.constexpr, FUSE_C: tl.constexpr, DIRECT: tl.constexpr,
                   SPLIT: tl.constexpr, ALIGN: tl.constexpr):
     """dq_t = u_t + c_t z_t with u_t = S_t g_t, g_t = do_t / den_t (unnormalized: g = do, no c term).
@@ -315,7 +317,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
     cbuf [B*H, T]; otherwise cbuf is read. DIRECT (one V tile): dq is written, else fp32 partials over the V
     tiles to part [NV, B*H, T, D] (the c z_t term only in tile 0). Grid: NK * NV * NS * B * H.
     """
-    NK: tl.constexpr = (D + BK - 1) // BK
+    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
@@ -381,8 +383,8 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
                     sxb, sxh, sxt, sxd, sab, sah, sat, sad, smb, smt,
                     shb, shh, shn, shk, shv, szb, szh, szn, szk,
                     T, CPS, NS, H, G,
-                    D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    NV: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
+                    D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                     HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr,
                     DK_DIRECT: tl.constexpr, DV_DIRECT: tl.constexpr, SPLIT: tl.constexpr, ALIGN: tl.constexpr):
     """dk_s = R_s v_s + r_s (0 for masked keys), dv_s = R_s^T k_s, with the reverse sums
@@ -394,7 +396,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     over K tiles and the query heads of each value head. STORE_FINAL: segment 0 writes (R_1, r_1) = (dS0, dz0).
     Grid: NK * NV * NS * B * H.
     """
-    NK: tl.constexpr = (D + BK - 1) // BK
+    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
@@ -478,7 +480,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
 
 @triton.jit(do_not_specialize=["T", "sob", "soh"])
 def sum_partials_kernel(part, dpart, out, den, P, T, H, sob, soh, sot, sod, eps,
-                        X: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, HAS_DEN: tl.constexpr):
+                        X, BT: tl.constexpr, BX: tl.constexpr, HAS_DEN: tl.constexpr):
     """out[b, h, t, :] = sum_p part[p, b*H + h, t, :] (fp32 partials [P, B*H, T, X]), cast to out's dtype.
 
     HAS_DEN (forward output): also divides by den = sum_p dpart[p, bh, t] + eps and stores den [B*H, T].
@@ -509,7 +511,7 @@ def sum_partials_kernel(part, dpart, out, den, P, T, H, sob, soh, sot, sod, eps,
 @triton.jit
 def step_kernel(q, k, v, S, z, o, sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
                 sSb, sSh, sSk, sSv, szb, szh, szk, sob, soh, sod, H, G, eps,
-                D: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr):
+                D, DV, BK: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr):
     """One decode token for one (b, h): S += k^T v, z += k (fp32, in place), o = q S / (q . z + eps).
 
     One program owns the whole [D, DV] state of its (b, h), so z is updated and read without races.
