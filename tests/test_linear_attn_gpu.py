@@ -142,7 +142,7 @@ def test_new_feature_dims_in_one_tile_bucket_compile_nothing_new():
 
     def run(D: int) -> None:
         g = torch.Generator(device="cuda").manual_seed(D)
-        q, k = (torch.rand(2, 3, 300, D, device="cuda", generator=g) / D).to(torch.bfloat16).unbind(0)
+        q, k = (torch.rand(2, 2, 3, 300, D, device="cuda", generator=g) / D).to(torch.bfloat16).unbind(0)
         v = torch.randn(2, 3, 300, 50, device="cuda", generator=g).to(torch.bfloat16)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         o, _ = fastattn.linear_attention(q, k, v, backend="triton")
