@@ -68,6 +68,18 @@ def test_verifier_cli_tiny(tmp_path, capsys, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["runs"] == m["runs"]
 
 
+def test_verifier_report_says_when_resumed_runs_trained_on_resampled_data(tmp_path):
+    from fastattn.ddro.verifier import write_report
+    counts = {"n_rows": 40, "n_correct": 5, "n_pairs": 4}
+    run = {"greedy": 0.5, "sampled": 0.25, "data": dict(counts)}
+    result = {**counts, "reference": {"greedy": 0.25, "sampled": 0.125},
+              "runs": {"ddro": {"0": run}, "dpo": {"skipped": "no usable data"}}}
+    assert "resampled" not in write_report(result, tmp_path / "a", "cmd").read_text()
+    result["runs"]["kto"] = {"0": {**run, "data": {**counts, "n_pairs": 3}}}
+    text = write_report(result, tmp_path / "b", "cmd").read_text()
+    assert "resampled data" in text and "| kto | 0.500 +- 0.000 |" in text
+
+
 def test_batched_generation_with_left_padding_equals_one_prompt_at_a_time():
     pytest.importorskip("transformers")
     from fastattn.ddro.verifier import CharTokenizer, generate, left_padded, load_model

@@ -227,6 +227,8 @@ def run(cfg: VerifierConfig, log=print) -> dict:
             trainer = DDROTrainer(policy, tok, data, tcfg, ref_model=ref)
             trainer.train(log=lambda s: log(f"  {loss} seed {seed}: {s}"))
             acc = accuracy(policy.eval(), tok, held_out, cfg, 0)
+            # GPU sampling is not bitwise reproducible: a resumed invocation may train on slightly other samples
+            acc["data"] = {"n_rows": len(unpaired), "n_correct": n_pos, "n_pairs": len(paired)}
             result["runs"].setdefault(loss, {})[str(seed)] = acc
             partial.write_text(json.dumps(result, indent=1))
             log(f"{loss} seed {seed}: {acc}")
@@ -241,7 +243,13 @@ def write_report(result: dict, out: Path, command: str) -> Path:
     lines = ["# DDRO experiment (b): SmolLM2 on a verifiable task (two-number addition)", "",
              f"Command: `{command}`", "",
              f"{result['n_rows']} sampled training responses, {result['n_correct']} verified correct, "
-             f"{result['n_pairs']} DPO pairs; same steps x batch for every loss.", "",
+             f"{result['n_pairs']} DPO pairs; same steps x batch for every loss.", ""]
+    first = {k: result[k] for k in ("n_rows", "n_correct", "n_pairs")}
+    if any(isinstance(r, dict) and r.get("data", first) != first
+           for runs in result["runs"].values() for r in runs.values()):
+        lines += ["Resumed runs trained on resampled data (GPU sampling is not bitwise reproducible); the counts "
+                  "of each run are under `data` in metrics.json.", ""]
+    lines += [
              "| model | greedy accuracy | sampled accuracy | seeds |", "|---|---|---|---|",
              f"| reference | {ref['greedy']:.3f} | {ref['sampled']:.3f} | - |"]
     bars = {"reference": (ref["greedy"], 0.0)}
