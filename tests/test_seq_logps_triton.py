@@ -21,6 +21,13 @@ pytestmark = pytest.mark.skipif(not backends.availability("triton")[0]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True, params=tr._STRATEGIES)
+def strategy(request, monkeypatch):
+    """Every test runs under both strategies: fused Triton GEMM tiles, and cuBLAS logits chunks + row kernels."""
+    monkeypatch.setattr(tr, "STRATEGY", request.param)
+    return request.param
+
+
 def _on(dev, *ts):
     return [t.to(dev) for t in ts]
 

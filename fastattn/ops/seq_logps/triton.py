@@ -9,6 +9,12 @@ Backward: ``grad_kernel`` recomputes the logits from the saved lse and writes th
 ``G = g (onehot - p)`` of a chunk of at most ``token_chunk`` rows into one reused [chunk, V] buffer (bf16 for
 bf16 inputs, fp32 otherwise); two GEMMs (cuBLAS on a GPU) then give ``dh = G @ W`` and ``dW += G^T @ h``, both
 accumulated in fp32. The default chunk keeps that buffer near ``G_BUFFER_BYTES`` however long the batch.
+
+``STRATEGY = "gemm"`` moves the logits GEMM of both passes to cuBLAS too: each chunk of rows gets its fp32 logits
+[chunk, V] from one GEMM (fp32 accumulation, fp32 output), which ``row_lse_kernel`` (forward: lse and label
+logit) or ``softmax_grad_kernel`` (backward: G) then read once. It holds one [chunk, V] fp32 buffer (chunked to
+``G_BUFFER_BYTES`` with G) instead of none, and trades the fused kernels' tile loop for cuBLAS GEMMs plus one
+extra pass over that buffer; bench/seq_logps.py times both.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 G_BUFFER_BYTES = 256 * 2 ** 20      # default size of the backward's [chunk, V] gradient buffer
 VOCAB_SPLITS: int | None = None     # testing hook: force the number of vocab splits of the forward
+STRATEGY = "fused"                  # "fused": logits GEMM inside the Triton kernels; "gemm": cuBLAS logits chunks
+_STRATEGIES = ("fused", "gemm")
 _POISON = os.environ.get("FASTATTN_POISON") == "1"
 
 
@@ -39,6 +47,7 @@ class _Config:
     BK: int
     warps: int
     stages: int
+    BR: int = 4096     # block of the "gemm" strategy's row kernels over the vocabulary
 
 
 CONFIG_OVERRIDE: dict = {}   # bench hook: fields of _Config to use instead of the defaults (bench/seq_logps.py --sweep)
@@ -57,7 +66,7 @@ def _default_config(dtype: torch.dtype, interpret: bool) -> _Config:
     dots on 64 x 64 tiles. The interpreter uses the smallest legal tiles so
     that CPU tests cover ragged tails of every dim at small sizes."""
     if interpret:
-        return _Config(BM=16, BN=32, BK=16, warps=4, stages=1)
+        return _Config(BM=16, BN=32, BK=16, warps=4, stages=1, BR=32)
     if dtype == torch.float32:
         return _Config(BM=64, BN=64, BK=32, warps=4, stages=2)
     return _Config(BM=128, BN=256, BK=64, warps=8, stages=3)
@@ -100,43 +109,72 @@ def _ieee(dtype: torch.dtype) -> bool:
 def forward(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, token_chunk: int = 0,
             vocab_chunk: int = 0) -> tuple[Tensor, Tensor]:
     """hidden [B, T, d], weight [V, d], labels [B, T] int64, mask [B, T] bool -> (logps [B] fp32,
-    lse [B, T] fp32, 0 where mask is False). token_chunk / vocab_chunk are not used (the tiles are fixed)."""
+    lse [B, T] fp32, 0 where mask is False). token_chunk bounds the rows per logits chunk of the "gemm" strategy;
+    vocab_chunk is not used (the tiles are fixed)."""
     B, T, d = hidden.shape
-    V = weight.shape[0]
     dev = hidden.device
     logps = torch.zeros(B, dtype=torch.float32, device=dev)
     lse_flat = torch.zeros(B * T, dtype=torch.float32, device=dev)
-    idx, b, _, row_off, lab = _rows(hidden, labels, mask)
+    idx, b, t, row_off, lab = _rows(hidden, labels, mask)
     N = idx.numel()
     if N == 0:
         return logps, lse_flat.reshape(B, T)
     cfg = _config(hidden.dtype, _INTERPRET)
+    if _strategy() == "gemm":
+        lse, target = _lse_gemm(hidden, weight, b, t, lab, token_chunk, cfg)
+    else:
+        lse, target = _lse_fused(hidden, weight, row_off, lab, cfg)
+    lse_flat[idx] = lse
+    logps.index_add_(0, b, target - lse)
+    return logps, lse_flat.reshape(B, T)
+
+
+def _strategy() -> str:
+    if STRATEGY not in _STRATEGIES:
+        raise ValueError(f"seq_logps triton STRATEGY must be one of {_STRATEGIES}, got {STRATEGY!r}")
+    return STRATEGY
+
+
+def _lse_fused(hidden, weight, row_off, lab, cfg) -> tuple[Tensor, Tensor]:
+    """(lse [N], label logit [N]) of the response rows from the fused forward kernel and its vocab splits."""
+    N, V, d = row_off.numel(), weight.shape[0], hidden.shape[2]
     n_m = triton.cdiv(N, cfg.BM)
-    tps, S = _splits(n_m, triton.cdiv(V, cfg.BN), dev)
-    m_part, s_part, t_part = (_empty(S, N, dtype=torch.float32, device=dev) for _ in range(3))
+    tps, S = _splits(n_m, triton.cdiv(V, cfg.BN), hidden.device)
+    m_part, s_part, t_part = (_empty(S, N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     _k.fwd_kernel[(n_m, S)](
         hidden, row_off, lab, weight, m_part, s_part, t_part, N, V, hidden.stride(2), *weight.stride(), tps,
         D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(hidden.dtype), num_warps=cfg.warps,
         num_stages=cfg.stages)
     if S == 1:
-        lse = m_part[0] + torch.log(s_part[0])
-    else:   # merge the splits' (max, scaled sum) pairs: lse = M + log sum_s s_s exp(m_s - M)
-        M = m_part.amax(0)
-        lse = M + torch.log((s_part * torch.exp(m_part - M)).sum(0))
-    lse_flat[idx] = lse
-    logps.index_add_(0, b, t_part.sum(0) - lse)
-    return logps, lse_flat.reshape(B, T)
+        return m_part[0] + torch.log(s_part[0]), t_part[0]
+    # merge the splits' (max, scaled sum) pairs: lse = M + log sum_s s_s exp(m_s - M)
+    M = m_part.amax(0)
+    return M + torch.log((s_part * torch.exp(m_part - M)).sum(0)), t_part.sum(0)
+
+
+def _lse_gemm(hidden, weight, b, t, lab, token_chunk, cfg) -> tuple[Tensor, Tensor]:
+    """(lse [N], label logit [N]) from cuBLAS fp32 logits, one chunk of rows at a time."""
+    N, V = b.numel(), weight.shape[0]
+    lse, target = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(2))
+    chunk = min(token_chunk if token_chunk > 0 else _default_chunk(N, V, 4, cfg.BM), N)
+    for c0 in range(0, N, chunk):
+        c1 = min(c0 + chunk, N)
+        logits = _mm_f32(hidden[b[c0:c1], t[c0:c1]], weight.T)                   # [n, V] fp32
+        _k.row_lse_kernel[(c1 - c0,)](logits, logits.stride(0), lab[c0:c1], lse[c0:c1], target[c0:c1], V,
+                                      BV=cfg.BR, num_warps=8)
+    return lse, target
 
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with an fp32 result (fp32 accumulation); bf16 operands stay bf16 where the GEMM allows it."""
+    """a @ b with an fp32 result (fp32 accumulation); bf16/fp16 operands stay 16-bit where the GEMM allows it
+    (else both are upcast: never a 16-bit result)."""
     if a.dtype == torch.float32:
         return a @ b.float()
-    if a.is_cuda:
+    if a.is_cuda and a.dtype == b.dtype:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError, NotImplementedError):
-            return (a @ b).float()
+            pass
     return a.float() @ b.float()   # CPU (interpreter runs): no mixed-dtype GEMM there
 
 
@@ -161,7 +199,9 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
     cfg = _config(dtype, _INTERPRET)
     g_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32   # fp16 G could underflow
     w_gemm = weight if g_dtype == dtype else weight.float()
-    chunk = token_chunk if token_chunk > 0 else _default_chunk(N, V, torch.finfo(g_dtype).bits // 8, cfg.BM)
+    gemm = _strategy() == "gemm"
+    row_bytes = torch.finfo(g_dtype).bits // 8 + (4 if gemm else 0)      # G (+ the fp32 logits of "gemm")
+    chunk = token_chunk if token_chunk > 0 else _default_chunk(N, V, row_bytes, cfg.BM)
     chunk = min(chunk, N)
     G = _empty(chunk, V, dtype=g_dtype, device=dev)
     lse_rows = lse.reshape(-1)[idx].float().contiguous()
@@ -171,14 +211,20 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
         c1 = min(c0 + chunk, N)
         n = c1 - c0
         Gc = G[:n]
-        grid = (triton.cdiv(n, cfg.BM) * triton.cdiv(V, cfg.BN),)
-        _k.grad_kernel[grid](
-            hidden, row_off[c0:c1], lab[c0:c1], lse_rows[c0:c1], g_rows[c0:c1], weight, Gc, n, V,
-            hidden.stride(2), *weight.stride(), Gc.stride(0),
-            D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(dtype), GROUP=8, num_warps=cfg.warps,
-            num_stages=cfg.stages)
-        dh_flat[idx[c0:c1]] = _mm_f32(Gc, w_gemm).to(dtype)                     # [n, d]
         h_rows = hidden[b[c0:c1], t[c0:c1]]                                      # gathered [n, d]
+        if gemm:
+            logits = _mm_f32(h_rows, weight.T)                                    # [n, V] fp32
+            _k.softmax_grad_kernel[(n, triton.cdiv(V, cfg.BR))](
+                logits, logits.stride(0), lab[c0:c1], lse_rows[c0:c1], g_rows[c0:c1], Gc, Gc.stride(0), V,
+                BV=cfg.BR, num_warps=8)
+        else:
+            grid = (triton.cdiv(n, cfg.BM) * triton.cdiv(V, cfg.BN),)
+            _k.grad_kernel[grid](
+                hidden, row_off[c0:c1], lab[c0:c1], lse_rows[c0:c1], g_rows[c0:c1], weight, Gc, n, V,
+                hidden.stride(2), *weight.stride(), Gc.stride(0),
+                D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(dtype), GROUP=8, num_warps=cfg.warps,
+                num_stages=cfg.stages)
+        dh_flat[idx[c0:c1]] = _mm_f32(Gc, w_gemm).to(dtype)                     # [n, d]
         part = _mm_f32(Gc.T, h_rows if g_dtype == dtype else h_rows.float())   # [V, d] fp32
         dw = part if dw is None else dw.add_(part)
     return dh_flat.reshape(B, T, d), dw.to(weight.dtype)

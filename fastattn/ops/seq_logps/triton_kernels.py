@@ -95,3 +95,38 @@ def grad_kernel(h_ptr, row_off_ptr, lab_ptr, lse_ptr, g_ptr, w_ptr, G_ptr, N, V,
     G = g[:, None] * (tl.where(cols[None, :] == lab[:, None], 1.0, 0.0) - p)
     tl.store(G_ptr + rows[:, None].to(tl.int64) * sGm + cols[None, :], G.to(G_ptr.dtype.element_ty),
              mask=m_rows[:, None] & m_cols[None, :])
+
+
+# ---- the "gemm" strategy: cuBLAS computes fp32 logits chunks, these two row kernels read them once ----------
+
+@triton.jit(do_not_specialize=["V", "sl"])
+def row_lse_kernel(logits_ptr, sl, lab_ptr, lse_ptr, tgt_ptr, V, BV: tl.constexpr):
+    """One row of fp32 logits [n, V] (row stride sl) per program: its logsumexp (online over BV-wide blocks) and
+    its label logit. Grid: n."""
+    r = tl.program_id(0)
+    base = logits_ptr + r.to(tl.int64) * sl
+    cols = tl.arange(0, BV)
+    x = tl.load(base + cols, mask=cols < V, other=float("-inf"))
+    m = tl.max(x, axis=0)                              # finite: every block holds >= 1 real column
+    s = tl.sum(tl.exp(x - m), axis=0)
+    for v0 in range(BV, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    tl.store(lse_ptr + r, m + tl.log(s))
+    tl.store(tgt_ptr + r, tl.load(base + tl.load(lab_ptr + r)))
+
+
+@triton.jit(do_not_specialize=["V", "sl", "sG"])
+def softmax_grad_kernel(logits_ptr, sl, lab_ptr, lse_ptr, g_ptr, G_ptr, sG, V, BV: tl.constexpr):
+    """G[r, v] = g_r * (onehot(label_r)[v] - exp(logits[r, v] - lse_r)) from fp32 logits [n, V], stored in G's
+    dtype. Grid: (n, cdiv(V, BV))."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BV + tl.arange(0, BV)
+    m_cols = cols < V
+    x = tl.load(logits_ptr + r.to(tl.int64) * sl + cols, mask=m_cols, other=0.0)
+    p = tl.exp(x - tl.load(lse_ptr + r))
+    G = tl.load(g_ptr + r) * (tl.where(cols == tl.load(lab_ptr + r), 1.0, 0.0) - p)
+    tl.store(G_ptr + r.to(tl.int64) * sG + cols, G.to(G_ptr.dtype.element_ty), mask=m_cols)
