@@ -1,6 +1,7 @@
 """Benchmark of fastattn.seq_logps against logits + log_softmax + gather (V = 49,152, hidden 576: SmolLM2).
 
-GPU (default when CUDA is present): the triton backend vs the full-logits path, bf16 inputs, fp32 softmax, at
+GPU (default when CUDA is present): the triton backend (both strategies: "fused" Triton GEMM tiles and "gemm",
+cuBLAS logits chunks + row kernels) vs the full-logits path, bf16 inputs, fp32 softmax, at
 B=8, T=1024 and B=4, T=4096 (every token a response token): correctness first (values and both gradients against
 the full-logits path in fp32 on the same bf16 inputs, the bf16 rule of tests/tolerances.py), then time
 (triton.testing.do_bench median) and peak extra memory of the forward and of forward + backward.
@@ -51,17 +52,27 @@ def _grads(fn, h, w, labels, mask, grad):
     return out.detach().double(), dh.double(), dw.double()
 
 
-def correctness(B, T, device) -> dict:
+def ours(strategy: str):
+    """fastattn.seq_logps on the triton backend under one STRATEGY (set at every call, so also for its backward)."""
+    from fastattn.ops.seq_logps import triton as tr
+
+    def fn(*a):
+        tr.STRATEGY = strategy
+        return fastattn.seq_logps(*a, backend="triton")
+    return fn
+
+
+def correctness(B, T, device, strategy: str = "fused") -> dict:
     """Max errors against the fp32 full-logits path on the same bf16 inputs (first 1024 tokens of each row
     for the big shape), and the bf16 full-logits path's own errors (the rule: ours <= 2x theirs + atol)."""
     h, w, labels, mask = inputs(B, min(T, 1024), torch.bfloat16, device, seed=1)
     grad = torch.randn(B, device=device)
     ref = _grads(lambda *a: logits_path(a[0].float(), a[1].float(), a[2], a[3]), h, w, labels, mask, grad)
     same = _grads(logits_path, h, w, labels, mask, grad)
-    ours = _grads(lambda *a: fastattn.seq_logps(*a, backend="triton"), h, w, labels, mask, grad)
+    got = _grads(ours(strategy), h, w, labels, mask, grad)
     res = {}
     ok = True
-    for name, r, s, o in zip(("logps", "dhidden", "dweight"), ref, same, ours):
+    for name, r, s, o in zip(("logps", "dhidden", "dweight"), ref, same, got):
         scale = max(1.0, r.abs().max().item())
         e_ours, e_same = (o - r).abs().max().item(), (s - r).abs().max().item()
         bound = 2 * e_same + 1e-2 * scale
@@ -121,13 +132,13 @@ def gpu(out: Path, do_sweep: bool = False) -> dict:
     dev = torch.device("cuda")
     tiles = sweep(dev) if do_sweep else None
     rows = []
+    strategies = ("fused", "gemm")
     for B, T in ((8, 1024), (4, 4096)):
-        check = correctness(B, T, dev)
+        checks = {f"seq_logps triton {s}": correctness(B, T, dev, s) for s in strategies}
         h, w, labels, mask = inputs(B, T, torch.bfloat16, dev)
         hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
         grad = torch.ones(B, device=dev)
-        impls = {"logits+log_softmax": logits_path,
-                 "seq_logps triton": lambda *a: fastattn.seq_logps(*a, backend="triton")}
+        impls = {"logits+log_softmax": logits_path, **{f"seq_logps triton {s}": ours(s) for s in strategies}}
         for name, fn in impls.items():
             def fwd():
                 with torch.no_grad():
@@ -137,11 +148,11 @@ def gpu(out: Path, do_sweep: bool = False) -> dict:
                 torch.autograd.grad(fn(hg, wg, labels, mask), (hg, wg), grad)
 
             row = {"B": B, "T": T, "impl": name, "fwd_ms": do_bench(fwd), "fwd_bwd_ms": do_bench(fwd_bwd),
-                   "fwd_peak_gib": _peak(fwd), "fwd_bwd_peak_gib": _peak(fwd_bwd), "correct": check}
+                   "fwd_peak_gib": _peak(fwd), "fwd_bwd_peak_gib": _peak(fwd_bwd), "correct": checks.get(name)}
             rows.append(row)
             print(f"B={B} T={T} {name:>20}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms, "
                   f"peak extra {row['fwd_peak_gib']:.2f} / {row['fwd_bwd_peak_gib']:.2f} GiB", flush=True)
-        print(f"  correctness (bf16 rule): {check}", flush=True)
+        print(f"  correctness (bf16 rule): {checks}", flush=True)
     return {"device": torch.cuda.get_device_name(), "rows": rows, "sweep": tiles}
 
 
@@ -179,8 +190,9 @@ def _markdown(res: dict) -> str:
         head += [f"| {r['B']} | {r['T']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                  f"{r['fwd_peak_gib']:.2f} | {r['fwd_bwd_peak_gib']:.2f} |" for r in res["rows"]]
         head += ["", "Correctness (triton vs fp32 full logits, same bf16 inputs; bound = 2 x bf16-logits error + "
-                 "1e-2 x scale): " + ", ".join(f"B={r['B']} T={r['T']}: {'ok' if r['correct']['ok'] else 'FAIL'}"
-                                               for r in res["rows"][::2])]
+                 "1e-2 x scale): " + ", ".join(f"B={r['B']} T={r['T']} {r['impl']}: "
+                                               f"{'ok' if r['correct']['ok'] else 'FAIL'}"
+                                               for r in res["rows"] if r["correct"])]
         if res.get("sweep"):
             sw = res["sweep"]
             head += ["", f"Triton tile sweep at B={sw['B']}, T={sw['T']} (the timed rows above use the chosen one: "
