@@ -162,6 +162,7 @@ def _lse_gemm(hidden, weight, b, t, lab, token_chunk, cfg) -> tuple[Tensor, Tens
         logits = _mm_f32(hidden[b[c0:c1], t[c0:c1]], weight.T)                   # [n, V] fp32
         _k.row_lse_kernel[(c1 - c0,)](logits, logits.stride(0), lab[c0:c1], lse[c0:c1], target[c0:c1], V,
                                       BV=cfg.BR, num_warps=8)
+        del logits   # one [chunk, V] buffer alive at a time
     return lse, target
 
 
@@ -217,6 +218,7 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
             _k.softmax_grad_kernel[(n, triton.cdiv(V, cfg.BR))](
                 logits, logits.stride(0), lab[c0:c1], lse_rows[c0:c1], g_rows[c0:c1], Gc, Gc.stride(0), V,
                 BV=cfg.BR, num_warps=8)
+            del logits
         else:
             grid = (triton.cdiv(n, cfg.BM) * triton.cdiv(V, cfg.BN),)
             _k.grad_kernel[grid](
