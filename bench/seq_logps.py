@@ -91,8 +91,12 @@ def _peak(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
 
 
-# (BM, BN, BK, warps, stages) tried by --sweep; the first is the built-in bf16 default
-SWEEP = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 3)]
+# (BM, BN, BK, warps, stages, flat) tried by --sweep; the first is the built-in bf16 default. flat: the forward's
+# (vocab tile, K slice) loop nest flattened into one software-pipelined loop (tl.range(flatten=True))
+SWEEP = [(128, 256, 64, 8, 3, False), (128, 128, 64, 8, 3, False), (256, 128, 64, 8, 3, False),
+         (128, 128, 64, 4, 4, False), (64, 256, 64, 4, 3, False), (128, 256, 64, 8, 3, True),
+         (128, 128, 64, 8, 3, True)]
+_TILE_KEYS = ("BM", "BN", "BK", "warps", "stages", "flat")
 
 
 def sweep(dev) -> dict:
@@ -106,10 +110,10 @@ def sweep(dev) -> dict:
     hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
     grad = torch.ones(B, device=dev)
     rows = []
-    for BM, BN, BK, warps, stages in SWEEP:
+    for values in SWEEP:
+        row = dict(zip(_TILE_KEYS, values))
         tr.CONFIG_OVERRIDE.clear()
-        tr.CONFIG_OVERRIDE.update(BM=BM, BN=BN, BK=BK, warps=warps, stages=stages)
-        row = {"BM": BM, "BN": BN, "BK": BK, "warps": warps, "stages": stages}
+        tr.CONFIG_OVERRIDE.update(row)
         try:
             row["correct"] = correctness(B, T, dev)["ok"]
             row["fwd_ms"] = do_bench(lambda: fastattn.seq_logps(h, w, labels, mask, backend="triton"))
@@ -123,7 +127,7 @@ def sweep(dev) -> dict:
     best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
     tr.CONFIG_OVERRIDE.clear()
     if best:
-        tr.CONFIG_OVERRIDE.update({k: best[k] for k in ("BM", "BN", "BK", "warps", "stages")})
+        tr.CONFIG_OVERRIDE.update({k: best[k] for k in _TILE_KEYS})
     return {"B": B, "T": T, "rows": rows, "chosen": best}
 
 
@@ -196,9 +200,11 @@ def _markdown(res: dict) -> str:
         if res.get("sweep"):
             sw = res["sweep"]
             head += ["", f"Triton tile sweep at B={sw['B']}, T={sw['T']} (the timed rows above use the chosen one: "
-                     f"{sw['chosen'] and {k: sw['chosen'][k] for k in ('BM', 'BN', 'BK', 'warps', 'stages')}}):", "",
-                     "| BM | BN | BK | warps | stages | correct | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|---|"]
-            head += [f"| {r['BM']} | {r['BN']} | {r['BK']} | {r['warps']} | {r['stages']} | {r.get('correct', '-')} | "
+                     f"{sw['chosen'] and {k: sw['chosen'].get(k) for k in _TILE_KEYS}}):", "",
+                     "| BM | BN | BK | warps | stages | flat | correct | fwd ms | fwd+bwd ms |",
+                     "|---|---|---|---|---|---|---|---|---|"]
+            head += [f"| {r['BM']} | {r['BN']} | {r['BK']} | {r['warps']} | {r['stages']} | {r.get('flat', False)} | "
+                     f"{r.get('correct', '-')} | "
                      f"{r.get('fwd_ms', float('nan')):.3f} | {r.get('fwd_bwd_ms', float('nan')):.3f} |"
                      + (f" {r['error']}" if "error" in r else "") for r in sw["rows"]]
     else:

@@ -62,6 +62,12 @@ def test_fp32_values_and_grads(B, T, V, d, splits, token_chunk, monkeypatch):
     _check(B, T, V, d, torch.float32, splits, token_chunk, monkeypatch=monkeypatch)
 
 
+def test_flattened_forward_loop(monkeypatch):
+    """The bench sweep's flattened (vocab tile, K slice) forward loop: same values and gradients."""
+    monkeypatch.setattr(tr, "CONFIG_OVERRIDE", {"flat": True})
+    _check(2, 9, 100, 40, torch.float32, splits=3, token_chunk=5, monkeypatch=monkeypatch)
+
+
 def test_strided_hidden_and_masks(monkeypatch):
     m, dh = _check(3, 11, 100, 24, torch.float32, splits=2, token_chunk=6, p=0.5, transpose=True,
                    monkeypatch=monkeypatch)

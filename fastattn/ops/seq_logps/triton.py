@@ -48,6 +48,7 @@ class _Config:
     warps: int
     stages: int
     BR: int = 4096     # block of the "gemm" strategy's row kernels over the vocabulary
+    flat: bool = False  # forward: flatten the (vocab tile, K slice) loop nest into one pipelined loop
 
 
 CONFIG_OVERRIDE: dict = {}   # bench hook: fields of _Config to use instead of the defaults (bench/seq_logps.py --sweep)
@@ -143,7 +144,7 @@ def _lse_fused(hidden, weight, row_off, lab, cfg) -> tuple[Tensor, Tensor]:
     m_part, s_part, t_part = (_empty(S, N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     _k.fwd_kernel[(n_m, S)](
         hidden, row_off, lab, weight, m_part, s_part, t_part, N, V, hidden.stride(2), *weight.stride(), tps,
-        D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(hidden.dtype), num_warps=cfg.warps,
+        D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(hidden.dtype), FLAT=cfg.flat, num_warps=cfg.warps,
         num_stages=cfg.stages)
     if S == 1:
         return m_part[0] + torch.log(s_part[0]), t_part[0]

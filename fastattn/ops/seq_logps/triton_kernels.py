@@ -35,10 +35,12 @@ def _logits_tile(h_ptr, row_off, m_rows, sd, w_ptr, cols, m_cols, swv, swd,
 
 @triton.jit(do_not_specialize=["N", "V", "tiles_per_split"])
 def fwd_kernel(h_ptr, row_off_ptr, lab_ptr, w_ptr, m_out, s_out, t_out, N, V, sd, swv, swd, tiles_per_split,
-               D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+               D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+               FLAT: tl.constexpr):
     """Grid (row tiles, vocab splits). Each program runs an online logsumexp over its split's vocab tiles and
     writes, per row, the split's running max m, scaled sum s (sum exp(logit - m)) and the label logit (0 when
-    the label lies in another split) at [split, row] of m_out / s_out / t_out ([S, N] fp32)."""
+    the label lies in another split) at [split, row] of m_out / s_out / t_out ([S, N] fp32). FLAT: the vocab-tile
+    loop and the K loop inside it are flattened into one software-pipelined loop."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -51,7 +53,7 @@ def fwd_kernel(h_ptr, row_off_ptr, lab_ptr, w_ptr, m_out, s_out, t_out, N, V, sd
     n_tiles = tl.cdiv(V, BN)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
-    for t in range(t0, t1):
+    for t in tl.range(t0, t1, flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
         m_cols = cols < V
         logits = _logits_tile(h_ptr, row_off, m_rows, sd, w_ptr, cols, m_cols, swv, swd, D, BM, BN, BK, IEEE)
