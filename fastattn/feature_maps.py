@@ -118,12 +118,15 @@ class FeatureMap(nn.Module):
     def _features(self, x: Tensor, role: str) -> Tensor:
         raise NotImplementedError
 
-    def _check_input(self, x: Tensor, role: str) -> None:
+    def _check_input(self, x: Tensor, role: str, grouped: bool = False) -> None:
+        """grouped: x may hold num_heads / G heads (GQA keys), head h reading x head h // G."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if x.dim() != 4 or x.shape[1] != self.num_heads or x.shape[3] != self.head_dim:
-            raise ValueError(f"{type(self).__name__} expects x of shape [B, {self.num_heads}, T, {self.head_dim}], "
-                             f"got {list(x.shape)}")
+        heads_ok = x.dim() == 4 and (x.shape[1] == self.num_heads or grouped and x.shape[1] > 0
+                                     and self.num_heads % x.shape[1] == 0)
+        if not heads_ok or x.shape[3] != self.head_dim:
+            raise ValueError(f"{type(self).__name__} expects x of shape [B, {self.num_heads}, T, {self.head_dim}]"
+                             + (" (or a divisor of the heads)" if grouped else "") + f", got {list(x.shape)}")
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, feature_dim={self.feature_dim}, num_heads={self.num_heads}"
@@ -187,10 +190,13 @@ class _PositiveRandomFeatures(FeatureMap):
     def _log_features(self, x: Tensor) -> Tensor:
         return prf_reference.log_features(x, self._projections(), self._log_scale())
 
+    grouped_input = True   # forward takes GQA keys [B, H / G, T, d] in place (no per-query-head copy)
+
     def forward(self, x: Tensor, role: str = "q") -> Tensor:
-        """x [B, H, T, head_dim] -> [B, H, T, feature_dim] in x.dtype (fp32 math): ``fastattn.ops.prf_features``,
-        one fused kernel on a GPU outside autograd, the differentiable torch definition inside it."""
-        self._check_input(x, role)
+        """x [B, H, T, head_dim] (or [B, H / G, T, head_dim]: head h reads x head h // G) -> [B, H, T,
+        feature_dim] in x.dtype (fp32 math): ``fastattn.ops.prf_features``, one fused kernel on a GPU outside
+        autograd, the differentiable torch definition inside it."""
+        self._check_input(x, role, grouped=True)
         if not self.stabilize:
             shift = "none"
         elif role == "k":

@@ -99,10 +99,32 @@ def test_autograd_runs_the_reference_with_exact_gradients():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("shift", ["row", "seq", "tensor"])
+def test_grouped_query_keys_read_in_place(backend, shift):
+    """x with H / G heads (GQA keys): feature head h reads x head h // G, as the per-query-head copy does."""
+    x, w, log_c = _inputs(2, 6, 37, 8, 13, torch.float32)
+    kv = x[:, ::3].contiguous()                                  # 2 kv heads for 6 feature heads
+    s = torch.randn(6) if shift == "tensor" else shift
+    got = prf_features(kv.to(DEV), w.to(DEV), log_c.to(DEV), s.to(DEV) if shift == "tensor" else s, backend=backend)
+    want = definition(kv.repeat_interleave(3, 1), w, log_c, s)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-5, atol=1e-6)
+
+
+def test_feature_map_takes_grouped_keys():
+    fm = feature_maps.build("prf", 8, 5, 6, generator=torch.Generator().manual_seed(0))
+    k = torch.randn(1, 2, 11, 8)
+    torch.testing.assert_close(fm(k, "k"), fm(k.repeat_interleave(3, 1), "k"))
+    with pytest.raises(ValueError, match="or a divisor of the heads"):
+        fm(torch.randn(1, 4, 11, 8), "k")
+
+
 def test_input_errors():
     x, w, log_c = _inputs(1, 2, 4, 8, 5, torch.float32)
     with pytest.raises(ValueError, match="weight must be"):
-        prf_features(x, w[:1], log_c)
+        prf_features(x, w[..., :5], log_c)
+    with pytest.raises(ValueError, match="must be a multiple of it"):
+        prf_features(x, w[:1], log_c[:1])
     with pytest.raises(ValueError, match="log_scale must be"):
         prf_features(x, w, log_c[:, :3])
     with pytest.raises(ValueError, match="shift must be one of"):

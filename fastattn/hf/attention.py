@@ -40,9 +40,10 @@ class LinearAttentionAdapter(nn.Module):
         return self.feature_map.feature_dim
 
     def features(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        """query [B, H, T, d], key [B, Hkv, T, d] -> (phi_q, phi_k) [B, H, T, feature_dim]."""
+        """query [B, H, T, d], key [B, Hkv, T, d] -> (phi_q, phi_k) [B, H, T, feature_dim]. Maps with
+        ``grouped_input`` (prf, performer) read the kv heads in place; others get the keys per query head."""
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
+        if groups > 1 and not getattr(self.feature_map, "grouped_input", False):
             key = key.repeat_interleave(groups, dim=1)
         return self.feature_map(query, "q"), self.feature_map(key, "k")
 

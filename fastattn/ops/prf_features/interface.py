@@ -21,7 +21,8 @@ def prf_features(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tens
     """Positive random features Phi_m(x) = exp(w_m.x / d^(1/4) - |x|^2 / (2 sqrt d) + log c_m - s), per head.
 
     Args:
-        x: [B, H, T, d] (any strides, fp16/bf16/fp32/fp64; computed in fp32, fp64 for fp64).
+        x: [B, H, T, d] (any strides, fp16/bf16/fp32/fp64; computed in fp32, fp64 for fp64), or [B, H / G, T, d]
+            for grouped-query keys: feature head h reads x head h // G, without copying x per query head.
         weight: [H, M, d] the projections w; log_scale: [H, M] log c.
         shift: the log-space stabiliser s (detached): "none" (0), "row" (max over the M features of each token),
             "seq" (max over all tokens and features of each sequence and head) or a tensor [H] (a fixed
@@ -31,10 +32,12 @@ def prf_features(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tens
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor [B, H, T, d], got {getattr(x, 'shape', type(x).__name__)}")
-    B, H, T, d = x.shape
-    if not isinstance(weight, Tensor) or weight.dim() != 3 or weight.shape[0] != H or weight.shape[2] != d:
-        raise ValueError(f"weight must be [H, M, d] = [{H}, M, {d}], got {getattr(weight, 'shape', weight)}")
-    M = weight.shape[1]
+    d = x.shape[3]
+    if not isinstance(weight, Tensor) or weight.dim() != 3 or weight.shape[2] != d:
+        raise ValueError(f"weight must be [H, M, d] with d = {d}, got {getattr(weight, 'shape', weight)}")
+    H, M = weight.shape[0], weight.shape[1]
+    if x.shape[1] == 0 or H % x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} heads; weight's H = {H} must be a multiple of it (GQA)")
     if not isinstance(log_scale, Tensor) or tuple(log_scale.shape) != (H, M):
         raise ValueError(f"log_scale must be [H, M] = {(H, M)}, got {getattr(log_scale, 'shape', log_scale)}")
     if isinstance(shift, Tensor):

@@ -13,9 +13,11 @@ def supports(x: Tensor, weight: Tensor) -> tuple[bool, str]:
 
 
 def log_features(x: Tensor, weight: Tensor, log_scale: Tensor) -> Tensor:
-    """x [B, H, T, d], weight [H, M, d], log_scale [H, M] -> log Phi [B, H, T, M] in fp32 (fp64 for fp64 x)."""
+    """x [B, H, T, d] (or [B, H / G, T, d]: head h reads x head h // G), weight [H, M, d], log_scale [H, M] ->
+    log Phi [B, H, T, M] in fp32 (fp64 for fp64 x)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(acc)
+    groups = weight.shape[0] // x.shape[1]
+    x = (x.repeat_interleave(groups, 1) if groups > 1 else x).to(acc)
     d = x.shape[-1]
     proj = (x @ weight.to(acc).transpose(-1, -2)) * d ** -0.25
     half_sq_norm = x.square().sum(-1, keepdim=True) * (0.5 * d ** -0.5)

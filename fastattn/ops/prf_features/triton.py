@@ -36,8 +36,8 @@ def supports(x: Tensor, weight: Tensor) -> tuple[bool, str]:
 
 def _launch(x: Tensor, weight: Tensor, log_scale: Tensor, out: Tensor | None, shift_mode: int,
             shift: Tensor | None, stats: Tensor | None) -> None:
-    B, H, T, d = x.shape
-    M = weight.shape[1]
+    B, Hx, T, d = x.shape
+    H, M = weight.shape[0], weight.shape[1]
     BM = min(MAX_BM, max(16, triton.next_power_of_2(M)))
     grid = (triton.cdiv(T, BT), B * H)
     dummy = x if out is None else out
@@ -45,15 +45,15 @@ def _launch(x: Tensor, weight: Tensor, log_scale: Tensor, out: Tensor | None, sh
     _k.prf_features_kernel[grid](
         x, weight, log_scale, shift if shift is not None else log_scale, dummy, stats if stats is not None else
         log_scale, *x.stride(), *weight.stride(), *log_scale.stride(), s_sb, s_sh, *dummy.stride(),
-        T, M, H, d ** -0.25, 0.5 * d ** -0.5,
+        T, M, H, H // Hx, d ** -0.25, 0.5 * d ** -0.5,
         D=d, BD=max(16, triton.next_power_of_2(d)), BT=BT, BM=BM, SHIFT=shift_mode, STATS=stats is not None,
         ONE_SLICE=M <= BM, PREC=PRECISION, num_warps=4 if BM <= 64 else 8)
 
 
 def forward(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tensor) -> Tensor:
-    """x [B, H, T, d] (any strides), weight [H, M, d], log_scale [H, M] -> Phi [B, H, T, M] in x.dtype."""
-    B, H, T, _ = x.shape
-    M = weight.shape[1]
+    """x [B, H or H / G, T, d] (any strides), weight [H, M, d], log_scale [H, M] -> Phi [B, H, T, M] in x.dtype."""
+    B, T = x.shape[0], x.shape[2]
+    H, M = weight.shape[0], weight.shape[1]
     out = torch.empty(B, H, T, M, dtype=x.dtype, device=x.device)
     if T == 0:
         return out

@@ -45,7 +45,7 @@ def _store(out_ptr, b, h, ts, ms, m_t, m_m, sob, soh, sot, som, phi):
 @triton.jit
 def prf_features_kernel(x_ptr, w_ptr, log_c_ptr, shift_ptr, out_ptr, stats_ptr,
                         sxb, sxh, sxt, sxd, swh, swm, swd, sch, scm, s_sb, s_sh, sob, soh, sot, som,
-                        T, M, H, c_proj, c_sq,
+                        T, M, H, G, c_proj, c_sq,
                         D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
                         SHIFT: tl.constexpr, STATS: tl.constexpr, ONE_SLICE: tl.constexpr, PREC: tl.constexpr):
     pid_t, bh = tl.program_id(0), tl.program_id(1)
@@ -53,7 +53,8 @@ def prf_features_kernel(x_ptr, w_ptr, log_c_ptr, shift_ptr, out_ptr, stats_ptr,
     ts = pid_t * BT + tl.arange(0, BT)
     ds = tl.arange(0, BD)
     m_t, m_d = ts < T, ds < D
-    xt = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + ts[:, None].to(tl.int64) * sxt + ds[None, :] * sxd,
+    # x holds H / G heads (GQA keys read in place): feature head h reads x head h // G
+    xt = tl.load(x_ptr + b.to(tl.int64) * sxb + (h // G) * sxh + ts[:, None].to(tl.int64) * sxt + ds[None, :] * sxd,
                  mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)               # [BT, BD]
     sq = tl.sum(xt * xt, axis=1) * c_sq
     if STATS:   # the tile's max log-feature (rows past T excluded) -> stats[bh, pid_t]
