@@ -111,6 +111,20 @@ def test_grouped_query_keys_read_in_place(backend, shift):
     torch.testing.assert_close(got.double().cpu(), want, rtol=2e-5, atol=1e-6)
 
 
+@needs_triton
+def test_triton_output_follows_the_layout_of_x():
+    """HF's projections are [B, T, H, d] memory viewed as [B, H, T, d]: Phi comes back in [B, T, H, M] memory, so
+    the linear attention output (allocated like Phi) is already in the [B, T, H, Dv] order HF wants."""
+    x, w, log_c = _inputs(2, 6, 37, 8, 13, torch.float32)
+    bthd = x.transpose(1, 2).contiguous().transpose(1, 2)[:, ::3]   # GQA kv heads of a transposed view
+    got = prf_features(bthd.to(DEV), w.to(DEV), log_c.to(DEV), "row", backend="triton")
+    assert got.shape == (2, 6, 37, 13) and got.stride(1) < got.stride(2) and got.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(got.double().cpu(), definition(bthd.repeat_interleave(3, 1), w, log_c, "row"),
+                               rtol=2e-5, atol=1e-6)
+    plain = prf_features(x.to(DEV), w.to(DEV), log_c.to(DEV), "row", backend="triton")
+    assert plain.is_contiguous()
+
+
 def test_feature_map_takes_grouped_keys():
     fm = feature_maps.build("prf", 8, 5, 6, generator=torch.Generator().manual_seed(0))
     k = torch.randn(1, 2, 11, 8)

@@ -10,10 +10,11 @@ from torch import Tensor
 _POISON = os.environ.get("FASTATTN_POISON") == "1"
 
 
-def empty_output(q: Tensor, last_dim: int, dtype: torch.dtype | None = None) -> Tensor:
+def empty_output(q: Tensor, last_dim: int, dtype: torch.dtype | None = None, heads: int | None = None) -> Tensor:
     """Uninitialised [B, H, T, last_dim] tensor laid out like ``q``: physically [B, T, H, .] when q is a
-    transposed "bthd" view (q.stride(1) < q.stride(2)), else [B, H, T, .]."""
-    B, H, T, _ = q.shape
+    transposed "bthd" view (q.stride(1) < q.stride(2)), else [B, H, T, .]. heads: H if not q's (GQA inputs)."""
+    B, Hq, T, _ = q.shape
+    H = Hq if heads is None else heads
     dtype = q.dtype if dtype is None else dtype
     if q.stride(1) < q.stride(2):
         out = torch.empty(B, T, H, last_dim, dtype=dtype, device=q.device).transpose(1, 2)

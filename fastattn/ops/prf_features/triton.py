@@ -11,6 +11,7 @@ import os
 import torch
 from torch import Tensor
 
+from ..linear_attn.layout import empty_output
 from ..triton_gate import import_kernels, triton_gate
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
@@ -51,10 +52,12 @@ def _launch(x: Tensor, weight: Tensor, log_scale: Tensor, out: Tensor | None, sh
 
 
 def forward(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tensor) -> Tensor:
-    """x [B, H or H / G, T, d] (any strides), weight [H, M, d], log_scale [H, M] -> Phi [B, H, T, M] in x.dtype."""
+    """x [B, H or H / G, T, d] (any strides), weight [H, M, d], log_scale [H, M] -> Phi [B, H, T, M] in x.dtype,
+    laid out like x (HF's transposed [B, T, H, .] projections give [B, T, H, M] memory, so the linear attention
+    output that follows Phi's layout needs no transposing copy)."""
     B, T = x.shape[0], x.shape[2]
     H, M = weight.shape[0], weight.shape[1]
-    out = torch.empty(B, H, T, M, dtype=x.dtype, device=x.device)
+    out = empty_output(x, M, heads=H)
     if T == 0:
         return out
     # weight and log_scale are read in their own dtype and strides (converted to fp32 in the kernel): no copies
