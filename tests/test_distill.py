@@ -89,7 +89,11 @@ def test_tiny_end_to_end_cli_run_and_resume(tiny_model_dir, tmp_path, capsys):
             "--rules", "uniform,dof,dof_clip", "--lam", "0.01", "--prompts", "hello", "--stage2", "finetune",
             "--stage2-steps", "2"]
     assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
+    for key, run in metrics["runs"].items():   # the log has the layerwise number before stage 2 starts
+        assert f"{key}: after layerwise training, held-out loss {run['heldout']['loss']:.4f}" in printed
+        assert f"after stage 2 {run['stage2_heldout']['loss']:.4f}" in printed
     for name in ("report.md", "dof_per_layer.png", "allocations.png", "loss_and_kl.png", "training.png",
                  "config.json", "command.txt"):
         assert (out / name).exists(), name

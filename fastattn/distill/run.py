@@ -237,6 +237,9 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
                 if cfg.window:   # the hybrid's linear-only ablation: the same feature maps without the window
                     with _window_off(model):
                         result["linear_only_heldout"] = heldout(model)
+                if cfg.stage2 != "none" and cfg.stage2_steps:   # in the log before the (longer) second stage
+                    log(f"{key}: after layerwise training, {label} {result['heldout']['loss']:.4f}, "
+                        f"{result['train_seconds']:.0f}s")
             if cfg.stage2 != "none" and cfg.stage2_steps:
                 if cfg.stage2 == "lora":
                     add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=1000 * seed)
@@ -259,7 +262,8 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
                      f"{result['heldout']['hidden_rel_err']:.4f}" if encoder else "")
             log(f"{key}: {label} {result['heldout']['loss']:.4f} (teacher "
                 f"{metrics['teacher']['heldout']['loss']:.4f}){extra}, mean KL {_mean(result['kl_per_layer']):.4f}, "
-                f"{result['train_seconds']:.0f}s")
+                f"{result['train_seconds']:.0f}s" + (f", after stage 2 {result['stage2_heldout']['loss']:.4f}"
+                                                     if "stage2_heldout" in result else ""))
 
     # ---- the student of the first DoF-sized rule: text (causal LMs) and throughput ----
     if main:
