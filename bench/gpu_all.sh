@@ -17,9 +17,14 @@ cap() { local x=$(( LIMIT - ($(date +%s) - t0) - $1 )); [ "$x" -lt 10 ] && x=10;
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$LOGS/nvidia-smi.txt" 2>&1
 
 # fla compiles and autotunes every new D in its probe worker: 140 s was too little for its backward (2026-12-01)
+# PREPARE_S=0 skips it (for LA_ARGS with --no-fla; `timeout 0` would mean no limit at all)
 PREPARE_S=${PREPARE_S:-240}
-timeout "$PREPARE_S" python3 bench/linear_attn.py --prepare --prepare-timeout $(( PREPARE_S - 10 )) \
-  --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" --out "$LOGS" > "$LOGS/prepare.log" 2>&1 &
+if [ "$PREPARE_S" -gt 0 ]; then
+  timeout "$PREPARE_S" python3 bench/linear_attn.py --prepare --prepare-timeout $(( PREPARE_S - 10 )) \
+    --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" --out "$LOGS" > "$LOGS/prepare.log" 2>&1 &
+else
+  sleep 0 &
+fi
 prep=$!
 timeout 200 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1; el "build rc=$?"; tail -1 "$LOGS/build.log"
 python3 -m fastattn.cli env > "$LOGS/env.txt" 2>&1
