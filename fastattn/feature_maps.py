@@ -146,6 +146,8 @@ class _PositiveRandomFeatures(FeatureMap):
     features; ``log_features`` the unshifted log-features (for log-space losses).
     """
 
+    grouped_input = True   # forward and calibrate_key_shift take GQA keys [B, H / G, T, d] in place (no copy)
+
     def __init__(self, head_dim: int, feature_dim: int, num_heads: int, *, stabilize: bool = True):
         super().__init__(head_dim, feature_dim, num_heads)
         self.stabilize = stabilize
@@ -166,9 +168,9 @@ class _PositiveRandomFeatures(FeatureMap):
 
     @torch.no_grad()
     def calibrate_key_shift(self, k: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """Fix the key shift to the max log-feature per head over keys k [B, H, T, head_dim] (key_mask [B, T]
-        excludes padding); returns it [H]. Afterwards forward(role="k") subtracts this constant."""
-        self._check_input(k, "k")
+        """Fix the key shift to the max log-feature per head over keys k [B, H or H / G, T, head_dim] (key_mask
+        [B, T] excludes padding); returns it [H]. Afterwards forward(role="k") subtracts this constant."""
+        self._check_input(k, "k", grouped=True)
         logf = self._log_features(k.float())
         if key_mask is not None:
             logf = logf.masked_fill(~key_mask[:, None, :, None], float("-inf"))
@@ -189,8 +191,6 @@ class _PositiveRandomFeatures(FeatureMap):
 
     def _log_features(self, x: Tensor) -> Tensor:
         return prf_reference.log_features(x, self._projections(), self._log_scale())
-
-    grouped_input = True   # forward takes GQA keys [B, H / G, T, d] in place (no per-query-head copy)
 
     def forward(self, x: Tensor, role: str = "q") -> Tensor:
         """x [B, H, T, head_dim] (or [B, H / G, T, head_dim]: head h reads x head h // G) -> [B, H, T,

@@ -82,9 +82,7 @@ def calibrate_key_shifts(model, calib_batch: list[dict]) -> None:
     for i, adapter in adapters(model).items():
         fm = adapter.feature_map
         if hasattr(fm, "calibrate_key_shift"):
-            k = calib_batch[i]["k"].float()
-            groups = adapter.num_heads // adapter.num_kv_heads
-            fm.calibrate_key_shift(k.repeat_interleave(groups, 1) if groups > 1 else k)
+            fm.calibrate_key_shift(calib_batch[i]["k"].float())   # GQA keys in place
 
 
 def model_kind(model, cfg: DistillConfig) -> str:
@@ -205,6 +203,7 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
 
     # ---- students: one per (rule, seed) ----
     metrics["runs"] = {}
+    stage2 = cfg.stage2 != "none" and cfg.stage2_steps
     for rule, dims in metrics["allocations"].items():
         for seed in cfg.seeds:
             key = f"{rule}_s{seed}"
@@ -237,10 +236,10 @@ def run(cfg: DistillConfig, progress: bool = True, log=print) -> dict:
                 if cfg.window:   # the hybrid's linear-only ablation: the same feature maps without the window
                     with _window_off(model):
                         result["linear_only_heldout"] = heldout(model)
-                if cfg.stage2 != "none" and cfg.stage2_steps:   # in the log before the (longer) second stage
+                if stage2:   # in the log before the (longer) second stage
                     log(f"{key}: after layerwise training, {label} {result['heldout']['loss']:.4f}, "
                         f"{result['train_seconds']:.0f}s")
-            if cfg.stage2 != "none" and cfg.stage2_steps:
+            if stage2:
                 if cfg.stage2 == "lora":
                     add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=1000 * seed)
                 result["stage2_history"] = train_direct(model, train_ids, cfg, cfg.stage2_steps,

@@ -125,8 +125,7 @@ def linear_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     fm = adapter.feature_map
     if layer is not None and hasattr(fm, "calibrate_key_shift") and not fm.key_shift_calibrated:
         # one fixed key scale for every call that feeds this recurrent state
-        groups = adapter.num_heads // adapter.num_kv_heads
-        fm.calibrate_key_shift(key.repeat_interleave(groups, 1) if groups > 1 else key, key_mask)
+        fm.calibrate_key_shift(key, key_mask)   # maps with a key shift take GQA keys in place
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer is None or adapter.window:
         return adapter(query, key, value, scaling, causal, key_mask, layer).transpose(1, 2).contiguous(), None
