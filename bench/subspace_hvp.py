@@ -54,8 +54,8 @@ def rel_err(got, ref) -> float:
     return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def paths(glm, x, sketch, P, device):
-    """name -> (callable, held to TOL)."""
+def paths(glm, x, sketch, P, device, only=None):
+    """name -> (callable, held to TOL); ``only``: the names to keep (None: all)."""
     out = {}
     names = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
     for b in names:
@@ -75,10 +75,15 @@ def paths(glm, x, sketch, P, device):
             finally:
                 tri.INPUT_PRECISION = old
         out["fused-triton-tf32"] = (tf32, False)
+    if only is not None:
+        unknown = set(only) - set(out)
+        if unknown:
+            raise SystemExit(f"--paths: unknown {sorted(unknown)}; known here: {sorted(out)}")
+        out = {k: v for k, v in out.items() if k in only}
     return out
 
 
-def bench_shape(m, n, s, device) -> dict:
+def bench_shape(m, n, s, device, only=None) -> dict:
     glm, x, sketch, P = problem(m, n, s, device)
     glm64 = glm.to(torch.float64)
     ref_P = reference.glm_explicit(glm64, x.double(), P.double(), row_chunk=4096)
@@ -86,7 +91,7 @@ def bench_shape(m, n, s, device) -> dict:
     del glm64
     rows = {}
     timer = time_gpu if device.type == "cuda" else time_cpu
-    for name, (fn, strict) in paths(glm, x, sketch, P, device).items():
+    for name, (fn, strict) in paths(glm, x, sketch, P, device, only).items():
         row = {"strict": strict}
         try:
             t0 = time.perf_counter()
@@ -111,7 +116,7 @@ def bench_shape(m, n, s, device) -> dict:
     for row in rows.values():
         if "ms" in row:
             row["AP_tflops"] = flops / row["ms"] / 1e9
-    base = {k: rows[k].get("ms") for k in ("vmap-autodiff", "unfused-torch")}
+    base = {k: rows.get(k, {}).get("ms") for k in ("vmap-autodiff", "unfused-torch")}
     for name, row in rows.items():
         if name.startswith("fused") and "ms" in row:
             row["speedup_vs_vmap"] = base["vmap-autodiff"] / row["ms"] if base["vmap-autodiff"] else None
@@ -121,16 +126,20 @@ def bench_shape(m, n, s, device) -> dict:
 
 SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in (
     (64, 32, 8, 3, False), (64, 32, 8, 3, True), (64, 64, 8, 2, True), (64, 64, 8, 3, True), (64, 32, 4, 3, True),
-    (64, 32, 8, 4, True), (128, 32, 8, 2, True), (128, 64, 8, 2, True), (32, 64, 4, 3, True), (64, 64, 4, 2, True))]
+    (64, 32, 8, 4, True), (128, 32, 8, 2, True), (128, 64, 8, 2, True), (32, 64, 4, 3, True), (64, 64, 4, 2, True),
+    # 128-row blocks: each of two warpgroups owns 64 rows, the smallest Hopper wgmma tile (64-row blocks with 8
+    # warps may fall back to the Ampere mma), and P is re-read half as often
+    (128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 16, 8, 4, True), (128, 32, 4, 3, True))]
 
 
-def sweep(m, n, s, device) -> list[dict]:
-    """fused-triton over SWEEP configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE), correctness first."""
+def sweep(m, n, s, device, bm=None) -> list[dict]:
+    """fused-triton over SWEEP configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` (None:
+    all), correctness first."""
     from fastattn.ops.subspace_hvp import triton as tri
     glm, x, sketch, P = problem(m, n, s, device)
     ref = reference.glm_explicit(glm.to(torch.float64), x.double(), P.double(), row_chunk=4096)
     rows = []
-    for cfg in SWEEP:
+    for cfg in (c for c in SWEEP if bm is None or c["BM"] == bm):
         tri.CONFIG_OVERRIDE = cfg
         row = {"m": m, "n": n, "s": s, **cfg}
         try:
@@ -186,15 +195,18 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "results"), help="directory for the JSON and markdown")
     ap.add_argument("--quick", action="store_true", help="the first shape only")
     ap.add_argument("--sweep", action="store_true", help="also time fused-triton over the SWEEP configs (GPU)")
+    ap.add_argument("--sweep-bm", type=int, default=None, help="--sweep: only the configs with this BM")
+    ap.add_argument("--paths", default=None, type=lambda v: v.split(","),
+                    help="comma-separated paths to run (default: all; the ratios need vmap-autodiff and unfused-torch)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     if args.quick:
         shapes = shapes[:1]
-    result = {"env": environment(device), "shapes": [bench_shape(*sh, device) for sh in shapes]}
+    result = {"env": environment(device), "shapes": [bench_shape(*sh, device, args.paths) for sh in shapes]}
     if args.sweep and device.type == "cuda":
-        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device)]
+        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "h200" if "H200" in (result["env"].get("gpu") or "") else device.type

@@ -182,3 +182,11 @@ def test_triton_on_gpu_at_model_sizes(M, dtype):
                            else shift, backend="triton")
         err = ((got.cpu().double() - ref).abs() / ref.abs().amax()).max().item()
         assert got.dtype == dtype and err <= TOL[dtype], (str(shift)[:10], err)
+    # SmolLM2's keys: 3 kv heads for 9 feature heads, a [B, T, H, d] projection viewed as [B, H, T, d]
+    kv = x[:, ::3].transpose(1, 2).contiguous().transpose(1, 2)
+    for shift in ("row", torch.randn(9) + 8.0):
+        ref = definition(kv.repeat_interleave(3, 1), w, log_c, shift)
+        got = prf_features(kv.cuda(), w.cuda(), log_c.cuda(), shift.cuda() if isinstance(shift, torch.Tensor)
+                           else shift, backend="triton")
+        err = ((got.cpu().double() - ref).abs() / ref.abs().amax()).max().item()
+        assert got.transpose(1, 2).is_contiguous() and err <= TOL[dtype], ("grouped", str(shift)[:10], err)
