@@ -129,7 +129,8 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
     (64, 32, 8, 4, True), (128, 32, 8, 2, True), (128, 64, 8, 2, True), (32, 64, 4, 3, True), (64, 64, 4, 2, True),
     # 128-row blocks: each of two warpgroups owns 64 rows, the smallest Hopper wgmma tile (64-row blocks with 8
     # warps may fall back to the Ampere mma), and P is re-read half as often
-    (128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 16, 8, 4, True), (128, 32, 4, 3, True))]
+    (128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 16, 8, 4, True), (128, 32, 4, 3, True),
+    (128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 2, True))]
 
 
 def sweep(m, n, s, device, bm=None) -> list[dict]:

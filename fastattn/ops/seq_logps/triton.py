@@ -34,6 +34,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 G_BUFFER_BYTES = 256 * 2 ** 20      # default size of the backward's [chunk, V] gradient buffer
+GEMM_BUFFER_BYTES = 512 * 2 ** 20   # "gemm": default size of a chunk's buffers (fp32 logits, + G in the backward)
 VOCAB_SPLITS: int | None = None     # testing hook: force the number of vocab splits of the forward
 STRATEGY = "fused"                  # "fused": logits GEMM inside the Triton kernels; "gemm": cuBLAS logits chunks
 _STRATEGIES = ("fused", "gemm")
@@ -157,7 +158,7 @@ def _lse_gemm(hidden, weight, b, t, lab, token_chunk, cfg) -> tuple[Tensor, Tens
     """(lse [N], label logit [N]) from cuBLAS fp32 logits, one chunk of rows at a time."""
     N, V = b.numel(), weight.shape[0]
     lse, target = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(2))
-    chunk = min(token_chunk if token_chunk > 0 else _default_chunk(N, V, 4, cfg.BM), N)
+    chunk = min(token_chunk if token_chunk > 0 else _default_chunk(N, V, 4, cfg.BM, GEMM_BUFFER_BYTES), N)
     for c0 in range(0, N, chunk):
         c1 = min(c0 + chunk, N)
         logits = _mm_f32(hidden[b[c0:c1], t[c0:c1]], weight.T)                   # [n, V] fp32
@@ -180,8 +181,21 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()   # CPU (interpreter runs): no mixed-dtype GEMM there
 
 
-def _default_chunk(N: int, V: int, elt: int, BM: int) -> int:
-    return max(BM, (G_BUFFER_BYTES // (V * elt)) // BM * BM)
+def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """acc += a @ b in place, acc fp32 (16-bit operands accumulate into it in the GEMM where cuBLAS allows: no
+    [V, d] fp32 temporary and extra pass per chunk)."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b.float())
+    if a.is_cuda and a.dtype == b.dtype:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    return acc.add_(_mm_f32(a, b))
+
+
+def _default_chunk(N: int, V: int, elt: int, BM: int, budget: int = 0) -> int:
+    return max(BM, ((budget or G_BUFFER_BYTES) // (V * elt)) // BM * BM)
 
 
 def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, lse: Tensor,
@@ -203,12 +217,13 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
     w_gemm = weight if g_dtype == dtype else weight.float()
     gemm = _strategy() == "gemm"
     row_bytes = torch.finfo(g_dtype).bits // 8 + (4 if gemm else 0)      # G (+ the fp32 logits of "gemm")
-    chunk = token_chunk if token_chunk > 0 else _default_chunk(N, V, row_bytes, cfg.BM)
+    chunk = token_chunk if token_chunk > 0 else _default_chunk(N, V, row_bytes, cfg.BM,
+                                                               GEMM_BUFFER_BYTES if gemm else G_BUFFER_BYTES)
     chunk = min(chunk, N)
     G = _empty(chunk, V, dtype=g_dtype, device=dev)
     lse_rows = lse.reshape(-1)[idx].float().contiguous()
     g_rows = grad.float()[b].contiguous()
-    dw = None
+    dw = torch.zeros(V, d, dtype=torch.float32, device=dev)
     for c0 in range(0, N, chunk):
         c1 = min(c0 + chunk, N)
         n = c1 - c0
@@ -228,8 +243,7 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
                 D=d, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, IEEE=_ieee(dtype), GROUP=8, num_warps=cfg.warps,
                 num_stages=cfg.stages)
         dh_flat[idx[c0:c1]] = _mm_f32(Gc, w_gemm).to(dtype)                     # [n, d]
-        part = _mm_f32(Gc.T, h_rows if g_dtype == dtype else h_rows.float())   # [V, d] fp32
-        dw = part if dw is None else dw.add_(part)
+        _addmm_f32(dw, Gc.T, h_rows if g_dtype == dtype else h_rows.float())    # dW += G^T h, [V, d] fp32
     return dh_flat.reshape(B, T, d), dw.to(weight.dtype)
 
 

@@ -94,6 +94,8 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION)
     stage_list = (cfg["stages"],) if "stages" in cfg else STAGES
     start = _stage_choice.get(key, stage_list[0])
+    if start not in stage_list:   # an override of the stages (bench sweep) after another depth was chosen
+        start = stage_list[0]
     for stages in stage_list[stage_list.index(start):]:
         try:
             _k.glm_gram_kernel[grid](*args, **meta, num_stages=stages)
