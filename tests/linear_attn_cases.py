@@ -44,6 +44,9 @@ CASES = [
     Case("D1_unnormalized", T=63, D=1, Dv=8, normalize=False, mask=True),  # normalized D=1: dq is pure cancellation
     Case("D130_gqa", Hv=1, T=100, D=130, Dv=33, state=True),
     Case("D257_Dv1", T=40, D=257, Dv=1),
+    # D == Dv == the tile: the Triton kernels compile the dims in (EXACT); T = 150 is three segments in the interpreter
+    Case("exact_64_gqa_mask_state", Hv=1, T=150, D=64, Dv=64, mask=True, state=True),
+    Case("exact_16_noncausal_bthd", B=2, T=40, D=16, Dv=16, causal=False, layout="bthd"),
     Case("T1000_gqa_mask", Hv=1, T=1000, D=60, Dv=64, mask=True, state=True, heavy=True),
     Case("T1000_bthd_D130", T=1000, D=130, Dv=40, layout="bthd", heavy=True),
 ]

@@ -54,6 +54,7 @@ GLM_CASES = [  # (m, n, s, loss, reg, P): ragged sizes, one and several column t
     (19, 65, 33, "squared", "nonconvex", "rademacher"),
     (65, 40, 150, "sigmoid_mse", "none", "tensor"),
     (33, 20, 300, "logistic", "nonconvex", "gaussian"),
+    (401, 70, 150, "sigmoid_mse", "nonconvex", "tensor"),   # triton: 128-row blocks, margins by GEMV (m >= 384)
 ]
 
 

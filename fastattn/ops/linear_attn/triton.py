@@ -58,6 +58,11 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
     return cfg if BK == cfg.BK else _Config(BK=BK, BV=cfg.BV, warps=8, stages=cfg.stages)
 
 
+def _exact(D: int, Dv: int, cfg: _Config) -> bool:
+    """One full tile per feature dim: the kernels then take D and Dv as compile-time constants."""
+    return D == cfg.BK and Dv == cfg.BV
+
+
 @functools.lru_cache(maxsize=None)
 def _config(D: int, Dv: int) -> _Config:
     """One fixed config per (D, Dv) tile bucket: no autotuning, one compile per bucket. Measured on the H200
@@ -129,14 +134,14 @@ def _segment_states(y, w, GW, mask_args, den, aw, init, init_z, out, out_z, NS, 
     _k.chunk_state_kernel[(NK * NV * NS * B * H,)](
         y, w, mask, den if den is not None else hs, aw if aw is not None else hs, hs, hz if aug else hs,
         *y.stride(), *w.stride(), smb, smt, T, CPS, NS, H, GW,
-        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, HAS_MASK=has_mask, HAS_DEN=den is not None,
-        AUG=aug, SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
+        D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, HAS_MASK=has_mask,
+        HAS_DEN=den is not None, AUG=aug, SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
     sS = init.stride() if init is not None else (0,) * 4
     sz = init_z.stride() if init_z is not None else (0,) * 3
     _k.state_scan_kernel[(NK * NV * B * H,)](
         hs, hz if aug else hs, init if init is not None else hs, init_z if init_z is not None else hs,
         out, out_z if aug else out, *sS, *sz, NS, H,
-        D=D, DV=Dv, BK=cfg.BK, BV=cfg.BV, REVERSE=reverse, EXCLUSIVE=exclusive,
+        D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BK=cfg.BK, BV=cfg.BV, REVERSE=reverse, EXCLUSIVE=exclusive,
         HAS_H0=init is not None, HAS_Z0=aug != 0 and init_z is not None, AUG=aug != 0, num_warps=4)
     return hs, hz
 
@@ -186,8 +191,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
         q, k, v, o, mask, *ptrs, den if normalize else S, part, dpart, S, z if normalize else S,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smt, *strides,
         T, CPS, NS, H, H // Hv, eps,
-        D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal, NORMALIZE=normalize,
-        HAS_MASK=key_mask is not None, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=causal and NS == 1, MODE=mode,
+        D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal,
+        NORMALIZE=normalize, HAS_MASK=key_mask is not None, HAS_H=has_h, HAS_Z=has_z,
+        STORE_FINAL=causal and NS == 1, MODE=mode,
         SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
     if mode:
         _sum_partials(part, dpart if normalize else None, o, NK, H, eps, den)
@@ -219,8 +225,8 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
     mask, smb, smt, _ = mask_args
     den = den.contiguous() if normalize else None  # [B, H, T] fp32, as forward made it
     grid = (NK * NV * NS * B * H,)
-    common = dict(D=D, DV=Dv, BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal, NORMALIZE=normalize,
-                  HAS_MASK=key_mask is not None, SPLIT=split, ALIGN=align)
+    common = dict(D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal,
+                  NORMALIZE=normalize, HAS_MASK=key_mask is not None, SPLIT=split, ALIGN=align)
 
     # forward states entering each segment (S_prev, z_prev), or the totals for the non-causal form
     if causal and NS == 1:

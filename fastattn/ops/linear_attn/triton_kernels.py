@@ -4,7 +4,9 @@ Names inside the kernels: T tokens, D (= K) the query/key feature dim, DV the va
 the feature tiles (powers of two in 16..64; tails are masked, inputs are never padded). Every kernel works on
 one (batch, head) pair at a time and reads q/k/v/do through their strides, so "bhtd" and "bthd" memory both work.
 D and DV are runtime arguments, only the tiles are compile-time: a model whose layers all have different feature
-dims compiles one kernel per tile bucket (and Triton's divisible-by-16 flag), not one per layer.
+dims compiles one kernel per tile bucket (and Triton's divisible-by-16 flag), not one per layer. EXACT (D == BK
+and DV == BV, e.g. 64 x 64) compiles the dims in, as constants (``_dims``): with runtime dims the split-T forward at D = 64 ran
+1.4-1.5x slower on the H200 (bench/results/linear_attn_h200_runtime_dims.md).
 
 Split-T schedule: the T axis is cut into NS segments of CPS chunks. ``chunk_state_kernel`` sums each segment's
 contribution to the state, ``state_scan_kernel`` turns those sums into the state entering each segment (or the
@@ -112,6 +114,17 @@ def _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _dims(D_, DV_, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
+    """(D, DV, NK, NV): the runtime feature dims and their tile counts; with EXACT (D == BK and DV == BV) the
+    tiles themselves, constants that fold after inlining, so tile indices and masks are compile-time."""
+    if EXACT:
+        D, DV = BK, BV
+    else:
+        D, DV = D_, DV_
+    return D, DV, tl.cdiv(D, BK), tl.cdiv(DV, BV)
+
+
+@triton.jit
 def _split_pid(NKV, NS):
     """1-D grid (no 65535 limits): program -> (K/V tile pair, segment, batch*head) and B*H."""
     pid = tl.program_id(0)
@@ -131,7 +144,7 @@ _NOSPEC = ["sqb", "sqh", "skb", "skh", "svb", "svh", "sxb", "sxh", "sdb", "sdh",
 def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
                        syb, syh, syt, syd, swb, swh, swt, swd, smb, smt,
                        T, CPS, NS, H, GW,
-                       D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_DEN: tl.constexpr, AUG: tl.constexpr,
                        SPLIT: tl.constexpr, ALIGN: tl.constexpr):
     """Per-segment state sums: hs[bh, s] = sum_{t in s} y_t^T w_t / den_t  [D, DV] and hz[bh, s] = sum a_t y_t [D].
@@ -139,7 +152,7 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
     Forward states: y = k (key-masked), w = v (head h // GW), a = 1. Reverse (backward) states: y = q, w = do
     scaled by 1/den, a = c. AUG: 0 no hz, 1 a = 1, 2 a = aw[bh, t]. Grid: NK * NV * NS * B * H.
     """
-    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
@@ -176,7 +189,7 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
 @triton.jit(do_not_specialize=_NOSPEC)
 def state_scan_kernel(hs, hz, h0, z0, h_out, z_out,
                       shb, shh, shk, shv, szb, szh, szk, NS, H,
-                      D, DV, BK: tl.constexpr, BV: tl.constexpr,
+                      D_, DV_, EXACT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       REVERSE: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_H0: tl.constexpr,
                       HAS_Z0: tl.constexpr, AUG: tl.constexpr):
     """Scan of the segment sums of ``chunk_state_kernel``, starting from (h0, z0) (None: zeros).
@@ -185,7 +198,7 @@ def state_scan_kernel(hs, hz, h0, z0, h_out, z_out,
     the right (REVERSE, backward). Always: h_out / z_out [B, H, D, DV] / [B, H, D] get h0 plus every segment.
     Grid: NK * NV * B * H.
     """
-    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
     pid = tl.program_id(0)
     i_kv, i_bh = pid % (NK * NV), pid // (NK * NV)
     i_k, i_v = i_kv // NV, i_kv % NV
@@ -227,7 +240,7 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sxb, sxh, sxt, sxd, smb, smt,
                shb, shh, shn, shk, shv, szb, szh, szn, szk,
                T, CPS, NS, H, G, eps,
-               D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr, MODE: tl.constexpr,
                SPLIT: tl.constexpr, ALIGN: tl.constexpr):
@@ -240,7 +253,7 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     (h0, z0): the state entering each segment, strided (shn = 0 for one shared state). STORE_FINAL: the last
     segment writes the final state to s_out / z_out. Grid: NK * NV * NS * B * H.
     """
-    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
@@ -306,7 +319,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
                   sxb, sxh, sxt, sxd, smb, smt,
                   shb, shh, shn, shk, shv, szb, szh, szn, szk,
                   T, CPS, NS, H, G,
-                  D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_H: tl.constexpr, HAS_Z: tl.constexpr, FUSE_C: tl.constexpr, DIRECT: tl.constexpr,
                   SPLIT: tl.constexpr, ALIGN: tl.constexpr):
@@ -317,7 +330,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
     cbuf [B*H, T]; otherwise cbuf is read. DIRECT (one V tile): dq is written, else fp32 partials over the V
     tiles to part [NV, B*H, T, D] (the c z_t term only in tile 0). Grid: NK * NV * NS * B * H.
     """
-    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
@@ -383,7 +396,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
                     sxb, sxh, sxt, sxd, sab, sah, sat, sad, smb, smt,
                     shb, shh, shn, shk, shv, szb, szh, szn, szk,
                     T, CPS, NS, H, G,
-                    D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                     HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr,
                     DK_DIRECT: tl.constexpr, DV_DIRECT: tl.constexpr, SPLIT: tl.constexpr, ALIGN: tl.constexpr):
@@ -396,7 +409,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     over K tiles and the query heads of each value head. STORE_FINAL: segment 0 writes (R_1, r_1) = (dS0, dz0).
     Grid: NK * NV * NS * B * H.
     """
-    NK, NV = tl.cdiv(D, BK), tl.cdiv(DV, BV)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H

@@ -55,11 +55,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _block_rows(m: int, sms: int) -> int:
-    """64-row blocks, halved (down to 16) while there are fewer data blocks than SMs (tall-skinny A)."""
+    """128-row blocks when they still give (nearly) every SM one; else 64-row blocks, halved (down to 16) while
+    there are fewer data blocks than SMs (tall-skinny A)."""
+    if triton.cdiv(m, 128) >= sms * 3 // 4:
+        return 128
     bm = 64
     while bm > 16 and triton.cdiv(m, bm) < sms:
         bm //= 2
     return bm
+
+
+# 128-row blocks: two warpgroups of 64 rows (Hopper's wgmma tile), a 64-wide k step, two stages (three run out of
+# shared memory), margins by a separate GEMV. H200, m = n = 16384, s = 256: 3.49 ms against 4.99 for the 64-row
+# default (bench/results/subspace_hvp_h200_sweep.md).
+_BLOCK_DEFAULTS = {128: dict(BK=64, stage_list=(2, 1), zpre=True)}
 
 
 _stage_choice: dict[tuple, int] = {}
@@ -73,8 +82,8 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     BS = _tile(s)
     NT = triton.cdiv(s, BS)
     sms = _num_sms(dev)
-    cfg = CONFIG_OVERRIDE
-    BM = cfg.get("BM", _block_rows(m, sms))
+    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, sms))
+    cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
     RA = triton.cdiv(m, BM)
@@ -92,7 +101,7 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
                 ZPRE=zpre, num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
     grid = (G, pairs.shape[0])
     key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION)
-    stage_list = (cfg["stages"],) if "stages" in cfg else STAGES
+    stage_list = (cfg["stages"],) if "stages" in cfg else cfg.get("stage_list", STAGES)
     start = _stage_choice.get(key, stage_list[0])
     if start not in stage_list:   # an override of the stages (bench sweep) after another depth was chosen
         start = stage_list[0]
