@@ -8,7 +8,8 @@ NS is chosen so that the grid fills the GPU (NS = 1, a single fused pass, when B
 Bracketed steps run only when needed: the state steps when NS > 1 or for the non-causal form, the reductions
 when a feature dim has several tiles (or GQA, for dv). Only the feature tiles are compile-time constants: the
 feature dims themselves, T, the segment counts and the strides that scale with T are runtime arguments, so a new
-T or a new feature dim in the same tile bucket never compiles a new kernel.
+T or a new feature dim in the same tile bucket never compiles a new kernel. (Dims that are each exactly one tile,
+e.g. 64 x 64, are compiled in: ``_exact``.)
 """
 from __future__ import annotations
 

@@ -160,7 +160,7 @@ def _lse_gemm(hidden, weight, b, t, lab, token_chunk, cfg) -> tuple[Tensor, Tens
     """(lse [N], label logit [N]) from cuBLAS fp32 logits, one chunk of rows at a time."""
     N, V = b.numel(), weight.shape[0]
     lse, target = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(2))
-    chunk = min(token_chunk if token_chunk > 0 else _default_chunk(N, V, 4, cfg.BM, GEMM_BUFFER_BYTES), N)
+    chunk = min(token_chunk if token_chunk > 0 else _default_chunk(V, 4, cfg.BM, GEMM_BUFFER_BYTES), N)
     for c0 in range(0, N, chunk):
         c1 = min(c0 + chunk, N)
         logits = _mm_f32(hidden[b[c0:c1], t[c0:c1]], weight.T)                   # [n, V] fp32
@@ -196,8 +196,9 @@ def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return acc.add_(_mm_f32(a, b))
 
 
-def _default_chunk(N: int, V: int, elt: int, BM: int, budget: int = 0) -> int:
-    return max(BM, ((budget or G_BUFFER_BYTES) // (V * elt)) // BM * BM)
+def _default_chunk(V: int, row_bytes: int, BM: int, budget: int) -> int:
+    """Rows per chunk (a multiple of BM) whose [chunk, V] buffers of ``row_bytes`` per element fit ``budget``."""
+    return max(BM, (budget // (V * row_bytes)) // BM * BM)
 
 
 def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, lse: Tensor,
@@ -219,7 +220,7 @@ def backward(grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, mask:
     w_gemm = weight if g_dtype == dtype else weight.float()
     gemm = _strategy() == "gemm"
     row_bytes = torch.finfo(g_dtype).bits // 8 + (4 if gemm else 0)      # G (+ the fp32 logits of "gemm")
-    chunk = token_chunk if token_chunk > 0 else _default_chunk(N, V, row_bytes, cfg.BM,
+    chunk = token_chunk if token_chunk > 0 else _default_chunk(V, row_bytes, cfg.BM,
                                                                GEMM_BUFFER_BYTES if gemm else G_BUFFER_BYTES)
     chunk = min(chunk, N)
     G = _empty(chunk, V, dtype=g_dtype, device=dev)

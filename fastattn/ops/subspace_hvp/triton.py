@@ -65,10 +65,10 @@ def _block_rows(m: int, sms: int) -> int:
     return bm
 
 
-# 128-row blocks: two warpgroups of 64 rows (Hopper's wgmma tile), a 64-wide k step, two stages (three run out of
-# shared memory), margins by a separate GEMV. H200, m = n = 16384, s = 256: 3.49 ms against 4.99 for the 64-row
-# default (bench/results/subspace_hvp_h200_sweep.md).
-_BLOCK_DEFAULTS = {128: dict(BK=64, stage_list=(2, 1), zpre=True)}
+# 128-row blocks: two warpgroups of 64 rows (Hopper's wgmma tile), a 64-wide k step (three stages run out of shared
+# memory, so STAGES falls back to two), margins by a separate GEMV. H200, m = n = 16384, s = 256: 3.49 ms against
+# 4.99 for the 64-row default (bench/results/subspace_hvp_h200_sweep.md).
+_BLOCK_DEFAULTS = {128: dict(BK=64, zpre=True)}
 
 
 _stage_choice: dict[tuple, int] = {}
@@ -101,7 +101,7 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
                 ZPRE=zpre, num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
     grid = (G, pairs.shape[0])
     key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION)
-    stage_list = (cfg["stages"],) if "stages" in cfg else cfg.get("stage_list", STAGES)
+    stage_list = (cfg["stages"],) if "stages" in cfg else STAGES
     start = _stage_choice.get(key, stage_list[0])
     if start not in stage_list:   # an override of the stages (bench sweep) after another depth was chosen
         start = stage_list[0]
