@@ -6,7 +6,8 @@
 # LA_ARGS: extra bench/linear_attn.py flags (e.g. "--Ts 65536,4096 --backends triton"); HVP_S=0 skips the last.
 # (all GPU tests: GPU_TESTS=tests TEST_TIMEOUT=240 — the linear-attention ones alone took 168 s with 6 workers).
 # TEST_MARK: the pytest -m expression (default gpu; TEST_MARK= runs every test of $GPU_TESTS, on the GPU where a
-# test picks the device). HVP_ARGS: extra bench/subspace_hvp.py flags (e.g. "--quick --sweep --paths ...").
+# test picks the device). TEST_WORKERS: pytest-xdist workers (default 4). HVP_ARGS: extra bench/subspace_hvp.py
+# flags (e.g. "--quick --sweep --paths ..."). SEQ_S=0 skips bench/seq_logps.py.
 # Returns under $OUT (8 files at most): linear_attn_h200.{json,md}, linear_attn_partial.jsonl,
 # seq_logps_gpu.{json,md}, subspace_hvp_h200.{json,md}, logs.tgz (build, tests, probes, bench logs).
 set -uo pipefail
@@ -30,7 +31,7 @@ fi
 prep=$!
 timeout 200 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1; el "build rc=$?"; tail -1 "$LOGS/build.log"
 python3 -m fastattn.cli env > "$LOGS/env.txt" 2>&1
-timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m "${TEST_MARK-gpu}" $GPU_TESTS -n 4 -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m "${TEST_MARK-gpu}" $GPU_TESTS -n "${TEST_WORKERS:-4}" -p no:cacheprovider \
   > "$LOGS/gpu_tests.log" 2>&1
 el "GPU tests rc=$?"; grep -E "passed|failed" "$LOGS/gpu_tests.log" | tail -3
 wait $prep; el "prepare rc=$?"; tail -1 "$LOGS/prepare.log"
@@ -38,8 +39,10 @@ wait $prep; el "prepare rc=$?"; tail -1 "$LOGS/prepare.log"
 HVP_S=${HVP_S:-60}   # seconds kept for bench/subspace_hvp.py (0: not run); seq_logps keeps 110 s besides
 timeout "$(cap $(( 115 + HVP_S )))" python3 bench/linear_attn.py --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
   --out "$OUT" ${LA_ARGS:-} > "$LOGS/bench_linear_attn.log" 2>&1; el "linear_attn bench rc=$?"
-timeout "$(cap $(( HVP_S > 0 ? HVP_S : 5 )))" python3 bench/seq_logps.py --out "$OUT" > "$LOGS/bench_seq_logps.log" 2>&1
-el "seq_logps bench rc=$?"
+if [ "${SEQ_S:-1}" != 0 ]; then
+  timeout "$(cap $(( HVP_S > 0 ? HVP_S : 5 )))" python3 bench/seq_logps.py --out "$OUT" > "$LOGS/bench_seq_logps.log" 2>&1
+  el "seq_logps bench rc=$?"
+fi
 if [ "$HVP_S" -gt 0 ]; then
   timeout "$(cap 5)" python3 bench/subspace_hvp.py --out "$OUT" ${HVP_ARGS:-} > "$LOGS/bench_subspace_hvp.log" 2>&1
   el "subspace_hvp bench rc=$?"

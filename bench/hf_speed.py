@@ -7,9 +7,16 @@ untrained (keys calibrated on the prompt as in generate). Measured, in one proce
   - HF ``generate`` (teacher: KV cache; student: the recurrent cache) and ``fastattn.hf.greedy_decode`` (student:
     one CUDA graph replay per token) at B=1 after a prompt of --gen-context tokens, tokens/s and peak memory;
   - a torch.profiler table of one student and one teacher prefill at the first T (host time against device
-    time; the top ops by self CPU time), to show where a host-bound forward spends its time.
+    time; the top ops by self CPU time), to show where a host-bound forward spends its time;
+  - the same prefill under ``torch.compile(fullgraph=True)`` for both models at --compile-lengths (inductor fuses
+    the norms, RoPE, MLP activations and residuals that teacher and student share; the student's feature maps
+    and linear attention stay our fused kernels, opaque ops), eager-timed and captured as a CUDA graph.
 
     python bench/hf_speed.py --model path/to/model.gguf --out bench/results    # hf_speed_<device>.{json,md}
+    python bench/hf_speed.py --model bench/configs/smollm2-135m-instruct.json  # same architecture, random weights
+
+A ``.json`` model is an HF config built with random weights (speed does not depend on the weights' values), so
+no weights have to travel to the GPU machine.
 """
 from __future__ import annotations
 
@@ -92,6 +99,47 @@ def graphed_prefill(model, vocab: int, T: int, device, reps: int = 10) -> dict:
     return {"T": T, "ms": sorted(times)[reps // 2]}
 
 
+def compiled_prefill(model, vocab: int, lengths: list[int], device) -> list[dict]:
+    """``torch.compile(model, fullgraph=True)`` prefill per T: compile seconds (the first call), the eager-timed
+    compiled forward (``prefill_throughput``) and its CUDA-graph replay (``graphed_prefill``); {"error": ...}
+    where compilation fails."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    rows = []
+    for T in lengths:
+        ids, kw = prefill_inputs(vocab, T, device)
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                compiled(ids, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row = {"T": T, "compile_s": time.perf_counter() - t0,
+                   "ms": prefill_throughput(compiled, vocab, T, device)["ms"]}
+            if device.type == "cuda":
+                row["graph_ms"] = graphed_prefill(compiled, vocab, T, device).get("ms")
+        except Exception as e:  # noqa: BLE001 - a model that cannot be compiled is a result
+            row = {"T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append(row)
+    torch._dynamo.reset()
+    return rows
+
+
+def load_model(name: str, device):
+    """(model, vocab size): bf16 on a GPU. ``name``: anything ``fastattn.models.load`` takes, or an HF config
+    ``.json`` built with random weights and SDPA attention."""
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    if not name.endswith(".json"):
+        model, tok = models.load(name, dtype=dtype, device=device)
+        return model, len(tok)
+    import transformers
+    cfg = transformers.AutoConfig.for_model(**json.loads(Path(name).read_text()))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa",
+                                                          dtype=dtype or torch.float32)
+    return model.to(device).eval(), cfg.vocab_size
+
+
 def train_step(model, vocab: int, batch: int, T: int, device, reps: int = 3) -> dict:
     """Median seconds of one end-to-end training step of the adapters (``lm_loss`` forward + backward, base
     weights frozen: the distill driver's second stage) on [batch, T] tokens, and its profile."""
@@ -124,9 +172,8 @@ def _set_backend(model, backend: str) -> None:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    model, tok = models.load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else None, device=device)
-    vocab = len(tok)
-    res = {"model": args.model, "lengths": args.lengths, "gen_context": args.gen_context,
+    model, vocab = load_model(args.model, device)
+    res = {"model": args.model, "compile_lengths": args.compile_lengths, "lengths": args.lengths, "gen_context": args.gen_context,
            "new_tokens": args.new_tokens, "feature_dims": args.dims, "teacher": {}, "student": {}}
     t, s = res["teacher"], res["student"]
     linearize(model, args.dims, feature_map="prf", seed=0)
@@ -145,6 +192,9 @@ def run(args) -> dict:
         if device.type == "cuda":
             d["prefill_graph"] = [graphed_prefill(model, vocab, T, device) for T in args.lengths]
             print(who, "prefill, CUDA graph", d["prefill_graph"], flush=True)
+        if args.compile_lengths:
+            d["prefill_compiled"] = compiled_prefill(model, vocab, args.compile_lengths, device)
+            print(who, "prefill, torch.compile", d["prefill_compiled"], flush=True)
         d["profile"] = [profile_prefill(model, vocab, T, device) for T in args.lengths]
         d["generate"] = generate_throughput(model, vocab, args.gen_context, args.new_tokens, device)
         print(who, "generate", d["generate"], flush=True)
@@ -173,6 +223,41 @@ def _ms(row: dict) -> str:
     return f"{row['ms']:.1f}" if "ms" in row else "n/a"
 
 
+def _at(rows, T: int, key: str = "ms"):
+    """rows[i][key] for the row of length T (None where absent or failed)."""
+    return next((r.get(key) for r in rows if isinstance(r, dict) and r.get("T") == T), None) \
+        if isinstance(rows, list) else None
+
+
+def compiled_table(res: dict) -> list[str]:
+    """Markdown lines: each model's prefill eager / CUDA graph / compiled / compiled + graph at the compiled
+    lengths, and the ratio of the best of each (the same modes open to both models)."""
+    t, s = res["teacher"], res["student"]
+    if not t.get("prefill_compiled") and not s.get("prefill_compiled"):
+        return []
+    lines = ["", "Prefill under torch.compile(fullgraph=True, inductor), B=1, ms (eager: the student's fastest "
+             "backend; best: the fastest of the four for each model):", "",
+             "| T | model | eager | CUDA graph | compiled | compiled, CUDA graph | compile s | best |", "|---" * 8 + "|"]
+    for T in res.get("compile_lengths") or []:
+        best = {}
+        for who, d in (("teacher", t), ("student", s)):
+            eager = [_at(v, T) for v in (d["prefill"].values() if isinstance(d["prefill"], dict) else [d["prefill"]])]
+            eager = min((v for v in eager if v), default=None)
+            comp = d.get("prefill_compiled", [])
+            vals = [eager, _at(d.get("prefill_graph", []), T), _at(comp, T), _at(comp, T, "graph_ms")]
+            best[who] = min((v for v in vals if v), default=None)
+            cells = [f"{v:.2f}" if v else "n/a" for v in vals + [_at(comp, T, "compile_s"), best[who]]]
+            lines.append(f"| {T} | {who} | " + " | ".join(cells) + " |")
+        if best["teacher"] and best["student"]:
+            lines += ["", f"T={T}: best teacher {best['teacher']:.2f} ms / best student {best['student']:.2f} ms = "
+                          f"**{best['teacher'] / best['student']:.2f}x**", ""]
+        errs = [f"{who}: {e}" for who, d in (("teacher", t), ("student", s))
+                for e in [_at(d.get("prefill_compiled", []), T, "error")] if e]
+        if errs:
+            lines += ["", f"T={T} compile failed: " + "; ".join(errs)]
+    return lines
+
+
 def markdown(res: dict, env: dict) -> str:
     t, s = res["teacher"], res["student"]
     graphs = "prefill_graph" in t
@@ -199,6 +284,7 @@ def markdown(res: dict, env: dict) -> str:
               for g in d.get("prefill_graph", []) if "error" in g]
     if errors:
         lines += ["", "CUDA graph capture failed: " + "; ".join(errors)]
+    lines += compiled_table(res)
     lines += ["", f"| generate, context {res['gen_context']}, {res['new_tokens']} new tokens | tokens/s | peak GB | "
               "vs teacher |", "|---|---|---|---|"]
     base = t["generate"]["tokens_per_s"]
@@ -230,6 +316,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 16384])
     ap.add_argument("--gen-context", type=int, default=8192)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--compile-lengths", type=lambda s: [int(x) for x in s.split(",") if x], default=[16384],
+                    help="prefill lengths timed under torch.compile for both models ('' : none)")
     ap.add_argument("--dims", type=int, default=64, help="feature dim of every layer")
     ap.add_argument("--backends", type=lambda s: s.split(","), default=["auto", "triton", "cuda"])
     ap.add_argument("--train-batch", type=int, default=8, help="batch of the training-step timing (0: skip)")

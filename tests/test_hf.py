@@ -110,6 +110,25 @@ def test_softmax_attention_context_gives_the_teacher_back():
     assert not torch.allclose(student, teacher)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_linearized_prefill_equals_eager(device):
+    """torch.compile(fullgraph=True) of a linearized model (the prefill that bench/hf_speed.py times compiled):
+    same logits as eager, with the keys' shift per sequence and calibrated (as after greedy_decode)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = tiny_llama(layers=2).to(device)
+    hf.linearize(model, [7, 16], feature_map="prf")
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(6)).to(device)
+    for calibrate in (False, True):
+        if calibrate:
+            hf.greedy_decode(model, ids[:1], 1)   # fixes every layer's key shift
+        torch._dynamo.reset()
+        with torch.no_grad():
+            eager = model(ids, use_cache=False, logits_to_keep=1).logits
+            compiled = torch.compile(model, fullgraph=True)(ids, use_cache=False, logits_to_keep=1).logits
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_save_load_round_trip(tmp_path):
     model = tiny_llama()
     hf.linearize(model, [4, 6, 8], feature_map="prf", softmax_layers=[2])

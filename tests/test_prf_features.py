@@ -125,6 +125,32 @@ def test_triton_output_follows_the_layout_of_x():
     assert plain.is_contiguous()
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("shift", ["row", "seq", "tensor"])
+def test_compiled_inference_calls_the_registered_op(backend, shift, monkeypatch):
+    """Under torch.compile (inductor, fullgraph) an inference call is the opaque op ``fastattn::prf_features``:
+    the same backend as eager runs (counted), and the result, read by the fake's strides, equals fp64 for GQA
+    keys in HF's transposed layout."""
+    from fastattn.ops.prf_features import interface
+    calls = []
+    eager_forward = interface._forward
+    monkeypatch.setattr(interface, "_forward", lambda *a: calls.append(a[-1]) or eager_forward(*a))
+    x, w, log_c = _inputs(2, 6, 37, 8, 13, torch.float32)
+    bthd = x.transpose(1, 2).contiguous().transpose(1, 2)[:, ::3]
+    s = torch.randn(6) if shift == "tensor" else shift
+    args = [t.to(DEV) for t in (bthd, w, log_c)] + [s.to(DEV) if shift == "tensor" else s]
+
+    def f(x, w, log_c, s):   # an op after the features: its compiled kernel reads Phi by the fake's strides
+        return prf_features(x, w, log_c, s, backend=backend) * 2.0 + 1.0
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(f, fullgraph=True)(*args)
+    assert calls == [backend]
+    want = 2.0 * definition(bthd.repeat_interleave(3, 1), w, log_c, s) + 1.0
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-5, atol=1e-6)
+
+
 def test_feature_map_takes_grouped_keys():
     fm = feature_maps.build("prf", 8, 5, 6, generator=torch.Generator().manual_seed(0))
     k = torch.randn(1, 2, 11, 8)

@@ -1,8 +1,10 @@
 """Public ``prf_features``: input checks and dispatch.
 
 Forward only in the fast backends: a call that autograd must record (x or a parameter requires grad, grad mode
-on) and a call under torch.compile run the differentiable torch reference, whatever backend was asked for, so that training sees the exact
+on) runs the differentiable torch reference, whatever backend was asked for, so that training sees the exact
 same function and inference (prefill, decode) gets one fused kernel instead of ~12 elementwise ones per role.
+Under torch.compile an inference call is the torch.library op ``fastattn::prf_features`` (opaque, with a fake
+implementation), so a compiled prefill runs the same fused kernel as an eager one.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from ..linear_attn.layout import empty_output
 from . import reference
 
 OP = "prf_features"
@@ -49,8 +52,31 @@ def prf_features(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tens
                                                                     if isinstance(shift, Tensor) else ()):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
-                                         and any(t.requires_grad for t in (x, weight, log_scale))):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, log_scale)):
         return reference.forward(x, weight, log_scale, shift)   # traceable, differentiable (compile fuses it)
+    if torch.compiler.is_compiling():
+        fixed = isinstance(shift, Tensor)
+        return _op(x, weight, log_scale, "fixed" if fixed else shift, shift if fixed else None, backend)
+    return _forward(x, weight, log_scale, shift, backend)
+
+
+def _forward(x: Tensor, weight: Tensor, log_scale: Tensor, shift: str | Tensor, backend: str) -> Tensor:
     name = backends.resolve(OP, backend, x, weight)
     return backends.get(OP, name).forward(x, weight, log_scale, shift)
+
+
+@torch.library.custom_op("fastattn::prf_features", mutates_args=())
+def _op(x: Tensor, weight: Tensor, log_scale: Tensor, shift_mode: str, shift: Tensor | None,
+        backend: str) -> Tensor:
+    """The inference call as a registered op; shift_mode "fixed" takes the tensor ``shift`` [H]. Returns Phi
+    laid out as its fake (``empty_output``): compiled code reads the result by the fake's strides."""
+    phi = _forward(x, weight, log_scale, shift if shift_mode == "fixed" else shift_mode, backend)
+    out = empty_output(x, weight.shape[1], heads=weight.shape[0])
+    if phi.stride() == out.stride():
+        return phi
+    return out.copy_(phi)
+
+
+@_op.register_fake
+def _(x, weight, log_scale, shift_mode, shift, backend):
+    return empty_output(x, weight.shape[1], heads=weight.shape[0])
