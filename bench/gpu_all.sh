@@ -37,7 +37,7 @@ el "GPU tests rc=$?"; grep -E "passed|failed" "$LOGS/gpu_tests.log" | tail -3
 wait $prep; el "prepare rc=$?"; tail -1 "$LOGS/prepare.log"
 
 HVP_S=${HVP_S:-60}   # seconds kept for bench/subspace_hvp.py (0: not run); seq_logps keeps 110 s besides
-timeout "$(cap $(( 115 + HVP_S )))" python3 bench/linear_attn.py --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
+timeout "$(cap $(( ${SEQ_S:-1} != 0 ? 115 + HVP_S : 5 + HVP_S )))" python3 bench/linear_attn.py --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" \
   --out "$OUT" ${LA_ARGS:-} > "$LOGS/bench_linear_attn.log" 2>&1; el "linear_attn bench rc=$?"
 if [ "${SEQ_S:-1}" != 0 ]; then
   timeout "$(cap $(( HVP_S > 0 ? HVP_S : 5 )))" python3 bench/seq_logps.py --out "$OUT" > "$LOGS/bench_seq_logps.log" 2>&1
