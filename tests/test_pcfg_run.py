@@ -233,3 +233,28 @@ def test_time_limit_skips_runs_and_still_reports(tmp_path, workers):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["runs"] == {} and metrics["skipped"] == ["dm0_s0", "dm3_s0", "dm3_s0_cool"]
     assert "not made" in (out / "report.md").read_text()
+
+
+def test_headline_differences_carry_binomial_standard_errors():
+    """summarize: each accuracy(D_M>0) - accuracy(D_M=0) difference over short / long prompts comes with the
+    binomial standard error of the difference of two means of per-length accuracies; the report counts the
+    differences beyond two of them."""
+    import math
+
+    from fastattn.pcfg.report import _beyond
+    from fastattn.pcfg.run import summarize
+
+    def run(d, accs, n=100):
+        return {"meta_depth": d, "seed": 0, "cooldown": False,
+                "loss": {"mask": {"average": 0.6}, "meta": {"average": 0.6}}, "probes": [[[0.5]] * 3],
+                "grammar": {k: {"accuracy": a, "n": n} for k, a in zip(["0", "4", "64"], accs)}}
+    metrics = {"config": {"positions": [0, 4, 64], "seeds": [0], "meta_depths": [0, 3]},
+               "reference": {"loss": {"mask": {"average": 0.55}}},
+               "runs": {"dm0_s0": run(0, [0.1, 0.2, 0.3]), "dm3_s0": run(3, [0.02, 0.2, 0.5])}}
+    h = summarize(metrics)["targets"]["grammar_short_negative_long_positive"]["runs"]["dm3_s0"]
+    assert math.isclose(h["short"], -0.08) and math.isclose(h["long"], 0.2)
+    assert math.isclose(h["short_se"], math.sqrt(0.02 * 0.98 / 100 + 0.1 * 0.9 / 100))
+    assert math.isclose(h["long_se"], math.sqrt(0.5 * 0.5 / 100 + 0.3 * 0.7 / 100))
+    assert h["holds"]
+    # -0.08 is 2.4 standard errors (0.033) below zero, +0.2 is 2.9 (0.068) above
+    assert "beyond two: 1 of 2 below zero, 1 above" in _beyond({"dm3_s0": h})

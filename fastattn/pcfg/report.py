@@ -204,6 +204,22 @@ def _fmt(x: float) -> str:
     return f"{x:+.3f}"
 
 
+def _se(run: dict, side: str) -> str:
+    """' +- SE' of a headline difference (runs summarized before standard errors were kept have none)."""
+    se = run.get(f"{side}_se")
+    return f" +- {se:.3f}" if se is not None else ""
+
+
+def _beyond(runs: dict) -> str:
+    """How many headline differences lie beyond two binomial standard errors of zero, and in which direction."""
+    diffs = [(v[side], v[f"{side}_se"]) for v in runs.values() for side in ("short", "long") if f"{side}_se" in v]
+    if not diffs:
+        return ""
+    neg = sum(d < -2 * se for d, se in diffs)
+    pos = sum(d > 2 * se for d, se in diffs)
+    return (f" (+- one binomial standard error; beyond two: {neg} of {len(diffs)} below zero, {pos} above)")
+
+
 def _wall(metrics: dict) -> str:
     """The wall time of all runs and how many trained at once (absent from metrics of older versions)."""
     if "runs_wall_seconds" not in metrics:
@@ -258,8 +274,8 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
                   "| target | holds on every seed? | evidence |", "|---|---|---|",
                   "| accuracy(D_M>0) - accuracy(D_M=0) < 0 short, > 0 long | "
                   f"{'yes' if g['holds_every_seed'] else 'no'} | "
-                  + "; ".join(f"{k}: short {_fmt(v['short'])}, long {_fmt(v['long'])}"
-                              for k, v in g["runs"].items()) + " |",
+                  + "; ".join(f"{k}: short {_fmt(v['short'])}{_se(v, 'short')}, long {_fmt(v['long'])}"
+                              f"{_se(v, 'long')}" for k, v in g["runs"].items()) + _beyond(g["runs"]) + " |",
                   f"| probes of D_M>0 models worse at short positions | {'yes' if p['holds_every_seed'] else 'no'} | "
                   + "; ".join(f"{k}: {_fmt(v['short_diff'])}" for k, v in p["runs"].items()) + " |",
                   f"| all-MASK average loss about equal across D_M | spread {m['spread']:.4f} nats "

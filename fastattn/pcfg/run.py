@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import statistics
 import time
@@ -281,6 +282,11 @@ def summarize(metrics: dict) -> dict:
     def acc(r, ks):
         return _mean([r["grammar"][k]["accuracy"] for k in ks if k in r["grammar"]])
 
+    def acc_var(r, ks):
+        """Binomial variance of acc(r, ks): a mean over the lengths ks of accuracies on n prompts each."""
+        gs = [r["grammar"][k] for k in ks if k in r["grammar"]]
+        return sum(g["accuracy"] * (1 - g["accuracy"]) / g["n"] for g in gs) / len(gs) ** 2 if gs else math.nan
+
     def probe(r, ks):
         curve = best_layer_curve(r["probes"])
         return _mean([curve[positions.index(k)] for k in ks])
@@ -310,7 +316,10 @@ def summarize(metrics: dict) -> dict:
             diff = {k: b["grammar"][k]["accuracy"] - r0["grammar"][k]["accuracy"] for k in positions
                     if k in b["grammar"] and k in r0["grammar"]}
             ds, dl = acc(b, short) - acc(r0, short), acc(b, long) - acc(r0, long)
-            headline[f"dm{d}_s{s}"] = {"diff": diff, "short": ds, "long": dl, "holds": ds < 0 < dl}
+            # standard errors of the two differences (independent prompts' samples: binomial variances add)
+            se_s, se_l = (math.sqrt(acc_var(b, ks) + acc_var(r0, ks)) for ks in (short, long))
+            headline[f"dm{d}_s{s}"] = {"diff": diff, "short": ds, "long": dl, "short_se": se_s, "long_se": se_l,
+                                       "holds": ds < 0 < dl}
             ps = probe(b, short) - probe(r0, short)
             probes[f"dm{d}_s{s}"] = {"short_diff": ps, "holds": ps < 0}
             if (d, s) in cool:
