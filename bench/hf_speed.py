@@ -33,7 +33,7 @@ from fastattn import models  # noqa: E402
 from fastattn.distill.evaluate import generate_throughput, prefill_inputs, prefill_throughput  # noqa: E402
 from fastattn.distill.train import adapter_parameters, lm_loss  # noqa: E402
 from fastattn.hf import adapters, add_lora, greedy_decode, linearize, softmax_attention  # noqa: E402
-from linear_attn import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
+from linear_attn import device_tag, environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def _profiled(fn, cuda: bool, rows: int) -> dict:
@@ -100,21 +100,25 @@ def graphed_prefill(model, vocab: int, T: int, device, reps: int = 10) -> dict:
 
 
 def compiled_prefill(model, vocab: int, lengths: list[int], device) -> list[dict]:
-    """``torch.compile(model, fullgraph=True)`` prefill per T: compile seconds (the first call), the eager-timed
-    compiled forward (``prefill_throughput``) and its CUDA-graph replay (``graphed_prefill``); {"error": ...}
-    where compilation fails."""
+    """``torch.compile(model, fullgraph=True)`` prefill per T: compile seconds (the first call), the relative error
+    of its last-token logits against the eager forward's, the eager-timed compiled forward
+    (``prefill_throughput``) and its CUDA-graph replay (``graphed_prefill``); {"error": ...} where compilation
+    fails."""
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     rows = []
     for T in lengths:
         ids, kw = prefill_inputs(vocab, T, device)
         try:
-            t0 = time.perf_counter()
             with torch.no_grad():
-                compiled(ids, **kw)
+                eager = model(ids, **kw).logits.float()
+                t0 = time.perf_counter()
+                got = compiled(ids, **kw).logits.float()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             row = {"T": T, "compile_s": time.perf_counter() - t0,
+                   # the compiled forward checked against the eager one first (last-token logits)
+                   "rel_err_vs_eager": ((got - eager).norm() / eager.norm()).item(),
                    "ms": prefill_throughput(compiled, vocab, T, device)["ms"]}
             if device.type == "cuda":
                 row["graph_ms"] = graphed_prefill(compiled, vocab, T, device).get("ms")
@@ -123,6 +127,18 @@ def compiled_prefill(model, vocab: int, lengths: list[int], device) -> list[dict
         rows.append(row)
     torch._dynamo.reset()
     return rows
+
+
+def mask_free_sdpa() -> str:
+    """The name of an attention implementation registered here: transformers' SDPA with fastattn's mask function,
+    which passes no mask when nothing is padded. transformers' own mask function builds an explicit [T, T] causal
+    mask while dynamo compiles or a CUDA graph captures (its ``_ignore_causal_mask_sdpa`` does not skip the mask
+    while tracing, for torch < 2.14), which keeps SDPA off its flash/cuDNN kernels; without a mask SDPA runs
+    ``is_causal`` in every mode. Same kernels as "sdpa" in eager prefill (no padding, no cache)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fastattn.hf.attention import padding_mask, register_attention
+    return register_attention("sdpa_mask_free", sdpa_attention_forward, padding_mask)
 
 
 def load_model(name: str, device):
@@ -202,6 +218,13 @@ def run(args) -> dict:
     with softmax_attention(model):
         measure("teacher", t, ["auto"])
     t["prefill"] = t["prefill"]["auto"]
+    if args.compile_lengths:   # the teacher's graph and compiled prefill once more, SDPA kept on is_causal
+        m = res["teacher_mask_free"] = {}
+        with softmax_attention(model, mask_free_sdpa()):
+            if device.type == "cuda":
+                m["prefill_graph"] = [graphed_prefill(model, vocab, T, device) for T in args.compile_lengths]
+            m["prefill_compiled"] = compiled_prefill(model, vocab, args.compile_lengths, device)
+        print("teacher, mask-free SDPA: graph", m.get("prefill_graph"), "compiled", m["prefill_compiled"], flush=True)
     # fix every layer's key shift on a prompt, as a trained student has it (calibrate_key_shifts in the driver)
     greedy_decode(model, torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(2)).to(device), 1)
     measure("student", s, args.backends)
@@ -231,27 +254,35 @@ def _at(rows, T: int, key: str = "ms"):
 
 def compiled_table(res: dict) -> list[str]:
     """Markdown lines: each model's prefill eager / CUDA graph / compiled / compiled + graph at the compiled
-    lengths, and the ratio of the best of each (the same modes open to both models)."""
+    lengths (the teacher also with ``mask_free_sdpa``), and the ratio of the best of each (the same modes open to
+    both models)."""
     t, s = res["teacher"], res["student"]
     if not t.get("prefill_compiled") and not s.get("prefill_compiled"):
         return []
+    models = tuple((who, d) for who, d in (("teacher", t), ("teacher, mask-free SDPA", res.get("teacher_mask_free")),
+                                            ("student", s)) if d)
     lines = ["", "Prefill under torch.compile(fullgraph=True, inductor), B=1, ms (eager: the student's fastest "
              "backend; best: the fastest of the four for each model):", "",
-             "| T | model | eager | CUDA graph | compiled | compiled, CUDA graph | compile s | best |", "|---" * 8 + "|"]
+             "| T | model | eager | CUDA graph | compiled | compiled, CUDA graph | compile s | compiled vs eager, "
+             "rel. err | best |", "|---" * 9 + "|"]
     for T in res.get("compile_lengths") or []:
         best = {}
-        for who, d in (("teacher", t), ("student", s)):
-            eager = [_at(v, T) for v in (d["prefill"].values() if isinstance(d["prefill"], dict) else [d["prefill"]])]
-            eager = min((v for v in eager if v), default=None)
+        for who, d in models:
+            runs = d.get("prefill", [])
+            eager = min((v for v in (_at(r, T) for r in (runs.values() if isinstance(runs, dict) else [runs])) if v),
+                        default=None)
             comp = d.get("prefill_compiled", [])
             vals = [eager, _at(d.get("prefill_graph", []), T), _at(comp, T), _at(comp, T, "graph_ms")]
             best[who] = min((v for v in vals if v), default=None)
-            cells = [f"{v:.2f}" if v else "n/a" for v in vals + [_at(comp, T, "compile_s"), best[who]]]
+            err = _at(comp, T, "rel_err_vs_eager")
+            cells = [f"{v:.2f}" if v else "n/a" for v in vals + [_at(comp, T, "compile_s")]] \
+                + [f"{err:.1e}" if err is not None else "n/a", f"{best[who]:.2f}" if best[who] else "n/a"]
             lines.append(f"| {T} | {who} | " + " | ".join(cells) + " |")
-        if best["teacher"] and best["student"]:
-            lines += ["", f"T={T}: best teacher {best['teacher']:.2f} ms / best student {best['student']:.2f} ms = "
-                          f"**{best['teacher'] / best['student']:.2f}x**", ""]
-        errs = [f"{who}: {e}" for who, d in (("teacher", t), ("student", s))
+        teacher = min((v for k, v in best.items() if k != "student" and v), default=None)
+        if teacher and best["student"]:
+            lines += ["", f"T={T}: best teacher {teacher:.2f} ms / best student {best['student']:.2f} ms = "
+                          f"**{teacher / best['student']:.2f}x**", ""]
+        errs = [f"{who}: {e}" for who, d in models
                 for e in [_at(d.get("prefill_compiled", []), T, "error")] if e]
         if errs:
             lines += ["", f"T={T} compile failed: " + "; ".join(errs)]
@@ -337,7 +368,7 @@ def main(argv=None) -> dict:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        name = "h200" if args.device == "cuda" else args.device
+        name = device_tag(env)
         (out / f"hf_speed_{name}.json").write_text(json.dumps(res, indent=1))
         (out / f"hf_speed_{name}.md").write_text(md)
     return res

@@ -44,6 +44,12 @@ def commit() -> str:
         return "unknown"
 
 
+def device_tag(env: dict) -> str:
+    """The results' file-name tag of the machine in ``env``: h200, h100, another GPU's "gpu", or "cpu"."""
+    gpu = env.get("gpu") or ""
+    return next((t.lower() for t in ("H200", "H100") if t in gpu), "gpu" if gpu else "cpu")
+
+
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "commit": commit(),
            "threads": torch.get_num_threads()}
@@ -630,7 +636,7 @@ def main(argv=None) -> dict | None:
     device = torch.device("cuda" if gpu else "cpu")
     env = environment(device)
     env["timer"] = TIMER
-    tag = "h200" if gpu and "H200" in env.get("gpu", "") else ("gpu" if gpu else "cpu")
+    tag = device_tag(env)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -32,7 +32,7 @@ import fastattn  # noqa: E402
 from fastattn import backends  # noqa: E402
 from fastattn.ops.subspace_hvp import GLM, make_sketch  # noqa: E402
 from fastattn.ops.subspace_hvp import reference  # noqa: E402
-from linear_attn import environment, time_cpu, time_gpu  # noqa: E402
+from linear_attn import device_tag, environment, time_cpu, time_gpu  # noqa: E402
 
 GPU_SHAPES = [(16384, 16384, 256), (4096, 65536, 128)]
 CPU_SHAPES = [(2048, 2048, 64), (512, 8192, 32)]
@@ -210,7 +210,7 @@ def main() -> int:
         result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "h200" if "H200" in (result["env"].get("gpu") or "") else device.type
+    tag = device_tag(result["env"])
     (out / f"subspace_hvp_{tag}.json").write_text(json.dumps(result, indent=1))
     (out / f"subspace_hvp_{tag}.md").write_text(markdown(result))
     print(f"wrote {out / f'subspace_hvp_{tag}.md'}")

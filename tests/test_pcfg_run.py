@@ -258,3 +258,24 @@ def test_headline_differences_carry_binomial_standard_errors():
     assert h["holds"]
     # -0.08 is 2.4 standard errors (0.033) below zero, +0.2 is 2.9 (0.068) above
     assert "beyond two: 1 of 2 below zero, 1 above" in _beyond({"dm3_s0": h})
+
+
+def test_report_only_reports_the_runs_on_disk_without_weights(tmp_path):
+    """--report-only true: the report of the runs whose train.json and eval.json exist (weights deleted, so
+    nothing can be loaded or evaluated again), the others listed as not made; the entries equal the full run's."""
+    from fastattn.cli import main
+    out = tmp_path / "tiny"
+    base = ["pcfg", "--preset", "tiny", "--out", str(out), "--threads", "1", "--progress", "0"]
+    assert main(base) == 0
+    full = json.loads((out / "metrics.json").read_text())
+    for f in out.glob("runs/*/*.pt"):
+        f.unlink()
+    (out / "runs" / "dm3_s0_cool" / "eval.json").unlink()
+    assert main(base + ["--report-only", "true"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["skipped"] == ["dm3_s0_cool"] and list(again["runs"]) == ["dm0_s0", "dm3_s0"]
+    for key in again["runs"]:
+        assert again["runs"][key] == full["runs"][key]
+    assert {k: v for k, v in again["reference"].items() if k != "dp_seconds"} == \
+        {k: v for k, v in full["reference"].items() if k != "dp_seconds"}
+    assert "no train.json and eval.json" in (out / "report.md").read_text()

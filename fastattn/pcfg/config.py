@@ -55,6 +55,8 @@ class PCFGRunConfig:
     log_every: int = 50
     resume: bool = True
     time_limit_s: float = 0.0                # > 0: start no new run after this many seconds; report what exists
+    report_only: bool = False                # train and evaluate nothing: report the runs whose train.json and
+                                             # eval.json exist in out/runs (the others are listed as not made)
     # ---- evaluation ----
     eval_sequences: int = 512                # figure A (next-token loss by inference mode)
     probe_train: int = 1024                  # figure B (linear probes), documents to fit / to score

@@ -263,7 +263,9 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
              f"sets {ref['dp_seconds']:.1f} s.", "",
              "## Targets", ""]
     if metrics.get("skipped"):
-        lines[-2:-2] = [f"**Runs not made (time limit {cfg['time_limit_s']:.0f} s): {', '.join(metrics['skipped'])}.**",
+        why = "no train.json and eval.json in their directories" if cfg.get("report_only") else \
+            f"time limit {cfg['time_limit_s']:.0f} s"
+        lines[-2:-2] = [f"**Runs not made ({why}): {', '.join(metrics['skipped'])}.**",
                         ""]
     t = summ.get("targets", {})
     if t:

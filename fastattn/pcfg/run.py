@@ -126,7 +126,25 @@ class Runner:
         self.log(f"{key}: all-MASK loss {result['loss']['mask']['average']:.4f}, metadata loss "
                  f"{result['loss']['meta']['average']:.4f}; grammatical accuracy "
                  + " ".join(f"k={k}:{v['accuracy']:.2f}" for k, v in g.items()) + f" ({result['eval_seconds']:.0f}s)")
-        return {"meta_depth": d, "seed": seed, "cooldown": cool, "train": train, **result}
+        return _entry(d, seed, cool, train, result)
+
+
+def _entry(d: int, seed: int, cool: bool, train: dict, result: dict) -> dict:
+    """A run's entry of metrics["runs"]: its keys, training summary and evaluation."""
+    return {"meta_depth": d, "seed": seed, "cooldown": cool, "train": train, **result}
+
+
+def load_finished(cfg: PCFGRunConfig, keys: list) -> tuple[dict, list]:
+    """(entries, [not made]) of the runs as their directories hold them: a run counts when both its train.json
+    and eval.json exist (``cfg.report_only``: e.g. runs evaluated on a machine that is gone, without weights)."""
+    runs, missing = {}, []
+    for key, d, seed, cool in keys:
+        files = [Path(cfg.out) / "runs" / key / f"{name}.json" for name in ("train", "eval")]
+        if all(f.exists() for f in files):
+            runs[key] = _entry(d, seed, cool, *(json.loads(f.read_text()) for f in files))
+        else:
+            missing.append(key)
+    return runs, missing
 
 
 def _late(cfg: PCFGRunConfig, key: str, started: float) -> bool:
@@ -233,7 +251,10 @@ def run(cfg: PCFGRunConfig, progress: bool = True, log=print) -> dict:
         + (f", {cfg.workers} runs at a time" if cfg.workers > 1 else ""))
     metrics["reference"] = evaluator.reference if main else None
     started = time.time()
-    if cfg.workers > 1:
+    if cfg.report_only:
+        metrics["runs"], metrics["skipped"] = load_finished(cfg, run_keys(cfg))
+        metrics["device"] += " (report only: runs trained and evaluated before, loaded from their directories)"
+    elif cfg.workers > 1:
         metrics["runs"], metrics["skipped"] = run_parallel(cfg, run_keys(cfg), started, evaluator, log)
     else:
         metrics["runs"], metrics["skipped"] = run_sequential(runner, run_keys(cfg), started)
