@@ -258,6 +258,12 @@ def test_headline_differences_carry_binomial_standard_errors():
     assert h["holds"]
     # -0.08 is 2.4 standard errors (0.033) below zero, +0.2 is 2.9 (0.068) above
     assert "beyond two: 1 of 2 below zero, 1 above" in _beyond({"dm3_s0": h})
+    # pooled over D_M>0 runs (here one: dm3_s0) against the D_M=0 runs: the same numbers as the one pair
+    metrics["runs"]["dm5_s0"] = run(5, [0.04, 0.2, 0.7])
+    pooled = summarize(metrics)["targets"]["grammar_short_negative_long_positive"]["pooled"]
+    assert math.isclose(pooled["long"], 0.3) and math.isclose(pooled["short"], -0.07)
+    assert math.isclose(pooled["short_se"], math.sqrt((0.02 * 0.98 + 0.04 * 0.96) / 100 / 4 + 0.1 * 0.9 / 100))
+    assert pooled["runs"] == {"with_metadata": 2, "without": 1}
 
 
 def test_report_only_reports_the_runs_on_disk_without_weights(tmp_path):

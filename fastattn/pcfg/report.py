@@ -220,6 +220,15 @@ def _beyond(runs: dict) -> str:
     return (f" (+- one binomial standard error; beyond two: {neg} of {len(diffs)} below zero, {pos} above)")
 
 
+def _pooled(p: dict | None) -> str:
+    """The pooled difference (every D_M>0 run against every D_M=0 run) with its z-scores."""
+    if not p:
+        return ""
+    return (f"; pooled over {p['runs']['with_metadata']} D_M>0 and {p['runs']['without']} D_M=0 runs: short "
+            + ", long ".join(f"{_fmt(p[s])} +- {p[s + '_se']:.3f} (z {p[s] / p[s + '_se']:+.1f})"
+                             for s in ("short", "long")))
+
+
 def _wall(metrics: dict) -> str:
     """The wall time of all runs and how many trained at once (absent from metrics of older versions)."""
     if "runs_wall_seconds" not in metrics:
@@ -277,7 +286,8 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
                   "| accuracy(D_M>0) - accuracy(D_M=0) < 0 short, > 0 long | "
                   f"{'yes' if g['holds_every_seed'] else 'no'} | "
                   + "; ".join(f"{k}: short {_fmt(v['short'])}{_se(v, 'short')}, long {_fmt(v['long'])}"
-                              f"{_se(v, 'long')}" for k, v in g["runs"].items()) + _beyond(g["runs"]) + " |",
+                              f"{_se(v, 'long')}" for k, v in g["runs"].items()) + _beyond(g["runs"])
+                  + _pooled(g.get("pooled")) + " |",
                   f"| probes of D_M>0 models worse at short positions | {'yes' if p['holds_every_seed'] else 'no'} | "
                   + "; ".join(f"{k}: {_fmt(v['short_diff'])}" for k, v in p["runs"].items()) + " |",
                   f"| all-MASK average loss about equal across D_M | spread {m['spread']:.4f} nats "

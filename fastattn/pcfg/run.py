@@ -351,8 +351,18 @@ def summarize(metrics: dict) -> dict:
                                                              r0["grammar"][k]["accuracy"] for k in diff}}
     masks = {str(d): out["per_meta_depth"][str(d)]["loss_mask"] for d in depths}
     spread = max(masks.values()) - min(masks.values())
+    # pooled: the mean accuracy of every D_M>0 run minus that of every D_M=0 run (prompt-sampling error only)
+    with_meta = [r for (d, _), r in base.items() if d > 0]
+    without = [r for (d, _), r in base.items() if d == 0]
+    pooled = {}
+    if with_meta and without:
+        for side, ks in (("short", short), ("long", long)):
+            pooled[side] = _mean([acc(r, ks) for r in with_meta]) - _mean([acc(r, ks) for r in without])
+            pooled[f"{side}_se"] = math.sqrt(sum(acc_var(r, ks) for r in with_meta) / len(with_meta) ** 2
+                                             + sum(acc_var(r, ks) for r in without) / len(without) ** 2)
+        pooled["runs"] = {"with_metadata": len(with_meta), "without": len(without)}
     out["targets"] = {
-        "grammar_short_negative_long_positive": {"runs": headline,
+        "grammar_short_negative_long_positive": {"runs": headline, "pooled": pooled,
                                                  "holds_every_seed": bool(headline) and all(
                                                      v["holds"] for v in headline.values())},
         "probes_worse_at_short_positions": {"runs": probes,
