@@ -231,7 +231,7 @@ def _pooled(p: dict | None) -> str:
 
 def _wall(metrics: dict) -> str:
     """The wall time of all runs and how many trained at once (absent from metrics of older versions)."""
-    if "runs_wall_seconds" not in metrics:
+    if "runs_wall_seconds" not in metrics or metrics["config"].get("report_only"):
         return ""
     return f"all runs {metrics['runs_wall_seconds'] / 60:.1f} min wall, {metrics['config'].get('workers', 1)} at a " \
         "time; "
@@ -266,8 +266,9 @@ def write_report(metrics: dict, out: Path, command: str) -> Path:
              f"Model: Llama-style `{cfg['model']}` ({metrics['model']['parameters'] / 1e6:.2f}M parameters, "
              f"{cfg['attention']} attention). Training: {cfg['steps']} steps x {cfg['batch_size']} fresh documents, "
              f"p_meta={cfg['p_meta']}, lr {cfg['lr']} (warmup {cfg['warmup_steps']}, cosine to "
-             f"{cfg['min_lr_ratio']}x), seeds {list(cfg['seeds'])}, D_M in {list(cfg['meta_depths'])}; cooldown "
-             f"ablation: last {cfg['cooldown_steps']} steps without metadata. Time (summed over runs): training "
+             f"{cfg['min_lr_ratio']}x), seeds {list(cfg['seeds'])}, D_M in {list(cfg['meta_depths'])}; "
+             + (f"cooldown ablation: last {cfg['cooldown_steps']} steps without metadata" if cfg["cooldown_steps"]
+                else "no cooldown ablation") + ". Time (summed over runs): training "
              f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min; {_wall(metrics)}exact DP of the reference "
              f"sets {ref['dp_seconds']:.1f} s.", "",
              "## Targets", ""]
