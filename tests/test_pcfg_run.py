@@ -285,3 +285,19 @@ def test_report_only_reports_the_runs_on_disk_without_weights(tmp_path):
     assert {k: v for k, v in again["reference"].items() if k != "dp_seconds"} == \
         {k: v for k, v in full["reference"].items() if k != "dp_seconds"}
     assert "no train.json and eval.json" in (out / "report.md").read_text()
+
+
+def test_gpu_workers_cap_their_allocators_at_an_even_share(monkeypatch, tmp_path):
+    """Each spawned worker on a GPU caps its caching allocator at WORKER_GPU_SHARE / workers of the memory, so
+    the workers' caches cannot starve one another (the H100 out-of-memory of 2026-12-07); CPU workers do not."""
+    from fastattn.pcfg import run as pr
+    calls = []
+    monkeypatch.setattr(pr.torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    monkeypatch.setattr(pr, "Runner", lambda *a, **k: None)
+    monkeypatch.setattr(pr.inference, "CUDA_SHARE", pr.inference.CUDA_SHARE)
+    cfg = pr.PCFGRunConfig(preset="tiny", workers=8, threads=1, device="cpu")
+    pr._start_worker(cfg, tmp_path / "sets")
+    assert calls == []
+    monkeypatch.setattr(pr, "resolve_device", lambda cfg: torch.device("cuda", 0))
+    pr._start_worker(cfg, tmp_path / "sets")
+    assert calls == [(pr.WORKER_GPU_SHARE / 8, torch.device("cuda", 0))]
