@@ -224,9 +224,10 @@ def _pooled(p: dict | None) -> str:
     """The pooled difference (every D_M>0 run against every D_M=0 run) with its z-scores."""
     if not p:
         return ""
+    def z(side: str) -> str:   # a zero standard error: every accuracy is 0 or 1
+        return f" (z {p[side] / p[side + '_se']:+.1f})" if p[side + "_se"] > 0 else ""
     return (f"; pooled over {p['runs']['with_metadata']} D_M>0 and {p['runs']['without']} D_M=0 runs: short "
-            + ", long ".join(f"{_fmt(p[s])} +- {p[s + '_se']:.3f} (z {p[s] / p[s + '_se']:+.1f})"
-                             for s in ("short", "long")))
+            + ", long ".join(f"{_fmt(p[s])} +- {p[s + '_se']:.3f}{z(s)}" for s in ("short", "long")))
 
 
 def _wall(metrics: dict) -> str:
