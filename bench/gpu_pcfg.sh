@@ -10,8 +10,10 @@
 # resort, and whatever exists is packed: $OUT/pcfg_results.tgz (report.md, metrics.json, figures PNG+JSON,
 # config.json, command.txt, per-run train/eval JSON; no weights or checkpoints), $OUT/report.md and $OUT/pcfg.log.
 # Give it the GPU to itself: its 8 workers held ~14 GB each (~110 GB), and a distillation run next to it ran out of
-# GPU memory (2026-12-02); each worker's allocator is now capped at 0.95 / 8 of the card (an 80 GB H100 fits them). A rerun on the same (warm) machine resumes: finished runs are loaded, interrupted ones continue from their last
-# checkpoint (every 1000 steps).
+# GPU memory (2026-12-02); each worker's allocator is now capped at 0.95 / 8 of the card, meant to let an 80 GB
+# H100 hold them (where 8 x 10.8 GB of caches ran out, 2026-12-07; the cap has not run on a GPU yet). A rerun on the
+# same (warm) machine resumes: finished runs are loaded, interrupted ones continue from their last checkpoint
+# (every 1000 steps).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 RUN=${RUN:-/root/pcfg}

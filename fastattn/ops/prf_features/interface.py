@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
-from ..linear_attn.layout import empty_output
+from ..linear_attn.layout import as_output, empty_output
 from . import reference
 
 OP = "prf_features"
@@ -70,11 +70,7 @@ def _op(x: Tensor, weight: Tensor, log_scale: Tensor, shift_mode: str, shift: Te
         backend: str) -> Tensor:
     """The inference call as a registered op; shift_mode "fixed" takes the tensor ``shift`` [H]. Returns Phi
     laid out as its fake (``empty_output``): compiled code reads the result by the fake's strides."""
-    phi = _forward(x, weight, log_scale, shift if shift_mode == "fixed" else shift_mode, backend)
-    out = empty_output(x, weight.shape[1], heads=weight.shape[0])
-    if phi.stride() == out.stride():
-        return phi
-    return out.copy_(phi)
+    return as_output(_forward(x, weight, log_scale, shift if shift_mode == "fixed" else shift_mode, backend), x)
 
 
 @_op.register_fake
