@@ -102,8 +102,8 @@ def graphed_prefill(model, vocab: int, T: int, device, reps: int = 10) -> dict:
 def compiled_prefill(model, vocab: int, lengths: list[int], device) -> list[dict]:
     """``torch.compile(model, fullgraph=True)`` prefill per T: compile seconds (the first call), the relative error
     of its last-token logits against the eager forward's, the eager-timed compiled forward
-    (``prefill_throughput``) and its CUDA-graph replay (``graphed_prefill``); {"error": ...} where compilation
-    fails."""
+    (``prefill_throughput``), its CUDA-graph replay (``graphed_prefill``) and its top kernels by device time
+    (GPU); {"error": ...} where compilation fails."""
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     rows = []
@@ -122,6 +122,9 @@ def compiled_prefill(model, vocab: int, lengths: list[int], device) -> list[dict
                    "ms": prefill_throughput(compiled, vocab, T, device)["ms"]}
             if device.type == "cuda":
                 row["graph_ms"] = graphed_prefill(compiled, vocab, T, device).get("ms")
+                with torch.no_grad():   # where the compiled forward's device time goes (kernels only)
+                    prof = _profiled(lambda: compiled(ids, **kw), True, 14)
+                row["profile"] = {k: prof[k] for k in ("self_cuda_ms", "top_cuda")}
         except Exception as e:  # noqa: BLE001 - a model that cannot be compiled is a result
             row = {"T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)
@@ -286,6 +289,12 @@ def compiled_table(res: dict) -> list[str]:
                 for e in [_at(d.get("prefill_compiled", []), T, "error")] if e]
         if errs:
             lines += ["", f"T={T} compile failed: " + "; ".join(errs)]
+        for who, d in models:
+            prof = _at(d.get("prefill_compiled", []), T, "profile")
+            if prof:
+                lines += ["", f"{who}, compiled, T={T}: kernels {prof['self_cuda_ms']:.2f} ms of device time; top "
+                          "kernels", "", "| kernel | calls | ms |", "|---|---|---|"]
+                lines += [f"| `{e['name'][:90]}` | {e['count']} | {e['self_cuda_ms']:.2f} |" for e in prof["top_cuda"]]
     return lines
 
 
