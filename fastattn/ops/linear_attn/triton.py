@@ -26,10 +26,14 @@ triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
 BT = 64                           # chunk length
 SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (None: from the GPU size)
-# Split-T target: programs per SM that the segment split aims for, forward and backward. One program per SM
-# leaves each SM one sequential chain of chunk loads; more segments hide load latency at the price of the
-# extra read of the segment-state pass. bench/linear_attn.py --sweep measures these on the GPU.
-PROGRAMS_PER_SM = {"fwd": 1, "bwd": 1}
+# Split-T target: programs per SM that the segment split aims for, forward and backward, once T is split (when
+# the unsplit grid fills less than half of the SMs). One program per SM leaves each SM one sequential chain of
+# chunk loads; more segments hide load latency at the price of the extra read of the segment-state pass, and a
+# segment keeps at least MIN_SEGMENT_CHUNKS chunks. bench/linear_attn.py --sweep measures these on the GPU. The
+# forward's 2: H100, B=1, H=9, D=64, T=16k 83 us against 107 at 1 (bench/results/h200_summary.md, seventh
+# session); H200 cudagraph sweep, T=64k, B x H = 8 or 9: 0.28-0.29 ms against 0.34-0.38 at 1.
+PROGRAMS_PER_SM = {"fwd": 2, "bwd": 1}
+MIN_SEGMENT_CHUNKS = 4
 # The forward's widest feature tile: 64 (measured default) or 128, which serves D <= 128 in one tile (no fp32
 # partials, no summing kernel) with an 8-warp program; bench/linear_attn.py --sweep measures both.
 FWD_MAX_BK = 64
@@ -82,14 +86,18 @@ def _num_sms(device: torch.device) -> int:
 
 def _segments(NT: int, programs_per_segment: int, device: torch.device, direction: str) -> tuple[int, int]:
     """(chunks per segment, segments). Splitting T costs an extra read of k, v (and of q, do in the backward)
-    for the segment states, so T is split only when the grid would fill less than half of the target
-    (PROGRAMS_PER_SM[direction] programs on every SM), and then into enough segments to reach it."""
+    for the segment states, so T is split only when the grid would fill less than half of the SMs, and then into
+    enough segments to reach PROGRAMS_PER_SM[direction] programs on every SM, each of at least
+    MIN_SEGMENT_CHUNKS chunks."""
     if SEGMENT_CHUNKS is not None:
         cps = max(1, min(SEGMENT_CHUNKS, NT))
     else:
-        target = PROGRAMS_PER_SM[direction] * _num_sms(device)
-        ns = 1 if 2 * programs_per_segment >= target else min(NT, triton.cdiv(target, programs_per_segment))
-        cps = triton.cdiv(NT, ns)
+        sms = _num_sms(device)
+        if 2 * programs_per_segment >= sms:
+            return NT, 1
+        ns = triton.cdiv(PROGRAMS_PER_SM[direction] * sms, programs_per_segment)
+        least = MIN_SEGMENT_CHUNKS if device.type == "cuda" else 1   # interpreter: short T still gets segments
+        cps = max(min(least, NT), triton.cdiv(NT, ns))
     return cps, triton.cdiv(NT, cps)
 
 
