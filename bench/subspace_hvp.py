@@ -130,23 +130,17 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
     # 128-row blocks: each of two warpgroups owns 64 rows, the smallest Hopper wgmma tile (64-row blocks with 8
     # warps may fall back to the Ampere mma), and P is re-read half as often
     (128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 16, 8, 4, True), (128, 32, 4, 3, True),
-    (128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 2, True))] + [
-    # 3xTF32 by hand (split 1: P split on the host, so its tiles go from memory to shared memory untouched; split 2:
-    # A split too, once, as a GLM whose A is fixed over an optimizer's iterations could keep it). 128-row blocks
-    # need 320 KB of shared memory with either split (an sm_90 compile here), so 64-row blocks only
-    dict(BM=64, BK=bk, warps=4, stages=st, zpre=True, split=sp) for sp, bk, st in (
-        (1, 32, 2), (1, 32, 3), (1, 16, 4), (2, 32, 2), (2, 16, 4))]
+    (128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 2, True))]
 
 
-def sweep(m, n, s, device, bm=None, splits=None) -> list[dict]:
-    """fused-triton over SWEEP configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` and a
-    split in ``splits`` (None: all), correctness first."""
+def sweep(m, n, s, device, bm=None) -> list[dict]:
+    """fused-triton over SWEEP configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` (None:
+    all), correctness first."""
     from fastattn.ops.subspace_hvp import triton as tri
     glm, x, sketch, P = problem(m, n, s, device)
     ref = reference.glm_explicit(glm.to(torch.float64), x.double(), P.double(), row_chunk=4096)
     rows = []
-    chosen = [c for c in SWEEP if (bm is None or c["BM"] == bm) and (splits is None or c.get("split", 0) in splits)]
-    for cfg in chosen:
+    for cfg in (c for c in SWEEP if bm is None or c["BM"] == bm):
         tri.CONFIG_OVERRIDE = cfg
         row = {"m": m, "n": n, "s": s, **cfg}
         try:
@@ -184,14 +178,14 @@ def markdown(result: dict) -> str:
                          f"{f('rel_err_Pg', '.2e')} | {r.get('correct', '-')} | {f('ms')} | {f('AP_tflops')} | "
                          f"{f('speedup_vs_vmap', '.2f')} | {f('speedup_vs_unfused', '.2f')} |")
     if result.get("sweep"):
-        lines += ["", "Triton configurations (fused-triton; split 0: tf32x3 dots, 1/2: 3xTF32 by hand):", "",
-                  "| m | n | s | BM | BK | warps | stages | z by GEMV | split | rel err PHPt | ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Triton configurations (fused-triton, tf32x3):", "",
+                  "| m | n | s | BM | BK | warps | stages | z by GEMV | rel err PHPt | ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["sweep"]:
             ms = f"{r['ms']:.3g}" if "ms" in r else r.get("error", "-")[:60]
             err = f"{r['rel_err_PHPt']:.2e}" if "rel_err_PHPt" in r else "-"
             lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r['BM']} | {r['BK']} | {r['warps']} | {r['stages']} | "
-                         f"{r['zpre']} | {r.get('split', 0)} | {err} | {ms} |")
+                         f"{r['zpre']} | {err} | {ms} |")
     lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "
               "m = n = 16384, s = 256, same numbers to 1e-5 relative."]
     return "\n".join(lines) + "\n"
@@ -203,8 +197,6 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the first shape only")
     ap.add_argument("--sweep", action="store_true", help="also time fused-triton over the SWEEP configs (GPU)")
     ap.add_argument("--sweep-bm", type=int, default=None, help="--sweep: only the configs with this BM")
-    ap.add_argument("--sweep-split", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                    help="--sweep: only the configs with these splits (e.g. 1,2)")
     ap.add_argument("--paths", default=None, type=lambda v: v.split(","),
                     help="comma-separated paths to run (default: all; the ratios need vmap-autodiff and unfused-torch)")
     args = ap.parse_args()
@@ -215,7 +207,7 @@ def main() -> int:
         shapes = shapes[:1]
     result = {"env": environment(device), "shapes": [bench_shape(*sh, device, args.paths) for sh in shapes]}
     if args.sweep and device.type == "cuda":
-        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm, args.sweep_split)]
+        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device_tag(result["env"])

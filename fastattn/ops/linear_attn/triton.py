@@ -30,8 +30,8 @@ SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (Non
 # the unsplit grid fills less than half of the SMs). One program per SM leaves each SM one sequential chain of
 # chunk loads; more segments hide load latency at the price of the extra read of the segment-state pass, and a
 # segment keeps at least MIN_SEGMENT_CHUNKS chunks. bench/linear_attn.py --sweep measures these on the GPU. The
-# forward's 2: H100, B=1, H=9, D=64, T=16k 83 us against 107 at 1 (bench/results/h200_summary.md, seventh
-# session); H200 cudagraph sweep, T=64k, B x H = 8 or 9: 0.28-0.29 ms against 0.34-0.38 at 1.
+# forward's 2: H100, B=1, H=9, D=64, T=16k 83 us against 108 at 1, T=64k 259 against 356
+# (bench/results/linear_attn_h100_segments.md).
 PROGRAMS_PER_SM = {"fwd": 2, "bwd": 1}
 MIN_SEGMENT_CHUNKS = 4
 # The forward's widest feature tile: 64 (measured default) or 128, which serves D <= 128 in one tile (no fp32

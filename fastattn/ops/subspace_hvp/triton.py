@@ -20,8 +20,7 @@ BK = 32
 MAX_BS = 128
 INPUT_PRECISION = "tf32x3"     # fp32 accuracy on tensor cores; "ieee" (CUDA cores) or "tf32" (fast, ~1e-3)
 STAGES = (3, 2, 1)             # software-pipelining depths tried in order (fewer when shared memory runs out)
-# Tuning hook (bench/subspace_hvp.py --sweep): any of BM, BK, warps, stages, zpre (margins by a separate GEMV),
-# split (3xTF32 by hand: 1 P split on the host, A in registers; 2 A split too, kept across calls).
+# Tuning hook (bench/subspace_hvp.py --sweep): any of BM, BK, warps, stages, zpre (margins by a separate GEMV).
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -73,21 +72,6 @@ _BLOCK_DEFAULTS = {128: dict(BK=64, zpre=True)}
 
 
 _stage_choice: dict[tuple, int] = {}
-_a_split: dict = {}   # split=2 (bench sweep): A's TF32 head and tail, kept for the A they were made from
-
-
-def tf32_split(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(head, tail) with head = t with its low 13 mantissa bits cleared (exact in TF32), tail = t - head (exact)."""
-    head = (t.contiguous().view(torch.int32) & -8192).view(torch.float32)
-    return head, t - head
-
-
-def _split_of_A(A: Tensor) -> tuple[Tensor, Tensor]:
-    key = (A.data_ptr(), A._version, tuple(A.shape), A.stride())
-    if _a_split.get("key") != key:
-        _a_split.clear()
-        _a_split.update(key=key, parts=tf32_split(A))
-    return _a_split["parts"]
 
 
 def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, seed: int, scale: float,
@@ -111,19 +95,12 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     Pt = P if P is not None else GP
     sPs, sPn = (P.stride(0), P.stride(1)) if P is not None else (0, 0)
     z = A @ x if zpre else PG
-    split = cfg.get("split", 0) if P is not None else 0
-    A1, A2, P2 = A, A, Pt
-    if split:
-        Pt, P2 = tf32_split(P)
-        sPs, sPn = Pt.stride(0), Pt.stride(1)
-        if split == 2:
-            A1, A2 = _split_of_A(A)
-    args = (A1, A2, x, y, z, Pt, P2, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
-            float(loss_scale), A1.stride(0), A1.stride(1), sPs, sPn)
+    args = (A, x, y, z, Pt, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
+            float(loss_scale), A.stride(0), A.stride(1), sPs, sPn)
     meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS, PREC=INPUT_PRECISION,
-                ZPRE=zpre, SPLIT=split, num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
+                ZPRE=zpre, num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
     grid = (G, pairs.shape[0])
-    key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION, split)
+    key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION)
     stage_list = (cfg["stages"],) if "stages" in cfg else STAGES
     start = _stage_choice.get(key, stage_list[0])
     if start not in stage_list:   # an override of the stages (bench sweep) after another depth was chosen

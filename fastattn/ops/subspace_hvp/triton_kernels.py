@@ -7,8 +7,6 @@ and adds B^T diag(w) B and B^T loss' (reg') for the column tiles (ta, tb) of its
 stay in registers: A P^T is never written to memory. P tiles are loaded, or generated from the seed key with the
 hash of sketch.py (GEN = 1 gaussian, 2 rademacher). Dots accumulate in fp32 at PREC ("tf32x3" keeps fp32
 accuracy on tensor cores). ZPRE: the margins z = A x come precomputed in Z instead of from the k-loop.
-SPLIT (given P only): 3xTF32 by hand instead of PREC. P arrives as its TF32 head P and tail P2 (P = P + P2 exactly),
-so both go from memory straight to shared memory; 1: A's tile is split in registers, 2: A arrives split too (A, A2).
 """
 import triton
 import triton.language as tl
@@ -41,22 +39,6 @@ def _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN: tl.constexpr):
             t = 1.0 - 2.0 * (h1 >> 31).to(tl.float32)
         t = tl.where(mask, t * scale, 0.0)
     return t
-
-
-@triton.jit
-def _tf32_split(a):
-    """(head, tail): head = a with its low 13 mantissa bits cleared (exact in TF32), tail = a - head (exact)."""
-    hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, a - hi
-
-
-@triton.jit
-def _dot3(a, a2, P, P2, ks, prow, mk, mp, sPs, sPn, key, scale, acc, GEN: tl.constexpr):
-    """acc + (a + a2) (P + P2)^T tile with three TF32 products; the tail x tail term (< 2^-20 relative) dropped."""
-    ph = _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN)
-    acc = tl.dot(a2, ph, acc, input_precision="tf32")
-    acc = tl.dot(a, _p_tile(P2, ks, prow, mk, mp, sPs, sPn, key, scale, GEN), acc, input_precision="tf32")
-    return tl.dot(a, ph, acc, input_precision="tf32")
 
 
 @triton.jit
@@ -104,11 +86,10 @@ def _rmw(ptr, val, mask):
 
 
 @triton.jit
-def glm_gram_kernel(A, A2, X, Y, Z, P, P2, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
+def glm_gram_kernel(A, X, Y, Z, P, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
                     sAm, sAn, sPs, sPn,
                     LOSS: tl.constexpr, REG: tl.constexpr, GEN: tl.constexpr, HAS_B: tl.constexpr,
-                    BM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr,
-                    SPLIT: tl.constexpr):
+                    BM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr):
     pid = tl.program_id(0)
     pp = tl.program_id(1)
     G = tl.num_programs(0)
@@ -132,26 +113,14 @@ def glm_gram_kernel(A, A2, X, Y, Z, P, P2, GP, PG, PAIRS, m, n, s, RA, R, key, s
             for k0 in range(0, n, BK):
                 ks = k0 + tl.arange(0, BK)
                 mk = ks < n
-                offs = rows[:, None].to(tl.int64) * sAm + ks[None, :] * sAn
-                a = tl.load(A + offs, mask=mr[:, None] & mk[None, :], other=0.0)
-                if SPLIT == 2:
-                    a2 = tl.load(A2 + offs, mask=mr[:, None] & mk[None, :], other=0.0)
-                    if not ZPRE:
-                        z += tl.sum((a + a2) * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
-                else:
-                    if not ZPRE:
-                        z += tl.sum(a * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
-                    if SPLIT == 1:
-                        a, a2 = _tf32_split(a)
-                if SPLIT == 0:
-                    Ba = tl.dot(a, _p_tile(P, ks, ca, mk, ma, sPs, sPn, key, scale, GEN), Ba, input_precision=PREC)
-                    if HAS_B:
-                        Bb = tl.dot(a, _p_tile(P, ks, cb, mk, mb, sPs, sPn, key, scale, GEN), Bb,
-                                    input_precision=PREC)
-                else:
-                    Ba = _dot3(a, a2, P, P2, ks, ca, mk, ma, sPs, sPn, key, scale, Ba, GEN)
-                    if HAS_B:
-                        Bb = _dot3(a, a2, P, P2, ks, cb, mk, mb, sPs, sPn, key, scale, Bb, GEN)
+                a = tl.load(A + rows[:, None].to(tl.int64) * sAm + ks[None, :] * sAn,
+                            mask=mr[:, None] & mk[None, :], other=0.0)
+                if not ZPRE:
+                    z += tl.sum(a * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
+                Ba = tl.dot(a, _p_tile(P, ks, ca, mk, ma, sPs, sPn, key, scale, GEN), Ba, input_precision=PREC)
+                if HAS_B:
+                    Bb = tl.dot(a, _p_tile(P, ks, cb, mk, mb, sPs, sPn, key, scale, GEN), Bb,
+                                input_precision=PREC)
             if ZPRE:
                 z = tl.load(Z + rows, mask=mr, other=0.0)
             d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
@@ -161,12 +130,8 @@ def glm_gram_kernel(A, A2, X, Y, Z, P, P2, GP, PG, PAIRS, m, n, s, RA, R, key, s
             cols = (r - RA) * BM + tl.arange(0, BM)
             mc = cols < n
             Ba = _p_tile(P, cols, ca, mc, ma, sPs, sPn, key, scale, GEN)
-            if SPLIT != 0:
-                Ba += _p_tile(P2, cols, ca, mc, ma, sPs, sPn, key, scale, GEN)
             if HAS_B:
                 Bb = _p_tile(P, cols, cb, mc, mb, sPs, sPn, key, scale, GEN)
-                if SPLIT != 0:
-                    Bb += _p_tile(P2, cols, cb, mc, mb, sPs, sPn, key, scale, GEN)
             d1, d2 = _reg_d(tl.load(X + cols, mask=mc, other=0.0), REG)
             d1 = tl.where(mc, d1 * lam, 0.0)
             d2 = tl.where(mc, d2 * lam, 0.0)
