@@ -308,10 +308,10 @@ def _grid(args) -> tuple[list[int], list[int]]:
 
 
 def warm(args) -> None:
-    """Compile (no timing) every triton kernel the GPU grid launches for the feature dims in --D, at both split
-    settings the sweep can pick (one segment, several) and both forward tile widths. Fills Triton's disk cache,
-    so one such process per D can run in parallel before the timed run, which then compiles nothing of ours (fla:
-    see probe_fla)."""
+    """Compile (no timing) every triton kernel the GPU grid launches for the feature dims in --D, at both forward
+    tile widths. Whether T is split depends on the grid alone, and the sweep's PROGRAMS_PER_SM only sets how many
+    segments (same kernels). Fills Triton's disk cache, so one such process per D can run in parallel before the
+    timed run, which then compiles nothing of ours (fla: see probe_fla)."""
     from fastattn.ops.linear_attn import triton as tri
     if not backends.availability("triton")[0]:
         return
@@ -321,15 +321,11 @@ def warm(args) -> None:
         shapes = [(65536 // T, 8, T) for T in Ts] + ([(1, 9, 65536)] if D == 64 else [])
         for B, H, T in shapes:
             q, k, v, do = _inputs(B, H, T, D, 64, torch.bfloat16)
-            for pps in (1, 8):
-                tri.PROGRAMS_PER_SM.update(fwd=pps, bwd=pps)
-                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                fastattn.linear_attention(*leaves, layout="bthd", backend="triton")[0].backward(do)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            fastattn.linear_attention(*leaves, layout="bthd", backend="triton")[0].backward(do)
             for bk in BK_VALUES if D > 64 else ():   # the forward's wider tile (sweep_fwd_bk)
                 tri.FWD_MAX_BK = bk
-                for pps in (1, 8):
-                    tri.PROGRAMS_PER_SM.update(fwd=pps)
-                    fastattn.linear_attention(q, k, v, layout="bthd", backend="triton")
+                fastattn.linear_attention(q, k, v, layout="bthd", backend="triton")
             torch.cuda.synchronize()
         print(f"warm: D={D} compiled ({time.time() - t0:.0f}s)", flush=True)
 
