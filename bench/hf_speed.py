@@ -193,7 +193,8 @@ def run(args) -> dict:
     device = torch.device(args.device)
     model, vocab = load_model(args.model, device)
     res = {"model": args.model, "compile_lengths": args.compile_lengths, "lengths": args.lengths,
-           "gen_context": args.gen_context, "new_tokens": args.new_tokens, "feature_dims": args.dims, "teacher": {}, "student": {}}
+           "gen_context": args.gen_context, "new_tokens": args.new_tokens, "feature_dims": args.dims,
+           "teacher": {}, "student": {}}
     t, s = res["teacher"], res["student"]
     linearize(model, args.dims, feature_map="prf", seed=0)
 

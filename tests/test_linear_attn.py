@@ -180,3 +180,19 @@ def test_triton_forward_with_128_wide_feature_tiles(case, dtype, monkeypatch):
     inputs, cot = make_inputs(case, dtype)
     same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
     _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
+
+
+def test_split_t_rule_on_a_gpu_sized_grid(monkeypatch):
+    """_segments as a 132-SM GPU plans it: T is split only when the unsplit grid fills less than half of the SMs;
+    then the forward aims at PROGRAMS_PER_SM programs per SM, with at least MIN_SEGMENT_CHUNKS chunks a segment."""
+    pytest.importorskip("triton")
+    from fastattn.ops.linear_attn import triton as tri
+    monkeypatch.setattr(tri, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(tri, "PROGRAMS_PER_SM", {"fwd": 2, "bwd": 1})
+    gpu = torch.device("cuda")
+    assert tri._segments(256, 128, gpu, "fwd") == (256, 1)        # B x H = 128 >= 66: one segment
+    assert tri._segments(256, 9, gpu, "fwd") == (9, 29)           # 16k tokens, B x H = 9: ~2 x 132 programs
+    assert tri._segments(256, 9, gpu, "bwd") == (18, 15)          # the backward's 1 per SM
+    assert tri._segments(32, 9, gpu, "fwd") == (4, 8)             # 2k tokens: segments of at least 4 chunks
+    assert tri._segments(3, 9, gpu, "fwd") == (3, 1)              # fewer chunks than that: one segment
+    assert tri._segments(3, 9, torch.device("cpu"), "fwd") == (1, 3)   # interpreter: still split (coverage)

@@ -97,7 +97,7 @@ def _segments(NT: int, programs_per_segment: int, device: torch.device, directio
             return NT, 1
         ns = triton.cdiv(PROGRAMS_PER_SM[direction] * sms, programs_per_segment)
         least = MIN_SEGMENT_CHUNKS if device.type == "cuda" else 1   # interpreter: short T still gets segments
-        cps = max(min(least, NT), triton.cdiv(NT, ns))
+        cps = min(NT, max(least, triton.cdiv(NT, ns)))
     return cps, triton.cdiv(NT, cps)
 
 
