@@ -408,11 +408,28 @@ def _partial(args, rows: list[dict]) -> None:
             f.write(line + "\n")
 
 
-def probe_fla(D: int, Ts: list[int]) -> None:
+def _autotune_shard(i: int, n: int) -> None:
+    """Make every Triton autotuner created from now on keep only its configs i, i + n, i + 2n, ... (at least one).
+    n such processes compile all of a kernel's configs in parallel into Triton's disk cache; an unrestricted
+    process then autotunes over every config without compiling any (fla 0.6.0's chunk kernels have up to 48
+    configs each, which take minutes to compile one after another)."""
+    from triton.runtime import autotuner
+    init = autotuner.Autotuner.__init__
+
+    def sharded(self, fn, arg_names, configs, *rest, **kw):
+        configs = list(configs)
+        init(self, fn, arg_names, configs[i::n] or configs[i % len(configs):][:1], *rest, **kw)
+    autotuner.Autotuner.__init__ = sharded
+
+
+def probe_fla(D: int, Ts: list[int], shard: str | None = None) -> None:
     """fla chunk_linear_attn at feature dim D: every (T, normalize) forward first, then every forward+backward,
     one JSON line per check. fla 0.6.0's backward makes illegal memory accesses at some D, which poison the
     CUDA context: the first failure ends this process, and the timed run skips what failed or went unchecked
-    instead of dying. Also compiles and autotunes fla's kernels for this D."""
+    instead of dying. Also compiles and autotunes fla's kernels for this D; with shard "i/n", only the i-th of n
+    slices of every autotuner's configs (see _autotune_shard)."""
+    if shard:
+        _autotune_shard(*(int(x) for x in shard.split("/")))
     fla_fn = _fla()
     for phase in ("fwd", "bwd"):
         for T in Ts:
@@ -447,8 +464,12 @@ def prepare(args) -> None:
         fla_dims = fla_dims + [64]   # the B=1, H=9 row
     me = [sys.executable, str(Path(__file__).resolve())]
     quick = ["--quick"] if args.quick else []
-    jobs = [me + ["--warm", "--D", str(D)] + quick for D in Ds] + [me + ["--probe-fla", str(D)] + quick
-                                                                  for D in fla_dims]
+    n = args.fla_shards
+    # first our compile-only warm-ups next to n processes per fla dim that compile slices of fla's autotune
+    # configs; then the full fla probes, which find every config compiled
+    shards = [me + ["--probe-fla", str(D), "--fla-shard", f"{i}/{n}"] + quick for D in fla_dims for i in range(n)]
+    first = [me + ["--warm", "--D", str(D)] + quick for D in Ds] + (shards if n > 1 else [])
+    jobs = [me + ["--probe-fla", str(D)] + quick for D in fla_dims]
 
     def run(cmd):
         try:
@@ -461,13 +482,13 @@ def prepare(args) -> None:
 
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for cmd, rc, stdout, stderr in pool.map(run, first):
+            if "--warm" in cmd and rc != 0:
+                print(f"prepare: warm-up {cmd[-1]} failed (rc {rc}): {(stdout + stderr)[-300:]}")
+        print(f"prepare: {len(first)} warm-up and fla compile jobs in {time.time() - t0:.0f}s", flush=True)
         results = list(pool.map(run, jobs))
     probes = {}
     for cmd, rc, stdout, stderr in results:
-        if "--warm" in cmd:
-            if rc != 0:
-                print(f"prepare: warm-up {cmd[-1]} failed (rc {rc}): {(stdout + stderr)[-300:]}")
-            continue
         D = int(cmd[cmd.index("--probe-fla") + 1])
         for line in stdout.splitlines():
             if line.startswith("{"):
@@ -612,9 +633,12 @@ def main(argv=None) -> dict | None:
                    help="GPU: probe fla for crashes and compile every kernel in parallel processes, then exit")
     p.add_argument("--jobs", type=int, default=12, help="--prepare: worker processes at a time")
     p.add_argument("--prepare-timeout", type=int, default=240, help="--prepare: seconds per worker")
+    p.add_argument("--fla-shards", type=int, default=4,
+                   help="--prepare: processes per fla feature dim that compile slices of fla's autotune configs")
     p.add_argument("--probe-file", default=None, help="fla probe results (default: <out>/fla_probe.json)")
     p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--probe-fla", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fla-shard", default=None, help=argparse.SUPPRESS)
     p.add_argument("--timer", choices=("events", "cudagraph"), default=None,
                    help="GPU: do_bench (host time included when host-bound; default) or do_bench_cudagraph")
     p.add_argument("--cpu", action="store_true", help="run the CPU benchmark even when CUDA is present")
@@ -623,7 +647,7 @@ def main(argv=None) -> dict | None:
     global TIMER
     TIMER = args.timer or TIMER
     if args.probe_fla:
-        return probe_fla(int(args.probe_fla), _grid(args)[0])
+        return probe_fla(int(args.probe_fla), _grid(args)[0], args.fla_shard)
     if args.warm:
         return warm(args)
     if args.prepare:

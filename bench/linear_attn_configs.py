@@ -1,0 +1,170 @@
+"""Probe of the Triton forward/backward launch configs: warps, load stages, the widest forward feature tile and
+forced T splits, each against the default at the same shape, in one process (cudagraph timer, bf16, "bthd").
+
+    python bench/linear_attn_configs.py --out DIR      # compiles every variant in parallel processes first
+
+Every variant's output (and, for fwd+bwd variants, gradients) is compared with the default's before timing.
+Writes DIR/linear_attn_configs.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+import fastattn  # noqa: E402
+from fastattn.ops.linear_attn import triton as tri  # noqa: E402
+from linear_attn import _inputs, commit, environment  # noqa: E402
+
+FWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 8, 65536, 64), (1, 9, 65536, 64), (16, 8, 4096, 9),
+              (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256)]
+BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128)]
+# name -> (config override for the forward, for the backward, forced chunks per segment)
+VARIANTS = {
+    "default": (None, None, None),
+    "w8": (dict(warps=8), dict(warps=8), None),
+    "s1": (dict(stages=1), None, None),
+    "s3": (dict(stages=3), None, None),
+    "bk128w4": (dict(BK=128, warps=4), None, None),
+    "bk128w8": (dict(BK=128, warps=8), None, None),
+    "bk128w8s3": (dict(BK=128, warps=8, stages=3), None, None),
+    "cps32": (None, None, 32),
+    "cps16": (None, None, 16),
+    "cps8": (None, None, 8),
+}
+BWD_VARIANTS = ("default", "w8", "cps32", "cps16")
+
+_base_fwd, _base_cfg = tri._fwd_config, tri._config
+
+
+def use(name: str) -> None:
+    fwd, bwd, cps = VARIANTS[name]
+
+    def fwd_config(D, Dv, widest):
+        cfg = _base_fwd(D, Dv, widest)
+        if fwd is None:
+            return cfg
+        over = dict(fwd)
+        if over.get("BK") == 128 and D <= 64:
+            over.pop("BK")
+        return tri._Config(**{**cfg.__dict__, **over})
+
+    def config(D, Dv):
+        cfg = _base_cfg(D, Dv)
+        return cfg if bwd is None else tri._Config(**{**cfg.__dict__, **bwd})
+    tri._fwd_config, tri._config, tri.SEGMENT_CHUNKS = fwd_config, config, cps
+
+
+def jobs():
+    for name in VARIANTS:
+        for s in FWD_SHAPES:
+            yield "fwd", name, s
+    for name in BWD_VARIANTS:
+        for s in BWD_SHAPES:
+            yield "bwd", name, s
+
+
+def run_one(kind, name, shape, timed: bool, ref=None):
+    import triton.testing
+    B, H, T, D = shape
+    q, k, v, do = _inputs(B, H, T, D, 64, torch.bfloat16)
+    use(name)
+    try:
+        if kind == "fwd":
+            def f():
+                return fastattn.linear_attention(q, k, v, layout="bthd", backend="triton")[0]
+            out = [f()]
+        else:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+            def f():
+                for t in leaves:
+                    t.grad = None
+                o = fastattn.linear_attention(*leaves, layout="bthd", backend="triton")[0]
+                o.backward(do)
+                return o
+            out = [f()] + [t.grad.clone() for t in leaves]
+        torch.cuda.synchronize()
+        if not timed:
+            return None, out
+        err = None if ref is None else max(((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                                           for a, b in zip(out, ref))
+        ms = triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median")
+        return {"kind": kind, "variant": name, "shape": list(shape), "ms": ms, "rel_diff_vs_default": err}, out
+    finally:
+        use("default")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)   # "i/n": compile only
+    p.add_argument("--jobs", type=int, default=14)
+    a = p.parse_args()
+    all_jobs = list(jobs())
+    if a.shard:
+        i, n = (int(x) for x in a.shard.split("/"))
+        for j, (kind, name, shape) in enumerate(all_jobs):
+            if j % n == i:
+                try:
+                    run_one(kind, name, shape, timed=False)
+                except Exception as e:  # noqa: BLE001 - reported by the timed pass
+                    print(f"{kind} {name} {shape}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{a.jobs}"]) for i in range(a.jobs)]
+    for pr in procs:
+        pr.wait()
+    print(f"compiled in {time.time() - t0:.0f}s", flush=True)
+    rows, refs = [], {}
+    for kind, name, shape in sorted(all_jobs, key=lambda j: j[1] != "default"):
+        try:
+            row, out = run_one(kind, name, shape, timed=True, ref=refs.get((kind, shape)))
+            if name == "default":
+                refs[(kind, shape)] = out
+        except Exception as e:  # noqa: BLE001
+            row = {"kind": kind, "variant": name, "shape": list(shape), "ms": None,
+                   "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            torch.cuda.synchronize()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    env = environment(torch.device("cuda"))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "linear_attn_configs.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    lines = [f"# Triton linear-attention launch configs on {env.get('gpu')}", "",
+             f"torch {env['torch']}, triton {env.get('triton')}, commit {commit()}; bf16, causal, normalized, "
+             "Dv = 64; do_bench_cudagraph median ms (fwd: forward; bwd: forward + backward); x = default / variant.",
+             ""]
+    for kind in ("fwd", "bwd"):
+        shapes = FWD_SHAPES if kind == "fwd" else BWD_SHAPES
+        names = list(VARIANTS) if kind == "fwd" else list(BWD_VARIANTS)
+        lines += [f"{kind}:", "", "| variant | " + " | ".join(str(list(s)) for s in shapes) + " |",
+                  "|---|" + "---|" * len(shapes)]
+        get = {(r["variant"], tuple(r["shape"])): r for r in rows if r["kind"] == kind}
+        for name in names:
+            cells = []
+            for s in shapes:
+                r, d = get.get((name, s)), get.get(("default", s))
+                if not r or r.get("ms") is None:
+                    cells.append("fail" if r else "-")
+                    continue
+                x = f" ({d['ms'] / r['ms']:.2f}x)" if d and d.get("ms") and name != "default" else ""
+                cells.append(f"{r['ms']:.3f}{x}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "linear_attn_configs.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
