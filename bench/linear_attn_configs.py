@@ -1,5 +1,5 @@
-"""Probe of the Triton forward/backward launch configs: warps, load stages, the widest forward feature tile and
-forced T splits, each against the default at the same shape, in one process (cudagraph timer, bf16, "bthd").
+"""Probe of the Triton forward/backward launch configs: load stages, the widest forward feature tile, the T split
+rule and forced splits, each against the default at the same shape, in one process (cudagraph timer, bf16, "bthd").
 
     python bench/linear_attn_configs.py --out DIR      # compiles every variant in parallel processes first
 
@@ -28,44 +28,55 @@ from linear_attn import _inputs, commit, environment  # noqa: E402
 FWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 8, 65536, 64), (1, 9, 65536, 64), (16, 8, 4096, 9),
               (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256)]
 BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128)]
-# name -> (config override for the forward, for the backward, forced chunks per segment)
+# name -> overrides: "fwd" / "bwd" config fields, "cps" forced chunks per segment, "ceil" the earlier split rule
+# (segments rounded up: a partial last wave), "pps" PROGRAMS_PER_SM entries
 VARIANTS = {
-    "default": (None, None, None),
-    "w8": (dict(warps=8), dict(warps=8), None),
-    "s1": (dict(stages=1), None, None),
-    "s3": (dict(stages=3), None, None),
-    "bk128w4": (dict(BK=128, warps=4), None, None),
-    "bk128w8": (dict(BK=128, warps=8), None, None),
-    "bk128w8s3": (dict(BK=128, warps=8, stages=3), None, None),
-    "cps32": (None, None, 32),
-    "cps16": (None, None, 16),
-    "cps8": (None, None, 8),
+    "default": {},
+    "s2": {"fwd": dict(stages=2)},
+    "s4": {"fwd": dict(stages=4)},
+    "bk64": {"fwd": dict(BK=64)},
+    "ceil": {"ceil": True},
+    "before": {"fwd": dict(stages=2, BK=64), "ceil": True},   # the defaults of be36837
+    "bwd_ceil": {"ceil": True},
+    "bwd_pps2": {"pps": {"bwd": 2}},
+    "bwd_cps16": {"cps": 16},
 }
-BWD_VARIANTS = ("default", "w8", "cps32", "cps16")
+FWD_VARIANTS = ("default", "s2", "s4", "bk64", "ceil", "before")
+BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps2", "bwd_cps16")
 
-_base_fwd, _base_cfg = tri._fwd_config, tri._config
+_base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
+_base_pps = dict(tri.PROGRAMS_PER_SM)
+
+
+def _segments_ceil(NT, programs_per_segment, device, direction):
+    """The split rule of be36837: segments = ceil(PROGRAMS_PER_SM * SMs / programs)."""
+    sms = tri._num_sms(device)
+    if 2 * programs_per_segment >= sms:
+        return NT, 1
+    ns = -(-tri.PROGRAMS_PER_SM[direction] * sms // programs_per_segment)
+    cps = min(NT, max(tri.MIN_SEGMENT_CHUNKS, -(-NT // ns)))
+    return cps, -(-NT // cps)
 
 
 def use(name: str) -> None:
-    fwd, bwd, cps = VARIANTS[name]
+    var = VARIANTS[name]
 
     def fwd_config(D, Dv, widest):
         cfg = _base_fwd(D, Dv, widest)
-        if fwd is None:
-            return cfg
-        over = dict(fwd)
-        if over.get("BK") == 128 and D <= 64:
-            over.pop("BK")
+        over = dict(var.get("fwd", {}))
+        if "BK" in over:
+            over["BK"] = tri._tile(D, over["BK"])
         return tri._Config(**{**cfg.__dict__, **over})
 
     def config(D, Dv):
-        cfg = _base_cfg(D, Dv)
-        return cfg if bwd is None else tri._Config(**{**cfg.__dict__, **bwd})
-    tri._fwd_config, tri._config, tri.SEGMENT_CHUNKS = fwd_config, config, cps
+        return tri._Config(**{**_base_cfg(D, Dv).__dict__, **var.get("bwd", {})})
+    tri._fwd_config, tri._config, tri.SEGMENT_CHUNKS = fwd_config, config, var.get("cps")
+    tri._segments = _segments_ceil if var.get("ceil") else _base_segments
+    tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
 
 
 def jobs():
-    for name in VARIANTS:
+    for name in FWD_VARIANTS:
         for s in FWD_SHAPES:
             yield "fwd", name, s
     for name in BWD_VARIANTS:
@@ -86,12 +97,12 @@ def run_one(kind, name, shape, timed: bool, ref=None):
         else:
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
-            def f():
+            def f():   # keeps no autograd graph alive (a live one breaks the CUDA-graph capture of backward)
                 for t in leaves:
                     t.grad = None
                 o = fastattn.linear_attention(*leaves, layout="bthd", backend="triton")[0]
                 o.backward(do)
-                return o
+                return o.detach()
             out = [f()] + [t.grad.clone() for t in leaves]
         torch.cuda.synchronize()
         if not timed:
@@ -147,7 +158,7 @@ def main():
              ""]
     for kind in ("fwd", "bwd"):
         shapes = FWD_SHAPES if kind == "fwd" else BWD_SHAPES
-        names = list(VARIANTS) if kind == "fwd" else list(BWD_VARIANTS)
+        names = FWD_VARIANTS if kind == "fwd" else BWD_VARIANTS
         lines += [f"{kind}:", "", "| variant | " + " | ".join(str(list(s)) for s in shapes) + " |",
                   "|---|" + "---|" * len(shapes)]
         get = {(r["variant"], tuple(r["shape"])): r for r in rows if r["kind"] == kind}

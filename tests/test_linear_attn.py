@@ -171,11 +171,12 @@ def test_reference_t0_and_t1():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("hf_view_gqa", "T1_D96", "D130_gqa", "D257_Dv1",
                                                                  "noncausal_bthd_mask")], ids=str)
-def test_triton_forward_with_128_wide_feature_tiles(case, dtype, monkeypatch):
-    """FWD_MAX_BK = 128 (D <= 128 in one K tile, wider D in 128-wide tiles) gives the same answers: outputs,
-    every gradient and the final state against fp64 (the backward keeps its own tiles)."""
+def test_triton_forward_with_64_wide_feature_tiles(case, dtype, monkeypatch):
+    """FWD_MAX_BK = 64 (the alternative to the default 128: D > 64 in 64-wide tiles, fp32 partials and the summing
+    kernel) gives the same answers: outputs, every gradient and the final state against fp64."""
     from fastattn.ops.linear_attn import triton as tri
-    monkeypatch.setattr(tri, "FWD_MAX_BK", 128)
+    monkeypatch.setattr(tri, "FWD_MAX_BK", 64)
+    assert tri._fwd_config(96, 16, 64).BK == 64 and tri._fwd_config(257, 1, 64).BK == 64
     assert tri._fwd_config(96, 16, 128).BK == 128 and tri._fwd_config(257, 1, 128).BK == 128
     inputs, cot = make_inputs(case, dtype)
     same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
@@ -184,7 +185,8 @@ def test_triton_forward_with_128_wide_feature_tiles(case, dtype, monkeypatch):
 
 def test_split_t_rule_on_a_gpu_sized_grid(monkeypatch):
     """_segments as a 132-SM GPU plans it: T is split only when the unsplit grid fills less than half of the SMs;
-    then the forward aims at PROGRAMS_PER_SM programs per SM, with at least MIN_SEGMENT_CHUNKS chunks a segment."""
+    then into as many segments as fit PROGRAMS_PER_SM programs per SM (no partial last wave), with at least
+    MIN_SEGMENT_CHUNKS chunks a segment."""
     pytest.importorskip("triton")
     from fastattn.ops.linear_attn import triton as tri
     monkeypatch.setattr(tri, "_num_sms", lambda device: 132)
@@ -192,7 +194,8 @@ def test_split_t_rule_on_a_gpu_sized_grid(monkeypatch):
     gpu = torch.device("cuda")
     assert tri._segments(256, 128, gpu, "fwd") == (256, 1)        # B x H = 128 >= 66: one segment
     assert tri._segments(256, 9, gpu, "fwd") == (9, 29)           # 16k tokens, B x H = 9: ~2 x 132 programs
-    assert tri._segments(256, 9, gpu, "bwd") == (18, 15)          # the backward's 1 per SM
+    assert tri._segments(256, 9, gpu, "bwd") == (19, 14)          # the backward's 1 per SM: 126 programs
+    assert tri._segments(256, 32, gpu, "fwd") == (32, 8)          # 256 programs, not 9 x 32 = 288 > 264
     assert tri._segments(32, 9, gpu, "fwd") == (4, 8)             # 2k tokens: segments of at least 4 chunks
     assert tri._segments(3, 9, gpu, "fwd") == (3, 1)              # fewer chunks than that: one segment
     assert tri._segments(3, 9, torch.device("cpu"), "fwd") == (1, 3)   # interpreter: still split (coverage)

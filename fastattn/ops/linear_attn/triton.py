@@ -34,9 +34,14 @@ SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (Non
 # (bench/results/linear_attn_h100_segments.md).
 PROGRAMS_PER_SM = {"fwd": 2, "bwd": 1}
 MIN_SEGMENT_CHUNKS = 4
-# The forward's widest feature tile: 64 (measured default) or 128, which serves D <= 128 in one tile (no fp32
-# partials, no summing kernel) with an 8-warp program; bench/linear_attn.py --sweep measures both.
-FWD_MAX_BK = 64
+# The forward's widest feature tile: 128 serves D <= 128 in one tile (no fp32 partials, no summing kernel).
+# With 4 warps and 3 load stages it beat two 64-wide tiles on the H100: D = 128, T = 4k / 16k / 64k: 1.11x /
+# 1.44x / 1.93x; D = 256: 1.15x (with 8 warps and 2 stages it had lost, 1.3x slower on the H200).
+# bench/linear_attn.py --sweep measures 64 against 128, bench/linear_attn_configs.py the rest.
+FWD_MAX_BK = 128
+# The forward's load stages: 3 against 2 on the H100, 1.12-1.36x at D = 32-256 (bench/results/
+# linear_attn_h100_configs.md). The backward keeps 2 (_config).
+FWD_STAGES = 3
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -57,10 +62,10 @@ def _tile(d: int, widest: int = 64) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
-    """The forward's config: as _config, but up to ``widest`` (FWD_MAX_BK) features in one K tile."""
+    """The forward's config: as _config, but up to ``widest`` (FWD_MAX_BK) features in one K tile and
+    FWD_STAGES load stages."""
     cfg = _config(D, Dv)
-    BK = _tile(D, widest)
-    return cfg if BK == cfg.BK else _Config(BK=BK, BV=cfg.BV, warps=8, stages=cfg.stages)
+    return _Config(BK=_tile(D, widest), BV=cfg.BV, warps=cfg.warps, stages=FWD_STAGES)
 
 
 def _exact(D: int, Dv: int, cfg: _Config) -> bool:
@@ -87,15 +92,16 @@ def _num_sms(device: torch.device) -> int:
 def _segments(NT: int, programs_per_segment: int, device: torch.device, direction: str) -> tuple[int, int]:
     """(chunks per segment, segments). Splitting T costs an extra read of k, v (and of q, do in the backward)
     for the segment states, so T is split only when the grid would fill less than half of the SMs, and then into
-    enough segments to reach PROGRAMS_PER_SM[direction] programs on every SM, each of at least
-    MIN_SEGMENT_CHUNKS chunks."""
+    as many segments as keep the grid within PROGRAMS_PER_SM[direction] programs per SM (rounding up would
+    leave a last, mostly idle wave: H100, B=4, H=8, T=16k, 9 segments took 0.261 ms, 8 took 0.202), each of at
+    least MIN_SEGMENT_CHUNKS chunks."""
     if SEGMENT_CHUNKS is not None:
         cps = max(1, min(SEGMENT_CHUNKS, NT))
     else:
         sms = _num_sms(device)
         if 2 * programs_per_segment >= sms:
             return NT, 1
-        ns = triton.cdiv(PROGRAMS_PER_SM[direction] * sms, programs_per_segment)
+        ns = max(1, PROGRAMS_PER_SM[direction] * sms // programs_per_segment)
         least = MIN_SEGMENT_CHUNKS if device.type == "cuda" else 1   # interpreter: short T still gets segments
         cps = min(NT, max(least, triton.cdiv(NT, ns)))
     return cps, triton.cdiv(NT, cps)
