@@ -33,16 +33,16 @@ BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4
 VARIANTS = {
     "default": {},
     "s2": {"fwd": dict(stages=2)},
-    "s4": {"fwd": dict(stages=4)},
+    "s3": {"fwd": dict(stages=3)},
     "bk64": {"fwd": dict(BK=64)},
     "ceil": {"ceil": True},
-    "before": {"fwd": dict(stages=2, BK=64), "ceil": True},   # the defaults of be36837
+    "before": {"fwd": dict(stages=2, BK=64), "ceil": True, "pps": {"bwd": 1}},   # the defaults of be36837
     "bwd_ceil": {"ceil": True},
-    "bwd_pps2": {"pps": {"bwd": 2}},
+    "bwd_pps1": {"pps": {"bwd": 1}},
     "bwd_cps16": {"cps": 16},
 }
-FWD_VARIANTS = ("default", "s2", "s4", "bk64", "ceil", "before")
-BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps2", "bwd_cps16")
+FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before")
+BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
 _base_pps = dict(tri.PROGRAMS_PER_SM)

@@ -32,16 +32,18 @@ SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (Non
 # segment keeps at least MIN_SEGMENT_CHUNKS chunks. bench/linear_attn.py --sweep measures these on the GPU. The
 # forward's 2: H100, B=1, H=9, D=64, T=16k 83 us against 108 at 1, T=64k 259 against 356
 # (bench/results/linear_attn_h100_segments.md).
-PROGRAMS_PER_SM = {"fwd": 2, "bwd": 1}
+# The backward's 2 (with segments rounded down to full waves): H100, D = 64, B=4, H=8, T=16k 0.851 ms against
+# 1.176 at 1 (forward + backward), B=1, H=9, T=64k 1.000 against 1.384 (bench/results/linear_attn_h100_configs.md).
+PROGRAMS_PER_SM = {"fwd": 2, "bwd": 2}
 MIN_SEGMENT_CHUNKS = 4
 # The forward's widest feature tile: 128 serves D <= 128 in one tile (no fp32 partials, no summing kernel).
-# With 4 warps and 3 load stages it beat two 64-wide tiles on the H100: D = 128, T = 4k / 16k / 64k: 1.11x /
-# 1.44x / 1.93x; D = 256: 1.15x (with 8 warps and 2 stages it had lost, 1.3x slower on the H200).
-# bench/linear_attn.py --sweep measures 64 against 128, bench/linear_attn_configs.py the rest.
+# With 4 warps it beat two 64-wide tiles on the H100: D = 128, T = 4k / 16k / 64k: 1.11x / 1.44x / 1.93x
+# (with 8 warps it had lost, 1.3x slower on the H200). bench/linear_attn.py --sweep measures 64 against 128,
+# bench/linear_attn_configs.py the stages and split rules (bench/results/linear_attn_h100_configs.md).
 FWD_MAX_BK = 128
-# The forward's load stages: 3 against 2 on the H100, 1.12-1.36x at D = 32-256 (bench/results/
-# linear_attn_h100_configs.md). The backward keeps 2 (_config).
-FWD_STAGES = 3
+# The forward's load stages per feature-tile width: 3 beat 2 by 1.1-1.4x on 64-wide and narrower tiles (H100,
+# D = 32 and 64), 2 beat 3 by 1.5x on 128-wide ones (D = 128, T >= 16k). The backward keeps 2 (_config).
+FWD_STAGES = {16: 3, 32: 3, 64: 3, 128: 2}
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -65,7 +67,8 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
     """The forward's config: as _config, but up to ``widest`` (FWD_MAX_BK) features in one K tile and
     FWD_STAGES load stages."""
     cfg = _config(D, Dv)
-    return _Config(BK=_tile(D, widest), BV=cfg.BV, warps=cfg.warps, stages=FWD_STAGES)
+    BK = _tile(D, widest)
+    return _Config(BK=BK, BV=cfg.BV, warps=cfg.warps, stages=FWD_STAGES[BK])
 
 
 def _exact(D: int, Dv: int, cfg: _Config) -> bool:
