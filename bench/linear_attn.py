@@ -431,6 +431,7 @@ def probe_fla(D: int, Ts: list[int], shard: str | None = None) -> None:
     if shard:
         _autotune_shard(*(int(x) for x in shard.split("/")))
     fla_fn = _fla()
+    t0 = time.time()
     for phase in ("fwd", "bwd"):
         for T in Ts:
             q, k, v, do = _inputs(65536 // T, 8, T, D, 64, torch.bfloat16)
@@ -447,7 +448,8 @@ def probe_fla(D: int, Ts: list[int], shard: str | None = None) -> None:
                     torch.cuda.synchronize()
                     ok = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(t.grad).all()) for t in leaves
                                                                if phase == "bwd")
-                    print(json.dumps({**row, "result": "ok" if ok else "non-finite output"}), flush=True)
+                    print(json.dumps({**row, "result": "ok" if ok else "non-finite output",
+                                      "seconds": round(time.time() - t0, 1)}), flush=True)
                 except Exception as e:  # noqa: BLE001 - the failure is the result
                     print(json.dumps({**row, "result": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}),
                           flush=True)
@@ -471,16 +473,18 @@ def prepare(args) -> None:
     first = [me + ["--warm", "--D", str(D)] + quick for D in Ds] + (shards if n > 1 else [])
     jobs = [me + ["--probe-fla", str(D)] + quick for D in fla_dims]
 
-    def run(cmd):
+    t0 = time.time()
+    deadline = t0 + args.prepare_timeout
+
+    def run(cmd):   # every worker ends by the deadline, so that the probe file is always written
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.prepare_timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, deadline - time.time()))
             rc, stdout, stderr = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
-            rc = f"timeout after {args.prepare_timeout}s"
+            rc = f"timeout at {time.time() - t0:.0f}s of prepare"
             stdout, stderr = (x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
         return cmd, rc, stdout, stderr
 
-    t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         for cmd, rc, stdout, stderr in pool.map(run, first):
             if "--warm" in cmd and rc != 0:
@@ -493,7 +497,10 @@ def prepare(args) -> None:
         for line in stdout.splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
-                probes.setdefault((D, r["T"], r["normalize"]), {})[r["phase"]] = r["result"]
+                entry = probes.setdefault((D, r["T"], r["normalize"]), {})
+                entry[r["phase"]] = r["result"]
+                if "seconds" in r:   # into the probe process: how long compiling and autotuning took
+                    entry[r["phase"] + "_s"] = r["seconds"]
         for T in Ts:
             for n in (True, False):
                 entry = probes.setdefault((D, T, n), {})
@@ -632,7 +639,8 @@ def main(argv=None) -> dict | None:
     p.add_argument("--prepare", action="store_true",
                    help="GPU: probe fla for crashes and compile every kernel in parallel processes, then exit")
     p.add_argument("--jobs", type=int, default=12, help="--prepare: worker processes at a time")
-    p.add_argument("--prepare-timeout", type=int, default=240, help="--prepare: seconds per worker")
+    p.add_argument("--prepare-timeout", type=int, default=240,
+                   help="--prepare: seconds for all of it (its workers are stopped by then)")
     p.add_argument("--fla-shards", type=int, default=4,
                    help="--prepare: processes per fla feature dim that compile slices of fla's autotune configs")
     p.add_argument("--probe-file", default=None, help="fla probe results (default: <out>/fla_probe.json)")
