@@ -7,6 +7,7 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-cuda-seed     the same with P generated in the kernel
   vmap-autodiff       torch.func.vmap over jvp(grad f) (forward-over-reverse), then P (H P^T)
   unfused-torch       B = A @ P.T (fp32 cuBLAS, TF32 off), B^T diag(w) B, B^T l' + regulariser terms
+  fused-triton-bf16x3 A P^T as three bf16 tensor-core products of hi/lo parts (~3e-6 error, held to 1e-5)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -54,6 +55,17 @@ def rel_err(got, ref) -> float:
     return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def _at_precision(prec: str, glm, x, P):
+    """fastattn.subspace_hvp on the triton backend with its INPUT_PRECISION set to ``prec`` for this call."""
+    from fastattn.ops.subspace_hvp import triton as tri
+    old = tri.INPUT_PRECISION
+    tri.INPUT_PRECISION = prec
+    try:
+        return fastattn.subspace_hvp(glm, x, P, backend="triton")
+    finally:
+        tri.INPUT_PRECISION = old
+
+
 def paths(glm, x, sketch, P, device, only=None):
     """name -> (callable, held to TOL); ``only``: the names to keep (None: all)."""
     out = {}
@@ -65,16 +77,9 @@ def paths(glm, x, sketch, P, device, only=None):
     out["vmap-autodiff"] = (lambda: fastattn.subspace_hvp(lambda v: glm(v), x, P), True)
     out["unfused-torch"] = (lambda: reference.glm_explicit(glm, x, P, row_chunk=glm.m), True)
     if device.type == "cuda" and backends.availability("triton")[0]:
-        from fastattn.ops.subspace_hvp import triton as tri
-
-        def tf32():
-            old = tri.INPUT_PRECISION
-            tri.INPUT_PRECISION = "tf32"
-            try:
-                return fastattn.subspace_hvp(glm, x, P, backend="triton")
-            finally:
-                tri.INPUT_PRECISION = old
-        out["fused-triton-tf32"] = (tf32, False)
+        for prec, strict in (("bf16x3", True), ("tf32", False)):
+            out[f"fused-triton-{prec}"] = (lambda prec=prec: _at_precision(prec, glm, x, P), strict)
+        out["fused-triton-bf16x3-seed"] = (lambda: _at_precision("bf16x3", glm, x, sketch), True)
     if only is not None:
         unknown = set(only) - set(out)
         if unknown:
@@ -133,19 +138,19 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
     (128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 2, True))]
 
 
-def sweep(m, n, s, device, bm=None) -> list[dict]:
+def sweep(m, n, s, device, bm=None, precision="tf32x3") -> list[dict]:
     """fused-triton over SWEEP configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` (None:
-    all), correctness first."""
+    all) at INPUT_PRECISION ``precision``, correctness first."""
     from fastattn.ops.subspace_hvp import triton as tri
     glm, x, sketch, P = problem(m, n, s, device)
     ref = reference.glm_explicit(glm.to(torch.float64), x.double(), P.double(), row_chunk=4096)
     rows = []
     for cfg in (c for c in SWEEP if bm is None or c["BM"] == bm):
         tri.CONFIG_OVERRIDE = cfg
-        row = {"m": m, "n": n, "s": s, **cfg}
+        row = {"m": m, "n": n, "s": s, "precision": precision, **cfg}
         try:
             def fn():
-                return fastattn.subspace_hvp(glm, x, P, backend="triton")
+                return _at_precision(precision, glm, x, P)
             Pg, H = fn()
             row["rel_err_PHPt"], row["rel_err_Pg"] = rel_err(H, ref[1]), rel_err(Pg, ref[0])
             row["ms"] = time_gpu(fn)
@@ -178,14 +183,14 @@ def markdown(result: dict) -> str:
                          f"{f('rel_err_Pg', '.2e')} | {r.get('correct', '-')} | {f('ms')} | {f('AP_tflops')} | "
                          f"{f('speedup_vs_vmap', '.2f')} | {f('speedup_vs_unfused', '.2f')} |")
     if result.get("sweep"):
-        lines += ["", "Triton configurations (fused-triton, tf32x3):", "",
-                  "| m | n | s | BM | BK | warps | stages | z by GEMV | rel err PHPt | ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Triton configurations (fused-triton):", "",
+                  "| m | n | s | precision | BM | BK | warps | stages | z by GEMV | rel err PHPt | ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["sweep"]:
             ms = f"{r['ms']:.3g}" if "ms" in r else r.get("error", "-")[:60]
             err = f"{r['rel_err_PHPt']:.2e}" if "rel_err_PHPt" in r else "-"
-            lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r['BM']} | {r['BK']} | {r['warps']} | {r['stages']} | "
-                         f"{r['zpre']} | {err} | {ms} |")
+            lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r.get('precision', 'tf32x3')} | {r['BM']} | {r['BK']} "
+                         f"| {r['warps']} | {r['stages']} | {r['zpre']} | {err} | {ms} |")
     lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "
               "m = n = 16384, s = 256, same numbers to 1e-5 relative."]
     return "\n".join(lines) + "\n"
@@ -197,6 +202,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the first shape only")
     ap.add_argument("--sweep", action="store_true", help="also time fused-triton over the SWEEP configs (GPU)")
     ap.add_argument("--sweep-bm", type=int, default=None, help="--sweep: only the configs with this BM")
+    ap.add_argument("--sweep-precision", default="tf32x3", help="--sweep: the triton INPUT_PRECISION (e.g. bf16x3)")
     ap.add_argument("--paths", default=None, type=lambda v: v.split(","),
                     help="comma-separated paths to run (default: all; the ratios need vmap-autodiff and unfused-torch)")
     args = ap.parse_args()
@@ -207,7 +213,7 @@ def main() -> int:
         shapes = shapes[:1]
     result = {"env": environment(device), "shapes": [bench_shape(*sh, device, args.paths) for sh in shapes]}
     if args.sweep and device.type == "cuda":
-        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm)]
+        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm, args.sweep_precision)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device_tag(result["env"])

@@ -18,7 +18,11 @@ triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
 BK = 32
 MAX_BS = 128
-INPUT_PRECISION = "tf32x3"     # fp32 accuracy on tensor cores; "ieee" (CUDA cores) or "tf32" (fast, ~1e-3)
+# How A P^T is multiplied: "tf32x3" (fp32 accuracy on tensor cores), "ieee" (CUDA cores), "tf32" (fast, ~1e-3), or
+# "bf16x3": A and P split into bf16 hi + lo parts, three bf16 tensor-core products per k-step (triton_kernels.py),
+# its s x s products at tf32x3. bf16x3 is new and not yet timed on a GPU: bench/subspace_hvp.py
+# --paths fused-triton-bf16x3 does.
+INPUT_PRECISION = "tf32x3"
 STAGES = (3, 2, 1)             # software-pipelining depths tried in order (fewer when shared memory runs out)
 # Tuning hook (bench/subspace_hvp.py --sweep): any of BM, BK, warps, stages, zpre (margins by a separate GEMV).
 CONFIG_OVERRIDE: dict = {}
@@ -69,9 +73,18 @@ def _block_rows(m: int, sms: int) -> int:
 # memory, so STAGES falls back to two), margins by a separate GEMV. H200, m = n = 16384, s = 256: 3.49 ms against
 # 4.99 for the 64-row default (bench/results/subspace_hvp_h200_sweep.md).
 _BLOCK_DEFAULTS = {128: dict(BK=64, zpre=True)}
+# bf16x3: 64-row blocks (a local sm_90 compile of 128-row ones needs 320 KB of shared memory), a 32-wide k step,
+# margins by GEMV. Untimed: bench/subspace_hvp.py --sweep --sweep-precision bf16x3 is to choose.
+_SPLIT3_DEFAULTS = dict(BM=64, BK=32, warps=8, zpre=True)
 
 
 _stage_choice: dict[tuple, int] = {}
+
+
+def _hi_lo(P: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 P as bf16 (hi, lo), hi + lo = P to ~2^-17 relative (the kernel's SPLIT3 operands)."""
+    hi = P.to(torch.bfloat16)
+    return hi, (P - hi.float()).to(torch.bfloat16)
 
 
 def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, seed: int, scale: float,
@@ -82,8 +95,13 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     BS = _tile(s)
     NT = triton.cdiv(s, BS)
     sms = _num_sms(dev)
-    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, sms))
-    cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **CONFIG_OVERRIDE}
+    split3 = INPUT_PRECISION == "bf16x3"
+    if split3:
+        BM = CONFIG_OVERRIDE.get("BM", min(_SPLIT3_DEFAULTS["BM"], _block_rows(m, sms)))
+        cfg = {**_SPLIT3_DEFAULTS, **CONFIG_OVERRIDE}
+    else:
+        BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, sms))
+        cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
     RA = triton.cdiv(m, BM)
@@ -92,13 +110,17 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     pairs = _pairs(NT, dev)
     GP = torch.zeros(G, s, s, dtype=torch.float32, device=dev)
     PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
+    P2 = GP
+    if P is not None and split3:   # hi and lo bf16 parts of P, once per call (s x n; A is split in the kernel)
+        P, P2 = _hi_lo(P)
     Pt = P if P is not None else GP
     sPs, sPn = (P.stride(0), P.stride(1)) if P is not None else (0, 0)
     z = A @ x if zpre else PG
-    args = (A, x, y, z, Pt, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
+    args = (A, x, y, z, Pt, P2, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
             float(loss_scale), A.stride(0), A.stride(1), sPs, sPn)
-    meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS, PREC=INPUT_PRECISION,
-                ZPRE=zpre, num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
+    meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS,
+                PREC="tf32x3" if split3 else INPUT_PRECISION, ZPRE=zpre, SPLIT3=split3,
+                num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
     grid = (G, pairs.shape[0])
     key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION)
     stage_list = (cfg["stages"],) if "stages" in cfg else STAGES

@@ -7,6 +7,14 @@ and adds B^T diag(w) B and B^T loss' (reg') for the column tiles (ta, tb) of its
 stay in registers: A P^T is never written to memory. P tiles are loaded, or generated from the seed key with the
 hash of sketch.py (GEN = 1 gaussian, 2 rademacher). Dots accumulate in fp32 at PREC ("tf32x3" keeps fp32
 accuracy on tensor cores). ZPRE: the margins z = A x come precomputed in Z instead of from the k-loop.
+
+SPLIT3 (the "bf16x3" precision of triton.py) computes A P^T on bf16 tensor cores instead: each fp32 operand x is
+split into hi = bf16(x) and lo = bf16(x - hi), which hold ~16 of its 24 bits, and a P^T = a_lo p_hi + a_hi p_lo +
+a_hi p_hi, every product exact in the fp32 accumulator; the dropped a_lo p_lo is ~2^-18 of a p. The three products
+of a k-step start from zero (smallest first) and are added to the block's sum in an ordinary fp32 add: chaining
+thousands of tensor-core accumulations (whose additions truncate) biased an earlier split to ~2e-4
+(bench/results/subspace_hvp_h100_split.md). With a P tensor its hi and lo parts come split from the host (P, P2).
+The s x s products B^T W B stay at PREC.
 """
 import triton
 import triton.language as tl
@@ -39,6 +47,46 @@ def _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN: tl.constexpr):
             t = 1.0 - 2.0 * (h1 >> 31).to(tl.float32)
         t = tl.where(mask, t * scale, 0.0)
     return t
+
+
+@triton.jit
+def _hi_lo(t):
+    """An fp32 tile as bf16 (hi, lo) with hi + lo = t to ~2^-17 relative."""
+    hi = t.to(tl.bfloat16)
+    return hi, (t - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _p_fp32(P, P2, ks, prow, mk, mp, sPs, sPn, key, scale, GEN: tl.constexpr, SPLIT3: tl.constexpr):
+    """_p_tile in fp32 also when P comes as split bf16 parts (SPLIT3): hi + lo."""
+    if SPLIT3 and GEN == 0:
+        mask = mk[:, None] & mp[None, :]
+        offs = prow[None, :] * sPs + ks[:, None] * sPn
+        return (tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+                + tl.load(P2 + offs, mask=mask, other=0.0).to(tl.float32))
+    else:
+        return _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN)
+
+
+@triton.jit
+def _ap_step(a, P, P2, ks, prow, mk, mp, sPs, sPn, key, scale, acc,
+             GEN: tl.constexpr, PREC: tl.constexpr, SPLIT3: tl.constexpr):
+    """acc + a @ P[prow, ks]^T for an fp32 A tile a [BM, BK]; see SPLIT3 in the module docstring."""
+    if SPLIT3:
+        a_hi, a_lo = _hi_lo(a)
+        if GEN == 0:
+            mask = mk[:, None] & mp[None, :]
+            offs = prow[None, :] * sPs + ks[:, None] * sPn
+            p_hi = tl.load(P + offs, mask=mask, other=0.0)
+            p_lo = tl.load(P2 + offs, mask=mask, other=0.0)
+        else:
+            p_hi, p_lo = _hi_lo(_p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN))
+        t = tl.dot(a_lo, p_hi)
+        t = tl.dot(a_hi, p_lo, t)
+        t = tl.dot(a_hi, p_hi, t)
+        return acc + t
+    else:
+        return tl.dot(a, _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN), acc, input_precision=PREC)
 
 
 @triton.jit
@@ -86,10 +134,11 @@ def _rmw(ptr, val, mask):
 
 
 @triton.jit
-def glm_gram_kernel(A, X, Y, Z, P, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
+def glm_gram_kernel(A, X, Y, Z, P, P2, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
                     sAm, sAn, sPs, sPn,
                     LOSS: tl.constexpr, REG: tl.constexpr, GEN: tl.constexpr, HAS_B: tl.constexpr,
-                    BM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr):
+                    BM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr,
+                    SPLIT3: tl.constexpr):
     pid = tl.program_id(0)
     pp = tl.program_id(1)
     G = tl.num_programs(0)
@@ -117,10 +166,9 @@ def glm_gram_kernel(A, X, Y, Z, P, GP, PG, PAIRS, m, n, s, RA, R, key, scale, la
                             mask=mr[:, None] & mk[None, :], other=0.0)
                 if not ZPRE:
                     z += tl.sum(a * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
-                Ba = tl.dot(a, _p_tile(P, ks, ca, mk, ma, sPs, sPn, key, scale, GEN), Ba, input_precision=PREC)
+                Ba = _ap_step(a, P, P2, ks, ca, mk, ma, sPs, sPn, key, scale, Ba, GEN, PREC, SPLIT3)
                 if HAS_B:
-                    Bb = tl.dot(a, _p_tile(P, ks, cb, mk, mb, sPs, sPn, key, scale, GEN), Bb,
-                                input_precision=PREC)
+                    Bb = _ap_step(a, P, P2, ks, cb, mk, mb, sPs, sPn, key, scale, Bb, GEN, PREC, SPLIT3)
             if ZPRE:
                 z = tl.load(Z + rows, mask=mr, other=0.0)
             d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
@@ -129,9 +177,9 @@ def glm_gram_kernel(A, X, Y, Z, P, GP, PG, PAIRS, m, n, s, RA, R, key, scale, la
         else:
             cols = (r - RA) * BM + tl.arange(0, BM)
             mc = cols < n
-            Ba = _p_tile(P, cols, ca, mc, ma, sPs, sPn, key, scale, GEN)
+            Ba = _p_fp32(P, P2, cols, ca, mc, ma, sPs, sPn, key, scale, GEN, SPLIT3)
             if HAS_B:
-                Bb = _p_tile(P, cols, cb, mc, mb, sPs, sPn, key, scale, GEN)
+                Bb = _p_fp32(P, P2, cols, cb, mc, mb, sPs, sPn, key, scale, GEN, SPLIT3)
             d1, d2 = _reg_d(tl.load(X + cols, mask=mc, other=0.0), REG)
             d1 = tl.where(mc, d1 * lam, 0.0)
             d2 = tl.where(mc, d2 * lam, 0.0)
