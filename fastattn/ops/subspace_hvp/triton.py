@@ -73,18 +73,18 @@ def _block_rows(m: int, sms: int) -> int:
 # memory, so STAGES falls back to two), margins by a separate GEMV. H200, m = n = 16384, s = 256: 3.49 ms against
 # 4.99 for the 64-row default (bench/results/subspace_hvp_h200_sweep.md).
 _BLOCK_DEFAULTS = {128: dict(BK=64, zpre=True)}
-# bf16x3: 64-row blocks (a local sm_90 compile of 128-row ones needs 320 KB of shared memory), a 32-wide k step,
-# margins by GEMV. Untimed: bench/subspace_hvp.py --sweep --sweep-precision bf16x3 is to choose.
-_SPLIT3_DEFAULTS = dict(BM=64, BK=32, warps=8, zpre=True)
+# bf16x3 on top: a 32-wide k step (it spilled least in a local sm_90 compile; 192 KB of shared memory at 128 rows,
+# as tf32x3). Untimed: bench/subspace_hvp.py --sweep --sweep-precision bf16x3 is to choose.
+_SPLIT3_DEFAULTS = dict(BK=32)
 
 
 _stage_choice: dict[tuple, int] = {}
 
 
 def _hi_lo(P: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 P as bf16 (hi, lo), hi + lo = P to ~2^-17 relative (the kernel's SPLIT3 operands)."""
-    hi = P.to(torch.bfloat16)
-    return hi, (P - hi.float()).to(torch.bfloat16)
+    """fp32 P as contiguous bf16 (hi, lo), hi + lo = P to ~2^-17 relative (the kernel's SPLIT3 operands)."""
+    hi = P.to(torch.bfloat16).contiguous()
+    return hi, (P - hi.float()).to(torch.bfloat16).contiguous()
 
 
 def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, seed: int, scale: float,
@@ -96,12 +96,8 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     NT = triton.cdiv(s, BS)
     sms = _num_sms(dev)
     split3 = INPUT_PRECISION == "bf16x3"
-    if split3:
-        BM = CONFIG_OVERRIDE.get("BM", min(_SPLIT3_DEFAULTS["BM"], _block_rows(m, sms)))
-        cfg = {**_SPLIT3_DEFAULTS, **CONFIG_OVERRIDE}
-    else:
-        BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, sms))
-        cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **CONFIG_OVERRIDE}
+    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, sms))
+    cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **(_SPLIT3_DEFAULTS if split3 else {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
     RA = triton.cdiv(m, BM)
@@ -110,14 +106,14 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     pairs = _pairs(NT, dev)
     GP = torch.zeros(G, s, s, dtype=torch.float32, device=dev)
     PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
-    P2 = GP
+    PH = PL = GP
     if P is not None and split3:   # hi and lo bf16 parts of P, once per call (s x n; A is split in the kernel)
-        P, P2 = _hi_lo(P)
+        PH, PL = _hi_lo(P)
     Pt = P if P is not None else GP
     sPs, sPn = (P.stride(0), P.stride(1)) if P is not None else (0, 0)
     z = A @ x if zpre else PG
-    args = (A, x, y, z, Pt, P2, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
-            float(loss_scale), A.stride(0), A.stride(1), sPs, sPn)
+    args = (A, x, y, z, Pt, PH, PL, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
+            float(loss_scale), A.stride(0), A.stride(1), sPs, sPn, PH.stride(0), PH.stride(1))
     meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS,
                 PREC="tf32x3" if split3 else INPUT_PRECISION, ZPRE=zpre, SPLIT3=split3,
                 num_warps=cfg.get("warps", 8 if BS >= 128 else 4))

@@ -13,8 +13,8 @@ split into hi = bf16(x) and lo = bf16(x - hi), which hold ~16 of its 24 bits, an
 a_hi p_hi, every product exact in the fp32 accumulator; the dropped a_lo p_lo is ~2^-18 of a p. The three products
 of a k-step start from zero (smallest first) and are added to the block's sum in an ordinary fp32 add: chaining
 thousands of tensor-core accumulations (whose additions truncate) biased an earlier split to ~2e-4
-(bench/results/subspace_hvp_h100_split.md). With a P tensor its hi and lo parts come split from the host (P, P2).
-The s x s products B^T W B stay at PREC.
+(bench/results/subspace_hvp_h100_split.md). With a P tensor its hi and lo parts come split from the host (PH, PL,
+strides sHs, sHn; the regulariser blocks read P itself). The s x s products B^T W B stay at PREC.
 """
 import triton
 import triton.language as tl
@@ -57,28 +57,16 @@ def _hi_lo(t):
 
 
 @triton.jit
-def _p_fp32(P, P2, ks, prow, mk, mp, sPs, sPn, key, scale, GEN: tl.constexpr, SPLIT3: tl.constexpr):
-    """_p_tile in fp32 also when P comes as split bf16 parts (SPLIT3): hi + lo."""
-    if SPLIT3 and GEN == 0:
-        mask = mk[:, None] & mp[None, :]
-        offs = prow[None, :] * sPs + ks[:, None] * sPn
-        return (tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
-                + tl.load(P2 + offs, mask=mask, other=0.0).to(tl.float32))
-    else:
-        return _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN)
-
-
-@triton.jit
-def _ap_step(a, P, P2, ks, prow, mk, mp, sPs, sPn, key, scale, acc,
+def _ap_step(a, P, PH, PL, ks, prow, mk, mp, sPs, sPn, sHs, sHn, key, scale, acc,
              GEN: tl.constexpr, PREC: tl.constexpr, SPLIT3: tl.constexpr):
     """acc + a @ P[prow, ks]^T for an fp32 A tile a [BM, BK]; see SPLIT3 in the module docstring."""
     if SPLIT3:
         a_hi, a_lo = _hi_lo(a)
         if GEN == 0:
             mask = mk[:, None] & mp[None, :]
-            offs = prow[None, :] * sPs + ks[:, None] * sPn
-            p_hi = tl.load(P + offs, mask=mask, other=0.0)
-            p_lo = tl.load(P2 + offs, mask=mask, other=0.0)
+            offs = prow[None, :] * sHs + ks[:, None] * sHn
+            p_hi = tl.load(PH + offs, mask=mask, other=0.0)
+            p_lo = tl.load(PL + offs, mask=mask, other=0.0)
         else:
             p_hi, p_lo = _hi_lo(_p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN))
         t = tl.dot(a_lo, p_hi)
@@ -134,8 +122,8 @@ def _rmw(ptr, val, mask):
 
 
 @triton.jit
-def glm_gram_kernel(A, X, Y, Z, P, P2, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
-                    sAm, sAn, sPs, sPn,
+def glm_gram_kernel(A, X, Y, Z, P, PH, PL, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
+                    sAm, sAn, sPs, sPn, sHs, sHn,
                     LOSS: tl.constexpr, REG: tl.constexpr, GEN: tl.constexpr, HAS_B: tl.constexpr,
                     BM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr,
                     SPLIT3: tl.constexpr):
@@ -166,9 +154,10 @@ def glm_gram_kernel(A, X, Y, Z, P, P2, GP, PG, PAIRS, m, n, s, RA, R, key, scale
                             mask=mr[:, None] & mk[None, :], other=0.0)
                 if not ZPRE:
                     z += tl.sum(a * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
-                Ba = _ap_step(a, P, P2, ks, ca, mk, ma, sPs, sPn, key, scale, Ba, GEN, PREC, SPLIT3)
+                Ba = _ap_step(a, P, PH, PL, ks, ca, mk, ma, sPs, sPn, sHs, sHn, key, scale, Ba, GEN, PREC, SPLIT3)
                 if HAS_B:
-                    Bb = _ap_step(a, P, P2, ks, cb, mk, mb, sPs, sPn, key, scale, Bb, GEN, PREC, SPLIT3)
+                    Bb = _ap_step(a, P, PH, PL, ks, cb, mk, mb, sPs, sPn, sHs, sHn, key, scale, Bb, GEN, PREC,
+                                  SPLIT3)
             if ZPRE:
                 z = tl.load(Z + rows, mask=mr, other=0.0)
             d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
@@ -177,9 +166,9 @@ def glm_gram_kernel(A, X, Y, Z, P, P2, GP, PG, PAIRS, m, n, s, RA, R, key, scale
         else:
             cols = (r - RA) * BM + tl.arange(0, BM)
             mc = cols < n
-            Ba = _p_fp32(P, P2, cols, ca, mc, ma, sPs, sPn, key, scale, GEN, SPLIT3)
+            Ba = _p_tile(P, cols, ca, mc, ma, sPs, sPn, key, scale, GEN)
             if HAS_B:
-                Bb = _p_fp32(P, P2, cols, cb, mc, mb, sPs, sPn, key, scale, GEN, SPLIT3)
+                Bb = _p_tile(P, cols, cb, mc, mb, sPs, sPn, key, scale, GEN)
             d1, d2 = _reg_d(tl.load(X + cols, mask=mc, other=0.0), REG)
             d1 = tl.where(mc, d1 * lam, 0.0)
             d2 = tl.where(mc, d2 * lam, 0.0)
