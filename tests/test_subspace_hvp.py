@@ -143,6 +143,35 @@ def _check_bf16x3(m, n, s, kind, device):
     assert torch.equal(H, H.T)
 
 
+def test_triton_glm_falls_back_to_64_row_blocks_out_of_shared_memory(monkeypatch):
+    """128-row blocks that fail at every stage depth with OutOfResources are retried with 64-row blocks, with the
+    same answers; rows asked for through CONFIG_OVERRIDE raise instead."""
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    import triton
+    from fastattn.ops.subspace_hvp import triton as tri
+    glm64, x64 = make_glm(401, 70, "sigmoid_mse", "nonconvex")   # 128-row blocks on the interpreter's 4 "SMs"
+    sk = make_sketch("gaussian", 20, 70, seed=3)
+    ref = explicit(glm64, x64, sk.materialize(70, F64))
+    kernel, rows = tri._k.glm_gram_kernel, []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                rows.append(meta["BM"])
+                if meta["BM"] == 128:
+                    raise triton.runtime.errors.OutOfResources(320 * 1024, 227 * 1024, "shared memory")
+                return kernel[grid](*args, **meta)
+            return launch
+    monkeypatch.setattr(tri._k, "glm_gram_kernel", Launcher())
+    glm, x = glm64.to(torch.float32), x64.float()
+    _check(fastattn.subspace_hvp(glm, x, sk, backend="triton"), ref, torch.float32, "fallback")
+    assert rows == [128] * len(tri.STAGES) + [64]
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"BM": 128})
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        fastattn.subspace_hvp(glm, x, sk, backend="triton")
+
+
 def test_regulariser_only_and_every_registry_entry_against_autograd():
     x = torch.randn(11, dtype=F64)
     for name, r in REGULARISERS.items():

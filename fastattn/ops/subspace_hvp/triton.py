@@ -90,13 +90,27 @@ def _hi_lo(P: Tensor) -> tuple[Tensor, Tensor]:
 def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, seed: int, scale: float,
         loss: int, reg: int, lam: float, loss_scale: float) -> tuple[Tensor, Tensor]:
     """A [m, n], x [n], y [m] fp32; P [s, n] or None (generated from ``seed``) -> (Pg [s], PHPt [s, s]) fp32."""
+    m = A.shape[0]
+    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device)))
+    run = functools.partial(_glm_blocks, A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale)
+    try:
+        return run(BM)
+    except triton.runtime.errors.OutOfResources:
+        # 128-row blocks out of shared memory at every stage depth (a local sm_90 compile puts the generated-P
+        # path there at 320 KB): 64-row blocks instead, unless the rows were asked for
+        if BM <= 64 or "BM" in CONFIG_OVERRIDE:
+            raise
+        return run(64)
+
+
+def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, BM):
+    """glm() with BM-row blocks."""
     m, n = A.shape
     dev = A.device
     BS = _tile(s)
     NT = triton.cdiv(s, BS)
     sms = _num_sms(dev)
     split3 = INPUT_PRECISION == "bf16x3"
-    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, sms))
     cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **(_SPLIT3_DEFAULTS if split3 else {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
