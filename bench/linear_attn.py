@@ -466,11 +466,12 @@ def prepare(args) -> None:
         fla_dims = fla_dims + [64]   # the B=1, H=9 row
     me = [sys.executable, str(Path(__file__).resolve())]
     quick = ["--quick"] if args.quick else []
-    n = args.fla_shards
-    # first our compile-only warm-ups next to n processes per fla dim that compile slices of fla's autotune
+    nshard = args.fla_shards
+    # first our compile-only warm-ups next to nshard processes per fla dim that compile slices of fla's autotune
     # configs; then the full fla probes, which find every config compiled
-    shards = [me + ["--probe-fla", str(D), "--fla-shard", f"{i}/{n}"] + quick for D in fla_dims for i in range(n)]
-    first = [me + ["--warm", "--D", str(D)] + quick for D in Ds] + (shards if n > 1 else [])
+    shards = [me + ["--probe-fla", str(D), "--fla-shard", f"{i}/{nshard}"] + quick
+              for D in fla_dims for i in range(nshard)]
+    first = [me + ["--warm", "--D", str(D)] + quick for D in Ds] + (shards if nshard > 1 else [])
     jobs = [me + ["--probe-fla", str(D)] + quick for D in fla_dims]
 
     t0 = time.time()

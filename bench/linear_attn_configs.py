@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import fastattn  # noqa: E402
 from fastattn.ops.linear_attn import triton as tri  # noqa: E402
-from linear_attn import _inputs, commit, environment  # noqa: E402
+from linear_attn import _inputs, environment  # noqa: E402
 
 FWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 8, 65536, 64), (1, 9, 65536, 64), (16, 8, 4096, 9),
               (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256)]
@@ -153,7 +153,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear_attn_configs.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     lines = [f"# Triton linear-attention launch configs on {env.get('gpu')}", "",
-             f"torch {env['torch']}, triton {env.get('triton')}, commit {commit()}; bf16, causal, normalized, "
+             f"torch {env['torch']}, triton {env.get('triton')}, commit {env['commit']}; bf16, causal, normalized, "
              "Dv = 64; do_bench_cudagraph median ms (fwd: forward; bwd: forward + backward); x = default / variant.",
              ""]
     for kind in ("fwd", "bwd"):

@@ -41,8 +41,8 @@ MIN_SEGMENT_CHUNKS = 4
 # (with 8 warps it had lost, 1.3x slower on the H200). bench/linear_attn.py --sweep measures 64 against 128,
 # bench/linear_attn_configs.py the stages and split rules (bench/results/linear_attn_h100_configs.md).
 FWD_MAX_BK = 128
-# The forward's load stages per feature-tile width: 3 beat 2 by 1.1-1.4x on 64-wide and narrower tiles (H100,
-# D = 32 and 64), 2 beat 3 by 1.5x on 128-wide ones (D = 128, T >= 16k). The backward keeps 2 (_config).
+# The forward's load stages per feature-tile width: 3 beat 2 by 1.1-1.4x on 32- and 64-wide tiles (H100, D = 32
+# and 64; equal at D = 9), 2 beat 3 by 1.5x on 128-wide ones (D = 128, T >= 16k). The backward keeps 2 (_config).
 FWD_STAGES = {16: 3, 32: 3, 64: 3, 128: 2}
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*

@@ -57,11 +57,11 @@ def _hi_lo(t):
 
 
 @triton.jit
-def _ap_step(a, P, PH, PL, ks, prow, mk, mp, sPs, sPn, sHs, sHn, key, scale, acc,
+def _ap_step(a_hi, a_lo, P, PH, PL, ks, prow, mk, mp, sPs, sPn, sHs, sHn, key, scale, acc,
              GEN: tl.constexpr, PREC: tl.constexpr, SPLIT3: tl.constexpr):
-    """acc + a @ P[prow, ks]^T for an fp32 A tile a [BM, BK]; see SPLIT3 in the module docstring."""
+    """acc + a @ P[prow, ks]^T for an A tile [BM, BK]: SPLIT3, a = a_hi + a_lo (see the module docstring); else
+    a = a_hi in fp32 (a_lo unused)."""
     if SPLIT3:
-        a_hi, a_lo = _hi_lo(a)
         if GEN == 0:
             mask = mk[:, None] & mp[None, :]
             offs = prow[None, :] * sHs + ks[:, None] * sHn
@@ -74,7 +74,7 @@ def _ap_step(a, P, PH, PL, ks, prow, mk, mp, sPs, sPn, sHs, sHn, key, scale, acc
         t = tl.dot(a_hi, p_hi, t)
         return acc + t
     else:
-        return tl.dot(a, _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN), acc, input_precision=PREC)
+        return tl.dot(a_hi, _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN), acc, input_precision=PREC)
 
 
 @triton.jit
@@ -154,10 +154,15 @@ def glm_gram_kernel(A, X, Y, Z, P, PH, PL, GP, PG, PAIRS, m, n, s, RA, R, key, s
                             mask=mr[:, None] & mk[None, :], other=0.0)
                 if not ZPRE:
                     z += tl.sum(a * tl.load(X + ks, mask=mk, other=0.0)[None, :], 1)
-                Ba = _ap_step(a, P, PH, PL, ks, ca, mk, ma, sPs, sPn, sHs, sHn, key, scale, Ba, GEN, PREC, SPLIT3)
+                if SPLIT3:   # once for both column tiles
+                    a_hi, a_lo = _hi_lo(a)
+                else:
+                    a_hi, a_lo = a, a
+                Ba = _ap_step(a_hi, a_lo, P, PH, PL, ks, ca, mk, ma, sPs, sPn, sHs, sHn, key, scale, Ba, GEN, PREC,
+                              SPLIT3)
                 if HAS_B:
-                    Bb = _ap_step(a, P, PH, PL, ks, cb, mk, mb, sPs, sPn, sHs, sHn, key, scale, Bb, GEN, PREC,
-                                  SPLIT3)
+                    Bb = _ap_step(a_hi, a_lo, P, PH, PL, ks, cb, mk, mb, sPs, sPn, sHs, sHn, key, scale, Bb, GEN,
+                                  PREC, SPLIT3)
             if ZPRE:
                 z = tl.load(Z + rows, mask=mr, other=0.0)
             d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
