@@ -212,14 +212,18 @@ def main() -> int:
     if args.quick:
         shapes = shapes[:1]
     result = {"env": environment(device), "shapes": [bench_shape(*sh, device, args.paths) for sh in shapes]}
-    if args.sweep and device.type == "cuda":
-        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm, args.sweep_precision)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device_tag(result["env"])
-    (out / f"subspace_hvp_{tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"subspace_hvp_{tag}.md").write_text(markdown(result))
-    print(f"wrote {out / f'subspace_hvp_{tag}.md'}")
+
+    def save():   # before the sweep too, so that a run cut short in the sweep keeps the paths' table
+        (out / f"subspace_hvp_{tag}.json").write_text(json.dumps(result, indent=1))
+        (out / f"subspace_hvp_{tag}.md").write_text(markdown(result))
+        print(f"wrote {out / f'subspace_hvp_{tag}.md'}", flush=True)
+    save()
+    if args.sweep and device.type == "cuda":
+        result["sweep"] = [row for sh in shapes for row in sweep(*sh, device, args.sweep_bm, args.sweep_precision)]
+        save()
     return 0
 
 
