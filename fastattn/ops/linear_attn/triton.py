@@ -8,8 +8,8 @@ NS is chosen so that the grid fills the GPU (NS = 1, a single fused pass, when B
 Bracketed steps run only when needed: the state steps when NS > 1 or for the non-causal form, the reductions
 when a feature dim has several tiles (or GQA, for dv). Only the feature tiles are compile-time constants: the
 feature dims themselves, T, the segment counts and the strides that scale with T are runtime arguments, so a new
-T or a new feature dim in the same tile bucket never compiles a new kernel. (Dims that are each exactly one tile,
-e.g. 64 x 64, are compiled in: ``_exact``.)
+T or a new feature dim in the same tile bucket never compiles a new kernel. (A dim that is exactly one tile, e.g.
+Dv = 64, is compiled in: ``_exact``.)
 """
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
     return _Config(BK=BK, BV=cfg.BV, warps=cfg.warps, stages=FWD_STAGES[BK])
 
 
-def _exact(D: int, Dv: int, cfg: _Config) -> bool:
-    """One full tile per feature dim: the kernels then take D and Dv as compile-time constants."""
-    return D == cfg.BK and Dv == cfg.BV
+def _exact(D: int, Dv: int, cfg: _Config) -> int:
+    """The kernels' EXACT bits: 1 if D is one full tile, 2 if Dv is; such a dim becomes a compile-time constant."""
+    return int(D == cfg.BK) | 2 * int(Dv == cfg.BV)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,10 +110,14 @@ def _segments(NT: int, programs_per_segment: int, device: torch.device, directio
     return cps, triton.cdiv(NT, cps)
 
 
-def _aligned(*ts: Tensor) -> bool:
-    """Batch, head and token strides all multiples of 16 elements: lets the kernels assume aligned rows. It
-    includes the token stride so that the answer does not change with T for "bhtd" or "bthd" memory."""
-    return all(all(s % 16 == 0 for s in t.stride()[:3]) for t in ts)
+def _aligned(k_side: tuple[Tensor, ...], v_side: tuple[Tensor, ...]) -> int:
+    """The kernels' ALIGN bits: 1 if every K-side tensor (q, k, dq, dk) has batch, head and token strides that
+    are multiples of 16 elements, 2 if every V-side one (v, o, do, dv) has: lets the kernels assume aligned rows.
+    The token stride is included so that the answer does not change with T for "bhtd" or "bthd" memory. Two
+    bits, not one: at D = 9 (H = 8) the v and o loads stay vectorised, which the q and k rows cannot be."""
+    def ok(ts):
+        return all(all(s % 16 == 0 for s in t.stride()[:3]) for t in ts)
+    return int(ok(k_side)) | 2 * int(ok(v_side))
 
 
 def _mask_args(key_mask: Tensor | None, dummy: Tensor):
@@ -193,7 +197,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
     cfg = _fwd_config(D, Dv, FWD_MAX_BK)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
     CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "fwd")
-    split, align = _SPLIT[q.dtype], _aligned(q, k, v, o)
+    split, align = _SPLIT[q.dtype], _aligned((q, k), (v, o))
     mask_args = _mask_args(key_mask, q)
     if causal and NS == 1:
         ptrs, strides, (has_h, has_z) = _state_src(S0, z0, q)
@@ -238,7 +242,7 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
     cfg = _config(D, Dv)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
     CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "bwd")
-    split, align = _SPLIT[q.dtype], _aligned(q, k, v, do, dq, dk, dv)
+    split, align = _SPLIT[q.dtype], _aligned((q, k, dq, dk), (v, do, dv))
     mask_args = _mask_args(key_mask, q)
     mask, smb, smt, _ = mask_args
     den = den.contiguous() if normalize else None  # [B, H, T] fp32, as forward made it

@@ -5,8 +5,8 @@ the feature tiles (powers of two in 16..64, the forward's BK up to 128; tails ar
 padded). Every kernel works on one (batch, head) pair at a time and reads q/k/v/do through their strides, so
 "bhtd" and "bthd" memory both work.
 D and DV are runtime arguments, only the tiles are compile-time: a model whose layers all have different feature
-dims compiles one kernel per tile bucket (and Triton's divisible-by-16 flag), not one per layer. EXACT (D == BK
-and DV == BV, e.g. 64 x 64) compiles the dims in, as constants (``_dims``): with runtime dims the split-T forward at D = 64 ran
+dims compiles one kernel per tile bucket (and Triton's divisible-by-16 flag), not one per layer. EXACT (D == BK,
+DV == BV, or both, e.g. 64 x 64) compiles those dims in, as constants (``_dims``): with runtime dims the split-T forward at D = 64 ran
 1.4-1.5x slower on the H200 (bench/results/linear_attn_h200_runtime_dims.md).
 
 Split-T schedule: the T axis is cut into NS segments of CPS chunks. ``chunk_state_kernel`` sums each segment's
@@ -92,7 +92,9 @@ def _dot_fx(f, x, SPLIT: tl.constexpr):
 
 @triton.jit
 def _base(i_b, i_h, sb, sh, ALIGN: tl.constexpr):
-    """int64 offset of one (batch, head) slice; ALIGN: the host checked that the strides are multiples of 16."""
+    """int64 offset of one (batch, head) slice; ALIGN (nonzero): the host checked that the strides are multiples
+    of 16. The kernels' ALIGN argument holds two bits, 1 for the K side (q, k, dq, dk), 2 for the V side (v, o,
+    do, dv), so that a ragged D (rows of 9 or 182 features) keeps v and o on aligned vector loads."""
     off = i_b.to(tl.int64) * sb + i_h.to(tl.int64) * sh
     if ALIGN:
         off = tl.multiple_of(off, 16)
@@ -116,12 +118,17 @@ def _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _dims(D_, DV_, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
-    """(D, DV, NK, NV): the runtime feature dims and their tile counts; with EXACT (D == BK and DV == BV) the
-    tiles themselves, constants that fold after inlining, so tile indices and masks are compile-time."""
-    if EXACT:
-        D, DV = BK, BV
+    """(D, DV, NK, NV): the runtime feature dims and their tile counts. EXACT holds two bits, 1: D == BK,
+    2: DV == BV; such a dim is its tile itself, a constant that folds after inlining, so its tile indices and
+    masks are compile-time (DV = 64 stays so next to D = 9)."""
+    if EXACT & 1:
+        D = BK
     else:
-        D, DV = D_, DV_
+        D = D_
+    if EXACT & 2:
+        DV = BV
+    else:
+        DV = DV_
     return D, DV, tl.cdiv(D, BK), tl.cdiv(DV, BV)
 
 
@@ -160,8 +167,8 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    y += _base(i_b, i_h, syb, syh, ALIGN)
-    w += _base(i_b, i_h // GW, swb, swh, ALIGN)
+    y += _base(i_b, i_h, syb, syh, ALIGN & 1)
+    w += _base(i_b, i_h // GW, swb, swh, ALIGN & 2)
     NT = tl.cdiv(T, BT)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     acc_z = tl.zeros([BK], dtype=tl.float32)
@@ -261,10 +268,10 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q += _base(i_b, i_h, sqb, sqh, ALIGN)
-    k += _base(i_b, i_h, skb, skh, ALIGN)
-    v += _base(i_b, i_h // G, svb, svh, ALIGN)
-    x += _base(i_b, i_h, sxb, sxh, ALIGN)
+    q += _base(i_b, i_h, sqb, sqh, ALIGN & 1)
+    k += _base(i_b, i_h, skb, skh, ALIGN & 1)
+    v += _base(i_b, i_h // G, svb, svh, ALIGN & 2)
+    x += _base(i_b, i_h, sxb, sxh, ALIGN & 2)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -338,11 +345,11 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q += _base(i_b, i_h, sqb, sqh, ALIGN)
-    k += _base(i_b, i_h, skb, skh, ALIGN)
-    v += _base(i_b, i_h // G, svb, svh, ALIGN)
-    do += _base(i_b, i_h, sdb, sdh, ALIGN)
-    dq += _base(i_b, i_h, sxb, sxh, ALIGN)
+    q += _base(i_b, i_h, sqb, sqh, ALIGN & 1)
+    k += _base(i_b, i_h, skb, skh, ALIGN & 1)
+    v += _base(i_b, i_h // G, svb, svh, ALIGN & 2)
+    do += _base(i_b, i_h, sdb, sdh, ALIGN & 2)
+    dq += _base(i_b, i_h, sxb, sxh, ALIGN & 1)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -417,12 +424,12 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q += _base(i_b, i_h, sqb, sqh, ALIGN)
-    k += _base(i_b, i_h, skb, skh, ALIGN)
-    v += _base(i_b, i_h // G, svb, svh, ALIGN)
-    do += _base(i_b, i_h, sdb, sdh, ALIGN)
-    dk += _base(i_b, i_h, sxb, sxh, ALIGN)
-    dv += _base(i_b, i_h // G, sab, sah, ALIGN)
+    q += _base(i_b, i_h, sqb, sqh, ALIGN & 1)
+    k += _base(i_b, i_h, skb, skh, ALIGN & 1)
+    v += _base(i_b, i_h // G, svb, svh, ALIGN & 2)
+    do += _base(i_b, i_h, sdb, sdh, ALIGN & 2)
+    dk += _base(i_b, i_h, sxb, sxh, ALIGN & 1)
+    dv += _base(i_b, i_h // G, sab, sah, ALIGN & 2)
     b_R = tl.zeros([BK, BV], dtype=tl.float32)
     b_r = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
