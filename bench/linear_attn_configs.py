@@ -2,6 +2,7 @@
 rule and forced splits, each against the default at the same shape, in one process (cudagraph timer, bf16, "bthd").
 
     python bench/linear_attn_configs.py --out DIR      # compiles every variant in parallel processes first
+    python bench/linear_attn_configs.py --variants default,joint,w8 --out DIR   # a subset
 
 Every variant's output (and, for fwd+bwd variants, gradients) is compared with the default's before timing.
 Writes DIR/linear_attn_configs.json and .md.
@@ -26,10 +27,12 @@ from fastattn.ops.linear_attn import triton as tri  # noqa: E402
 from linear_attn import _inputs, environment  # noqa: E402
 
 FWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 8, 65536, 64), (1, 9, 65536, 64), (16, 8, 4096, 9),
-              (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256)]
-BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128)]
+              (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256),
+              (16, 8, 4096, 182)]
+BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128), (16, 8, 4096, 9)]
 # name -> overrides: "fwd" / "bwd" config fields, "cps" forced chunks per segment, "ceil" the earlier split rule
-# (segments rounded up: a partial last wave), "pps" PROGRAMS_PER_SM entries
+# (segments rounded up: a partial last wave), "pps" PROGRAMS_PER_SM entries, "joint" the ALIGN / EXACT rule of
+# 27c8544 (one bit for all tensors: a ragged D also dropped v's and o's alignment and Dv's constant)
 VARIANTS = {
     "default": {},
     "s2": {"fwd": dict(stages=2)},
@@ -40,12 +43,23 @@ VARIANTS = {
     "bwd_ceil": {"ceil": True},
     "bwd_pps1": {"pps": {"bwd": 1}},
     "bwd_cps16": {"cps": 16},
+    "joint": {"joint": True},
+    "w8": {"fwd": dict(warps=8)},
 }
-FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before")
-BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before")
+FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "joint", "w8")
+BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "joint")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
 _base_pps = dict(tri.PROGRAMS_PER_SM)
+_base_aligned, _base_exact = tri._aligned, tri._exact
+
+
+def _aligned_joint(k_side, v_side):
+    return 3 if _base_aligned(k_side, v_side) == 3 else 0
+
+
+def _exact_joint(D, Dv, cfg):
+    return 3 if _base_exact(D, Dv, cfg) == 3 else 0
 
 
 def _segments_ceil(NT, programs_per_segment, device, direction):
@@ -72,16 +86,17 @@ def use(name: str) -> None:
         return tri._Config(**{**_base_cfg(D, Dv).__dict__, **var.get("bwd", {})})
     tri._fwd_config, tri._config, tri.SEGMENT_CHUNKS = fwd_config, config, var.get("cps")
     tri._segments = _segments_ceil if var.get("ceil") else _base_segments
+    tri._aligned, tri._exact = (_aligned_joint, _exact_joint) if var.get("joint") else (_base_aligned, _base_exact)
     tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
 
 
-def jobs():
-    for name in FWD_VARIANTS:
-        for s in FWD_SHAPES:
-            yield "fwd", name, s
-    for name in BWD_VARIANTS:
-        for s in BWD_SHAPES:
-            yield "bwd", name, s
+def jobs(only=None):
+    """(kind, variant, shape) of every probe; ``only``: the variants to run (default: all)."""
+    for kind, names, shapes in (("fwd", FWD_VARIANTS, FWD_SHAPES), ("bwd", BWD_VARIANTS, BWD_SHAPES)):
+        for name in names:
+            if only is None or name in only or name == "default":
+                for s in shapes:
+                    yield kind, name, s
 
 
 def run_one(kind, name, shape, timed: bool, ref=None):
@@ -120,8 +135,13 @@ def main():
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)   # "i/n": compile only
     p.add_argument("--jobs", type=int, default=14)
+    p.add_argument("--variants", default=None, type=lambda v: v.split(","),
+                   help="comma-separated variants to probe (default: all; the default config always runs)")
     a = p.parse_args()
-    all_jobs = list(jobs())
+    unknown = set(a.variants or ()) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    all_jobs = list(jobs(a.variants))
     if a.shard:
         i, n = (int(x) for x in a.shard.split("/"))
         for j, (kind, name, shape) in enumerate(all_jobs):
@@ -132,7 +152,8 @@ def main():
                     print(f"{kind} {name} {shape}: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{a.jobs}"]) for i in range(a.jobs)]
+    only = ["--variants", ",".join(a.variants)] if a.variants else []
+    procs = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{a.jobs}"] + only) for i in range(a.jobs)]
     for pr in procs:
         pr.wait()
     print(f"compiled in {time.time() - t0:.0f}s", flush=True)
@@ -158,7 +179,8 @@ def main():
              ""]
     for kind in ("fwd", "bwd"):
         shapes = FWD_SHAPES if kind == "fwd" else BWD_SHAPES
-        names = FWD_VARIANTS if kind == "fwd" else BWD_VARIANTS
+        names = [n for n in (FWD_VARIANTS if kind == "fwd" else BWD_VARIANTS) if not a.variants or n in a.variants
+                 or n == "default"]
         lines += [f"{kind}:", "", "| variant | " + " | ".join(str(list(s)) for s in shapes) + " |",
                   "|---|" + "---|" * len(shapes)]
         get = {(r["variant"], tuple(r["shape"])): r for r in rows if r["kind"] == kind}
