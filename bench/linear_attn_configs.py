@@ -2,7 +2,7 @@
 rule and forced splits, each against the default at the same shape, in one process (cudagraph timer, bf16, "bthd").
 
     python bench/linear_attn_configs.py --out DIR      # compiles every variant in parallel processes first
-    python bench/linear_attn_configs.py --variants default,joint,w8 --out DIR   # a subset
+    python bench/linear_attn_configs.py --variants joint,w8 --dims 9,128 --out DIR   # a subset
 
 Every variant's output (and, for fwd+bwd variants, gradients) is compared with the default's before timing.
 Writes DIR/linear_attn_configs.json and .md.
@@ -90,13 +90,14 @@ def use(name: str) -> None:
     tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
 
 
-def jobs(only=None):
-    """(kind, variant, shape) of every probe; ``only``: the variants to run (default: all)."""
+def jobs(only=None, dims=None):
+    """(kind, variant, shape) of every probe; ``only``: the variants to run, ``dims``: the feature dims (None: all)."""
     for kind, names, shapes in (("fwd", FWD_VARIANTS, FWD_SHAPES), ("bwd", BWD_VARIANTS, BWD_SHAPES)):
         for name in names:
             if only is None or name in only or name == "default":
                 for s in shapes:
-                    yield kind, name, s
+                    if dims is None or s[3] in dims:
+                        yield kind, name, s
 
 
 def run_one(kind, name, shape, timed: bool, ref=None):
@@ -137,11 +138,13 @@ def main():
     p.add_argument("--jobs", type=int, default=14)
     p.add_argument("--variants", default=None, type=lambda v: v.split(","),
                    help="comma-separated variants to probe (default: all; the default config always runs)")
+    p.add_argument("--dims", default=None, type=lambda v: [int(d) for d in v.split(",")],
+                   help="comma-separated feature dims: only the shapes with these (default: all)")
     a = p.parse_args()
     unknown = set(a.variants or ()) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
-    all_jobs = list(jobs(a.variants))
+    all_jobs = list(jobs(a.variants, a.dims))
     if a.shard:
         i, n = (int(x) for x in a.shard.split("/"))
         for j, (kind, name, shape) in enumerate(all_jobs):
@@ -152,7 +155,8 @@ def main():
                     print(f"{kind} {name} {shape}: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return
     t0 = time.time()
-    only = ["--variants", ",".join(a.variants)] if a.variants else []
+    only = (["--variants", ",".join(a.variants)] if a.variants else []) + \
+        (["--dims", ",".join(map(str, a.dims))] if a.dims else [])
     procs = [subprocess.Popen([sys.executable, __file__, "--shard", f"{i}/{a.jobs}"] + only) for i in range(a.jobs)]
     for pr in procs:
         pr.wait()
@@ -178,7 +182,7 @@ def main():
              "Dv = 64; do_bench_cudagraph median ms (fwd: forward; bwd: forward + backward); x = default / variant.",
              ""]
     for kind in ("fwd", "bwd"):
-        shapes = FWD_SHAPES if kind == "fwd" else BWD_SHAPES
+        shapes = [s for s in (FWD_SHAPES if kind == "fwd" else BWD_SHAPES) if not a.dims or s[3] in a.dims]
         names = [n for n in (FWD_VARIANTS if kind == "fwd" else BWD_VARIANTS) if not a.variants or n in a.variants
                  or n == "default"]
         lines += [f"{kind}:", "", "| variant | " + " | ".join(str(list(s)) for s in shapes) + " |",
