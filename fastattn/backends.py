@@ -6,8 +6,8 @@ and ``supports(*tensors) -> (ok, reason)``, the per-call verifier.
 
 "auto" (or the env var FASTATTN_BACKEND) picks, for CUDA tensors, cuda -> triton -> torch and, for CPU
 tensors, cpu -> torch, unless the op's package defines ``auto_order(*tensors)`` with a measured preference
-(linear_attn: triton first for sequences, cuda first for decode steps); a rejection is logged once with its
-reason. An explicitly requested backend that cannot serve a call raises (never a silent fallback).
+(linear_attn: triton first for sequences, cuda first for decode steps; subspace_hvp: triton, torch, then
+cuda); a rejection is logged once with its reason. An explicitly requested backend that cannot serve a call raises (never a silent fallback).
 """
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def _check_bf16x3(m, n, s, kind, device):
 
 def test_triton_glm_falls_back_to_64_row_blocks_out_of_shared_memory(monkeypatch):
     """128-row blocks that fail at every stage depth with OutOfResources are retried with 64-row blocks, with the
-    same answers; rows asked for through CONFIG_OVERRIDE raise instead."""
+    same answers; a generated P starts at 64 rows; rows asked for through CONFIG_OVERRIDE raise instead."""
     if "triton" not in glm_backends():
         pytest.skip("triton interpreter not available")
     import triton
@@ -164,12 +164,15 @@ def test_triton_glm_falls_back_to_64_row_blocks_out_of_shared_memory(monkeypatch
                 return kernel[grid](*args, **meta)
             return launch
     monkeypatch.setattr(tri._k, "glm_gram_kernel", Launcher())
-    glm, x = glm64.to(torch.float32), x64.float()
-    _check(fastattn.subspace_hvp(glm, x, sk, backend="triton"), ref, torch.float32, "fallback")
+    glm, x, P = glm64.to(torch.float32), x64.float(), sk.materialize(70, torch.float32)
+    _check(fastattn.subspace_hvp(glm, x, P, backend="triton"), ref, torch.float32, "fallback")
     assert rows == [128] * len(tri.STAGES) + [64]
+    rows.clear()   # a generated P starts at 64-row blocks (its 128-row kernel needs more shared memory)
+    _check(fastattn.subspace_hvp(glm, x, sk, backend="triton"), ref, torch.float32, "generated")
+    assert rows == [64]
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"BM": 128})
     with pytest.raises(triton.runtime.errors.OutOfResources):
-        fastattn.subspace_hvp(glm, x, sk, backend="triton")
+        fastattn.subspace_hvp(glm, x, P, backend="triton")
 
 
 def test_regulariser_only_and_every_registry_entry_against_autograd():
@@ -319,3 +322,17 @@ def test_gpu_glm_kernels_against_fp64(backend, m, n, s, kind):
     P = sk if kind != "tensor" else P64.float().cuda()
     got = fastattn.subspace_hvp(glm, x64.float().cuda(), P, backend=backend)
     _check(tuple(t.cpu() for t in got), ref, torch.float32, backend)
+
+
+def test_auto_order_prefers_triton_then_torch_on_cuda():
+    """backend "auto" for a GLM on CUDA: triton (fp32-accurate whatever the TF32 flags), then torch, then the
+    CUDA kernel (5x slower, bench/results/subspace_hvp_h200.md); CPU tensors keep the device default."""
+    from fastattn import backends
+    from fastattn.ops.subspace_hvp import auto_order
+
+    class Fake:
+        device = torch.device("cuda")
+    assert auto_order(Fake()) == ("triton", "torch", "cuda")
+    assert backends._auto_order("subspace_hvp", (Fake(),)) == ("triton", "torch", "cuda")
+    assert auto_order(torch.zeros(2, 2)) is None
+    assert backends._auto_order("subspace_hvp", (torch.zeros(2, 2),)) == backends.AUTO_ORDER["cpu"]

@@ -20,8 +20,10 @@ BK = 32
 MAX_BS = 128
 # How A P^T is multiplied: "tf32x3" (fp32 accuracy on tensor cores), "ieee" (CUDA cores), "tf32" (fast, ~1e-3), or
 # "bf16x3": A and P split into bf16 hi + lo parts, three bf16 tensor-core products per k-step (triton_kernels.py),
-# its s x s products at tf32x3. bf16x3 is new and not yet timed on a GPU: bench/subspace_hvp.py
-# --paths fused-triton-bf16x3 does.
+# its s x s products at tf32x3. H100, m = n = 16384, s = 256: bf16x3 3.40 ms (rel. error 1.4e-6 PHPt, 4.3e-6 Pg),
+# tf32x3 4.07 ms (8.4e-7, 3.4e-7), unfused fp32 torch 3.31 ms (bench/results/subspace_hvp_h100_bf16x3.md).
+# tf32x3 stays the default: bf16x3's P g error was 13x tf32x3's there, and P g's sum cancels as the gradient
+# vanishes, which is where a trust-region method ends.
 INPUT_PRECISION = "tf32x3"
 STAGES = (3, 2, 1)             # software-pipelining depths tried in order (fewer when shared memory runs out)
 # Tuning hook (bench/subspace_hvp.py --sweep): any of BM, BK, warps, stages, zpre (margins by a separate GEMV).
@@ -58,10 +60,14 @@ def _num_sms(device: torch.device) -> int:
     return 4   # interpreter runs: a few programs, so the grid-stride loop is exercised
 
 
-def _block_rows(m: int, sms: int) -> int:
-    """128-row blocks when they still give (nearly) every SM one; else 64-row blocks, halved (down to 16) while
-    there are fewer data blocks than SMs (tall-skinny A)."""
-    if triton.cdiv(m, 128) >= sms * 3 // 4:
+def _block_rows(m: int, sms: int, generated: bool = False) -> int:
+    """128-row blocks when they still give (nearly) every SM one, unless P is generated in the kernel; else 64-row
+    blocks, halved (down to 16) while there are fewer data blocks than SMs (tall-skinny A).
+
+    Generated P stays at 64 rows: at 128 a local sm_90 compile needs 320 KB of shared memory, and on an H100
+    (m = n = 16384, s = 256) the first call did not finish within 100 s, trying every stage depth before the
+    fallback (bench/results/subspace_hvp_h100_bf16x3.md)."""
+    if not generated and triton.cdiv(m, 128) >= sms * 3 // 4:
         return 128
     bm = 64
     while bm > 16 and triton.cdiv(m, bm) < sms:
@@ -74,7 +80,7 @@ def _block_rows(m: int, sms: int) -> int:
 # 4.99 for the 64-row default (bench/results/subspace_hvp_h200_sweep.md).
 _BLOCK_DEFAULTS = {128: dict(BK=64, zpre=True)}
 # bf16x3 on top: a 32-wide k step (it spilled least in a local sm_90 compile; 192 KB of shared memory at 128 rows,
-# as tf32x3). Untimed: bench/subspace_hvp.py --sweep --sweep-precision bf16x3 is to choose.
+# as tf32x3). Not swept on a GPU yet: bench/subspace_hvp.py --sweep --sweep-precision bf16x3 is to choose.
 _SPLIT3_DEFAULTS = dict(BK=32)
 
 
@@ -91,13 +97,13 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
         loss: int, reg: int, lam: float, loss_scale: float) -> tuple[Tensor, Tensor]:
     """A [m, n], x [n], y [m] fp32; P [s, n] or None (generated from ``seed``) -> (Pg [s], PHPt [s, s]) fp32."""
     m = A.shape[0]
-    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device)))
+    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), generated=P is None))
     run = functools.partial(_glm_blocks, A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale)
     try:
         return run(BM)
     except triton.runtime.errors.OutOfResources:
-        # 128-row blocks out of shared memory at every stage depth (a local sm_90 compile puts the generated-P
-        # path there at 320 KB): 64-row blocks instead, unless the rows were asked for
+        # 128-row blocks out of shared memory at every stage depth: 64-row blocks instead, unless the rows were
+        # asked for
         if BM <= 64 or "BM" in CONFIG_OVERRIDE:
             raise
         return run(64)
