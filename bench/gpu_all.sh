@@ -23,8 +23,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "
 # PREPARE_S=0 skips it (for LA_ARGS with --no-fla; `timeout 0` would mean no limit at all)
 PREPARE_S=${PREPARE_S:-240}
 if [ "$PREPARE_S" -gt 0 ]; then
+  # LA_ARGS here too: the probes cover the grid that the timed run uses (fla autotunes anew for every T)
   timeout "$PREPARE_S" python3 bench/linear_attn.py --prepare --prepare-timeout $(( PREPARE_S - 10 )) \
-    --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" --out "$LOGS" > "$LOGS/prepare.log" 2>&1 &
+    --fla-dims "$FLA_DIMS" --probe-file "$LOGS/fla_probe.json" --out "$LOGS" ${LA_ARGS:-} > "$LOGS/prepare.log" 2>&1 &
 else
   sleep 0 &
 fi

@@ -465,14 +465,14 @@ def prepare(args) -> None:
     if not args.no_fla and 64 not in fla_dims:
         fla_dims = fla_dims + [64]   # the B=1, H=9 row
     me = [sys.executable, str(Path(__file__).resolve())]
-    quick = ["--quick"] if args.quick else []
+    grid = (["--quick"] if args.quick else []) + (["--Ts", args.Ts] if args.Ts else [])   # the workers' grid
     nshard = args.fla_shards
     # first our compile-only warm-ups next to nshard processes per fla dim that compile slices of fla's autotune
     # configs; then the full fla probes, which find every config compiled
-    shards = [me + ["--probe-fla", str(D), "--fla-shard", f"{i}/{nshard}"] + quick
+    shards = [me + ["--probe-fla", str(D), "--fla-shard", f"{i}/{nshard}"] + grid
               for D in fla_dims for i in range(nshard)]
-    first = [me + ["--warm", "--D", str(D)] + quick for D in Ds] + (shards if nshard > 1 else [])
-    jobs = [me + ["--probe-fla", str(D)] + quick for D in fla_dims]
+    first = [me + ["--warm", "--D", str(D)] + grid for D in Ds] + (shards if nshard > 1 else [])
+    jobs = [me + ["--probe-fla", str(D)] + grid for D in fla_dims]
 
     t0 = time.time()
     deadline = t0 + args.prepare_timeout
