@@ -2,7 +2,7 @@
 rule and forced splits, each against the default at the same shape, in one process (cudagraph timer, bf16, "bthd").
 
     python bench/linear_attn_configs.py --out DIR      # compiles every variant in parallel processes first
-    python bench/linear_attn_configs.py --variants joint,w8 --dims 9,128 --out DIR   # a subset
+    python bench/linear_attn_configs.py --variants a16,w8 --dims 56,182 --out DIR   # a subset
 
 Every variant's output (and, for fwd+bwd variants, gradients) is compared with the default's before timing.
 Writes DIR/linear_attn_configs.json and .md.
@@ -28,11 +28,12 @@ from linear_attn import _inputs, environment  # noqa: E402
 
 FWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 8, 65536, 64), (1, 9, 65536, 64), (16, 8, 4096, 9),
               (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256),
-              (16, 8, 4096, 182)]
-BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128), (16, 8, 4096, 9)]
+              (16, 8, 4096, 182), (16, 8, 4096, 56)]
+BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128), (16, 8, 4096, 9),
+              (16, 8, 4096, 56)]
 # name -> overrides: "fwd" / "bwd" config fields, "cps" forced chunks per segment, "ceil" the earlier split rule
-# (segments rounded up: a partial last wave), "pps" PROGRAMS_PER_SM entries, "joint" the ALIGN / EXACT rule of
-# 27c8544 (one bit for all tensors: a ragged D also dropped v's and o's alignment and Dv's constant)
+# (segments rounded up: a partial last wave), "pps" PROGRAMS_PER_SM entries, "a16" the alignment rule of 76938f0
+# (per side, 16 elements or nothing: D = 56 or 182 loaded q and k rows element by element)
 VARIANTS = {
     "default": {},
     "s2": {"fwd": dict(stages=2)},
@@ -43,23 +44,19 @@ VARIANTS = {
     "bwd_ceil": {"ceil": True},
     "bwd_pps1": {"pps": {"bwd": 1}},
     "bwd_cps16": {"cps": 16},
-    "joint": {"joint": True},
+    "a16": {"a16": True},
     "w8": {"fwd": dict(warps=8)},
 }
-FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "joint", "w8")
-BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "joint")
+FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8")
+BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
 _base_pps = dict(tri.PROGRAMS_PER_SM)
-_base_aligned, _base_exact = tri._aligned, tri._exact
+_base_alignment = tri._alignment
 
 
-def _aligned_joint(k_side, v_side):
-    return 3 if _base_aligned(k_side, v_side) == 3 else 0
-
-
-def _exact_joint(D, Dv, cfg):
-    return 3 if _base_exact(D, Dv, cfg) == 3 else 0
+def _alignment_a16(ts, dim):
+    return 16 if _base_alignment(ts, dim) == 16 else 1
 
 
 def _segments_ceil(NT, programs_per_segment, device, direction):
@@ -86,7 +83,7 @@ def use(name: str) -> None:
         return tri._Config(**{**_base_cfg(D, Dv).__dict__, **var.get("bwd", {})})
     tri._fwd_config, tri._config, tri.SEGMENT_CHUNKS = fwd_config, config, var.get("cps")
     tri._segments = _segments_ceil if var.get("ceil") else _base_segments
-    tri._aligned, tri._exact = (_aligned_joint, _exact_joint) if var.get("joint") else (_base_aligned, _base_exact)
+    tri._alignment = _alignment_a16 if var.get("a16") else _base_alignment
     tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
 
 

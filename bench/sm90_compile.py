@@ -120,7 +120,8 @@ def main() -> int:
     tri._num_sms = lambda device: 132   # plan the grid as for an H100 / H200
     for D in (int(d) for d in a.D.split(",")):
         for name, kernel, args, meta in launches(a.direction, B, H, T, D, a.Dv, a.layout):
-            flags = {k: meta[k] for k in ("BK", "BV", "EXACT", "ALIGN", "MODE", "num_warps", "num_stages") if k in meta}
+            keys = ("BK", "BV", "EXACT", "AK", "AV", "MODE", "num_warps", "num_stages")
+            flags = {k: meta[k] for k in keys if k in meta}
             r = compile_one(kernel, args, meta, a.ptxas)
             print(f"D={D} {name} {flags}: {r['registers']} regs, spills {r['spill_store_bytes']}/"
                   f"{r['spill_load_bytes']} B, shared {r['shared_bytes']} B", flush=True)

@@ -201,20 +201,24 @@ def test_split_t_rule_on_a_gpu_sized_grid(monkeypatch):
     assert tri._segments(3, 9, torch.device("cpu"), "fwd") == (1, 3)   # interpreter: still split (coverage)
 
 
-def test_alignment_and_exact_bits_are_per_side():
-    """The kernels' ALIGN and EXACT bits: 1 for the K side (q, k; D), 2 for the V side (v, o; Dv). At D = 9 in
-    "bthd" memory the q/k rows are unaligned while v and o (Dv = 64) stay aligned and their dim compiled in;
-    a ragged Dv clears only bit 2. (The interpreter ignores the alignment hints, so this pins the host's rule.)"""
+def test_alignment_is_per_side_and_exact_bits_per_dim():
+    """The kernels' AK / AV: the largest of 16, 8, 4, 2, 1 elements dividing the feature dim and the batch, head
+    and token strides of every tensor of that side. At D = 9 in "bthd" memory the q/k rows are unaligned while v
+    and o (Dv = 64) stay at 16; even and multiple-of-8 dims keep what they have. EXACT: bit 1 if D is one full
+    tile, bit 2 if Dv is. (The interpreter ignores the alignment hints, so this pins the host's rule; the kernels'
+    rounding of strides and dims to these multiples runs in every interpreter test.)"""
     pytest.importorskip("triton")
     from fastattn.ops.linear_attn import triton as tri
 
     def bthd(D, H=8, B=2, T=5):   # [B, H, T, D] view of [B, T, H, D] memory
         return torch.empty(B, T, H, D).transpose(1, 2)
-    q, v = bthd(9), bthd(64)
-    assert tri._aligned((q, q), (v, v)) == 2
-    assert tri._aligned((v, v), (q, q)) == 1
-    assert tri._aligned((v,), (v,)) == 3 and tri._aligned((q,), (q,)) == 0
-    assert tri._aligned((bthd(16),), (bthd(24, H=1),)) == 1   # v rows of 24 features, one head: stride 24
+    assert tri._alignment((bthd(9), bthd(9)), 9) == 1 and tri._alignment((bthd(64), bthd(64)), 64) == 16
+    assert tri._alignment((bthd(56),), 56) == 8 and tri._alignment((bthd(182),), 182) == 2
+    assert tri._alignment((bthd(64), bthd(182)), 64) == 2           # the least aligned tensor counts
+    assert tri._alignment((bthd(64),), 60) == 4                      # and the dim itself
+    assert tri._alignment((torch.empty(2, 3, 5, 48),), 48) == 16     # "bhtd": token stride 48
+    assert tri._alignment((torch.empty(2, 3, 5, 60),), 60) == 4
+    assert tri._alignment((bthd(16, H=1, T=3),), 16) == 16 and tri._alignment((bthd(24, H=1),), 24) == 8
     cfg = tri._config(9, 64)
     assert tri._exact(9, 64, cfg) == 2 and tri._exact(16, 64, tri._config(16, 64)) == 3
     assert tri._exact(64, 9, tri._config(64, 9)) == 1 and tri._exact(9, 9, tri._config(9, 9)) == 0

@@ -110,14 +110,16 @@ def _segments(NT: int, programs_per_segment: int, device: torch.device, directio
     return cps, triton.cdiv(NT, cps)
 
 
-def _aligned(k_side: tuple[Tensor, ...], v_side: tuple[Tensor, ...]) -> int:
-    """The kernels' ALIGN bits: 1 if every K-side tensor (q, k, dq, dk) has batch, head and token strides that
-    are multiples of 16 elements, 2 if every V-side one (v, o, do, dv) has: lets the kernels assume aligned rows.
-    The token stride is included so that the answer does not change with T for "bhtd" or "bthd" memory. Two
-    bits, not one: at D = 9 (H = 8) the v and o loads stay vectorised, which the q and k rows cannot be."""
-    def ok(ts):
-        return all(all(s % 16 == 0 for s in t.stride()[:3]) for t in ts)
-    return int(ok(k_side)) | 2 * int(ok(v_side))
+def _alignment(ts: tuple[Tensor, ...], dim: int) -> int:
+    """The largest of 16, 8, 4, 2, 1 elements that divides the feature dim ``dim`` and the batch, head and token
+    strides of every tensor in ``ts``: the kernels' AK (for q, k, dq, dk) or AV (for v, o, do, dv). It lets them
+    state aligned rows to the compiler (``triton_kernels._slice``); a ragged D only drops what it must (D = 9
+    in "bthd" memory: AK = 1, AV = 16 with Dv = 64). The token stride counts so that the answer does not change
+    with T for "bhtd" or "bthd" memory."""
+    a = 16
+    while a > 1 and (dim % a or any(s % a for t in ts for s in t.stride()[:3])):
+        a //= 2
+    return a
 
 
 def _mask_args(key_mask: Tensor | None, dummy: Tensor):
@@ -142,7 +144,7 @@ def _segment_src(hs: Tensor, hz: Tensor | None, dummy: Tensor):
 
 
 def _segment_states(y, w, GW, mask_args, den, aw, init, init_z, out, out_z, NS, CPS, H, reverse, exclusive,
-                    split, align):
+                    split, align: dict):
     """Run chunk_state_kernel + state_scan_kernel. Returns (hs, hz): the state entering each segment (exclusive)
     or the raw sums; out / out_z get init + all sums. aw: per-token weights for hz (None: ones)."""
     B, _, T, D = y.shape
@@ -157,7 +159,7 @@ def _segment_states(y, w, GW, mask_args, den, aw, init, init_z, out, out_z, NS, 
         y, w, mask, den if den is not None else hs, aw if aw is not None else hs, hs, hz if aug else hs,
         *y.stride(), *w.stride(), smb, smt, T, CPS, NS, H, GW,
         D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, HAS_MASK=has_mask,
-        HAS_DEN=den is not None, AUG=aug, SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
+        HAS_DEN=den is not None, AUG=aug, SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, **align)
     sS = init.stride() if init is not None else (0,) * 4
     sz = init_z.stride() if init_z is not None else (0,) * 3
     _k.state_scan_kernel[(NK * NV * B * H,)](
@@ -197,7 +199,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
     cfg = _fwd_config(D, Dv, FWD_MAX_BK)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
     CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "fwd")
-    split, align = _SPLIT[q.dtype], _aligned((q, k), (v, o))
+    split, align = _SPLIT[q.dtype], dict(AK=_alignment((q, k), D), AV=_alignment((v, o), Dv))
     mask_args = _mask_args(key_mask, q)
     if causal and NS == 1:
         ptrs, strides, (has_h, has_z) = _state_src(S0, z0, q)
@@ -216,7 +218,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
         D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal,
         NORMALIZE=normalize, HAS_MASK=key_mask is not None, HAS_H=has_h, HAS_Z=has_z,
         STORE_FINAL=causal and NS == 1, MODE=mode,
-        SPLIT=split, ALIGN=align, num_warps=cfg.warps, num_stages=cfg.stages)
+        SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, **align)
     if mode:
         _sum_partials(part, dpart if normalize else None, o, NK, H, eps, den)
     return o, S, z, den
@@ -242,13 +244,13 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
     cfg = _config(D, Dv)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
     CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "bwd")
-    split, align = _SPLIT[q.dtype], _aligned((q, k, dq, dk), (v, do, dv))
+    split, align = _SPLIT[q.dtype], dict(AK=_alignment((q, k, dq, dk), D), AV=_alignment((v, do, dv), Dv))
     mask_args = _mask_args(key_mask, q)
     mask, smb, smt, _ = mask_args
     den = den.contiguous() if normalize else None  # [B, H, T] fp32, as forward made it
     grid = (NK * NV * NS * B * H,)
     common = dict(D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal,
-                  NORMALIZE=normalize, HAS_MASK=key_mask is not None, SPLIT=split, ALIGN=align)
+                  NORMALIZE=normalize, HAS_MASK=key_mask is not None, SPLIT=split, **align)
 
     # forward states entering each segment (S_prev, z_prev), or the totals for the non-causal form
     if causal and NS == 1:

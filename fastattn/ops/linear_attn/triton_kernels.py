@@ -5,9 +5,9 @@ the feature tiles (powers of two in 16..64, the forward's BK up to 128; tails ar
 padded). Every kernel works on one (batch, head) pair at a time and reads q/k/v/do through their strides, so
 "bhtd" and "bthd" memory both work.
 D and DV are runtime arguments, only the tiles are compile-time: a model whose layers all have different feature
-dims compiles one kernel per tile bucket (and Triton's divisible-by-16 flag), not one per layer. EXACT (D == BK,
-DV == BV, or both, e.g. 64 x 64) compiles those dims in, as constants (``_dims``): with runtime dims the split-T forward at D = 64 ran
-1.4-1.5x slower on the H200 (bench/results/linear_attn_h200_runtime_dims.md).
+dims compiles one kernel per tile bucket and alignment (AK, AV: 16, 8, 4, 2 or 1 elements), not one per layer.
+EXACT (D == BK, DV == BV, or both, e.g. 64 x 64) compiles those dims in, as constants (``_dims``): with runtime
+dims the split-T forward at D = 64 ran 1.4-1.5x slower on the H200 (bench/results/linear_attn_h200_runtime_dims.md).
 
 Split-T schedule: the T axis is cut into NS segments of CPS chunks. ``chunk_state_kernel`` sums each segment's
 contribution to the state, ``state_scan_kernel`` turns those sums into the state entering each segment (or the
@@ -91,14 +91,24 @@ def _dot_fx(f, x, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _base(i_b, i_h, sb, sh, ALIGN: tl.constexpr):
-    """int64 offset of one (batch, head) slice; ALIGN (nonzero): the host checked that the strides are multiples
-    of 16. The kernels' ALIGN argument holds two bits, 1 for the K side (q, k, dq, dk), 2 for the V side (v, o,
-    do, dv), so that a ragged D (rows of 9 or 182 features) keeps v and o on aligned vector loads."""
+def _base(i_b, i_h, sb, sh, A: tl.constexpr):
+    """int64 offset of one (batch, head) slice; A > 1: the host checked that the strides are multiples of A."""
     off = i_b.to(tl.int64) * sb + i_h.to(tl.int64) * sh
-    if ALIGN:
-        off = tl.multiple_of(off, 16)
+    if A > 1:
+        off = tl.multiple_of(off, A)
     return off
+
+
+@triton.jit
+def _slice(ptr, i_b, i_h, sb, sh, st, A: tl.constexpr):
+    """(ptr at one (batch, head) slice, the token stride st). A: the tensor's alignment in elements (AK for q, k,
+    dq, dk; AV for v, o, do, dv), the largest of 16, 8, 4, 2, 1 that divides its batch, head and token strides
+    and its feature dim (``triton._alignment``). Stated to the compiler (multiple_of; st and, in ``_dims``, the
+    dim as (x // A) * A), it lets rows of a ragged dim load as vectors / async copies: sm_90, D = 56, A = 8:
+    16-byte copies instead of scalar 2-byte loads (bench/sm90_compile.py)."""
+    if A > 1:
+        st = (st // A) * A
+    return ptr + _base(i_b, i_h, sb, sh, A), st
 
 
 @triton.jit
@@ -117,16 +127,21 @@ def _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _dims(D_, DV_, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr):
+def _dims(D_, DV_, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
     """(D, DV, NK, NV): the runtime feature dims and their tile counts. EXACT holds two bits, 1: D == BK,
     2: DV == BV; such a dim is its tile itself, a constant that folds after inlining, so its tile indices and
-    masks are compile-time (DV = 64 stays so next to D = 9)."""
+    masks are compile-time (DV = 64 stays so next to D = 9). Otherwise a dim carries its alignment AK / AV
+    (see ``_slice``): the feature masks then split into A-wide runs, which vector loads need."""
     if EXACT & 1:
         D = BK
+    elif AK > 1:
+        D = (D_ // AK) * AK
     else:
         D = D_
     if EXACT & 2:
         DV = BV
+    elif AV > 1:
+        DV = (DV_ // AV) * AV
     else:
         DV = DV_
     return D, DV, tl.cdiv(D, BK), tl.cdiv(DV, BV)
@@ -154,21 +169,21 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
                        T, CPS, NS, H, GW,
                        D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_DEN: tl.constexpr, AUG: tl.constexpr,
-                       SPLIT: tl.constexpr, ALIGN: tl.constexpr):
+                       SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
     """Per-segment state sums: hs[bh, s] = sum_{t in s} y_t^T w_t / den_t  [D, DV] and hz[bh, s] = sum a_t y_t [D].
 
     Forward states: y = k (key-masked), w = v (head h // GW), a = 1. Reverse (backward) states: y = q, w = do
     scaled by 1/den, a = c. AUG: 0 no hz, 1 a = 1, 2 a = aw[bh, t]. Grid: NK * NV * NS * B * H.
     """
-    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    y += _base(i_b, i_h, syb, syh, ALIGN & 1)
-    w += _base(i_b, i_h // GW, swb, swh, ALIGN & 2)
+    y, syt = _slice(y, i_b, i_h, syb, syh, syt, AK)
+    w, swt = _slice(w, i_b, i_h // GW, swb, swh, swt, AV)
     NT = tl.cdiv(T, BT)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     acc_z = tl.zeros([BK], dtype=tl.float32)
@@ -206,7 +221,7 @@ def state_scan_kernel(hs, hz, h0, z0, h_out, z_out,
     the right (REVERSE, backward). Always: h_out / z_out [B, H, D, DV] / [B, H, D] get h0 plus every segment.
     Grid: NK * NV * B * H.
     """
-    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, 1, 1)
     pid = tl.program_id(0)
     i_kv, i_bh = pid % (NK * NV), pid // (NK * NV)
     i_k, i_v = i_kv // NV, i_kv % NV
@@ -218,9 +233,9 @@ def state_scan_kernel(hs, hz, h0, z0, h_out, z_out,
     run = tl.zeros([BK, BV], dtype=tl.float32)
     run_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H0:
-        run += _tile(h0 + _base(i_b, i_h, shb, shh, False), o_k, o_v, shk, shv, m_k, m_v)
+        run += _tile(h0 + _base(i_b, i_h, shb, shh, 1), o_k, o_v, shk, shv, m_k, m_v)
     if HAS_Z0:
-        run_z += tl.load(z0 + _base(i_b, i_h, szb, szh, False) + o_k * szk, mask=m_k, other=0.0)
+        run_z += tl.load(z0 + _base(i_b, i_h, szb, szh, 1) + o_k * szk, mask=m_k, other=0.0)
     for j in range(0, NS):
         if REVERSE:
             s = NS - 1 - j
@@ -251,7 +266,7 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
                D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr, MODE: tl.constexpr,
-               SPLIT: tl.constexpr, ALIGN: tl.constexpr):
+               SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
     """Forward over one segment: num_t = q_t S_t (S_t the prefix state, or the total when non-causal), computed
     per chunk as Q S_prev + tril(Q K^T) V, with den_t = q_t . z_t the same way (z next to S, in fp32).
 
@@ -261,23 +276,23 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     (h0, z0): the state entering each segment, strided (shn = 0 for one shared state). STORE_FINAL: the last
     segment writes the final state to s_out / z_out. Grid: NK * NV * NS * B * H.
     """
-    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q += _base(i_b, i_h, sqb, sqh, ALIGN & 1)
-    k += _base(i_b, i_h, skb, skh, ALIGN & 1)
-    v += _base(i_b, i_h // G, svb, svh, ALIGN & 2)
-    x += _base(i_b, i_h, sxb, sxh, ALIGN & 2)
+    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
+    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+    v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
+    x, sxt = _slice(x, i_b, i_h, sxb, sxh, sxt, AV)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
-        b_S += _tile(h0 + _base(i_b, i_h, shb, shh, False) + i_s.to(tl.int64) * shn, o_k, o_v, shk, shv, m_k, m_v)
+        b_S += _tile(h0 + _base(i_b, i_h, shb, shh, 1) + i_s.to(tl.int64) * shn, o_k, o_v, shk, shv, m_k, m_v)
     if NORMALIZE and HAS_Z:
-        b_z += tl.load(z0 + _base(i_b, i_h, szb, szh, False) + i_s.to(tl.int64) * szn + o_k * szk,
+        b_z += tl.load(z0 + _base(i_b, i_h, szb, szh, 1) + i_s.to(tl.int64) * szn + o_k * szk,
                        mask=m_k, other=0.0)
     NT = tl.cdiv(T, BT)
     for n in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NT)):
@@ -330,7 +345,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
                   D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_H: tl.constexpr, HAS_Z: tl.constexpr, FUSE_C: tl.constexpr, DIRECT: tl.constexpr,
-                  SPLIT: tl.constexpr, ALIGN: tl.constexpr):
+                  SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
     """dq_t = u_t + c_t z_t with u_t = S_t g_t, g_t = do_t / den_t (unnormalized: g = do, no c term).
 
     Per chunk: U = (DO S_prev^T + tril(DO V^T) K) / den, z_t = z_prev + tril(1) K (fp32, exact products).
@@ -338,24 +353,24 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
     cbuf [B*H, T]; otherwise cbuf is read. DIRECT (one V tile): dq is written, else fp32 partials over the V
     tiles to part [NV, B*H, T, D] (the c z_t term only in tile 0). Grid: NK * NV * NS * B * H.
     """
-    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q += _base(i_b, i_h, sqb, sqh, ALIGN & 1)
-    k += _base(i_b, i_h, skb, skh, ALIGN & 1)
-    v += _base(i_b, i_h // G, svb, svh, ALIGN & 2)
-    do += _base(i_b, i_h, sdb, sdh, ALIGN & 2)
-    dq += _base(i_b, i_h, sxb, sxh, ALIGN & 1)
+    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
+    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+    v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
+    do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
+    dq, sxt = _slice(dq, i_b, i_h, sxb, sxh, sxt, AK)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
-        b_S += _tile(h0 + _base(i_b, i_h, shb, shh, False) + i_s.to(tl.int64) * shn, o_k, o_v, shk, shv, m_k, m_v)
+        b_S += _tile(h0 + _base(i_b, i_h, shb, shh, 1) + i_s.to(tl.int64) * shn, o_k, o_v, shk, shv, m_k, m_v)
     if NORMALIZE and HAS_Z:
-        b_z += tl.load(z0 + _base(i_b, i_h, szb, szh, False) + i_s.to(tl.int64) * szn + o_k * szk,
+        b_z += tl.load(z0 + _base(i_b, i_h, szb, szh, 1) + i_s.to(tl.int64) * szn + o_k * szk,
                        mask=m_k, other=0.0)
     NT = tl.cdiv(T, BT)
     for n in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NT)):
@@ -407,7 +422,8 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
                     D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                     HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr,
-                    DK_DIRECT: tl.constexpr, DV_DIRECT: tl.constexpr, SPLIT: tl.constexpr, ALIGN: tl.constexpr):
+                    DK_DIRECT: tl.constexpr, DV_DIRECT: tl.constexpr, SPLIT: tl.constexpr,
+                    AK: tl.constexpr, AV: tl.constexpr):
     """dk_s = R_s v_s + r_s (0 for masked keys), dv_s = R_s^T k_s, with the reverse sums
     R_s = dS + sum_{t>=s} q_t^T g_t and r_s = dz + sum_{t>=s} c_t q_t (all t when non-causal).
 
@@ -417,25 +433,25 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     over K tiles and the query heads of each value head. STORE_FINAL: segment 0 writes (R_1, r_1) = (dS0, dz0).
     Grid: NK * NV * NS * B * H.
     """
-    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT)
+    D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v = i_kv // NV, i_kv % NV
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q += _base(i_b, i_h, sqb, sqh, ALIGN & 1)
-    k += _base(i_b, i_h, skb, skh, ALIGN & 1)
-    v += _base(i_b, i_h // G, svb, svh, ALIGN & 2)
-    do += _base(i_b, i_h, sdb, sdh, ALIGN & 2)
-    dk += _base(i_b, i_h, sxb, sxh, ALIGN & 1)
-    dv += _base(i_b, i_h // G, sab, sah, ALIGN & 2)
+    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
+    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+    v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
+    do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
+    dk, sxt = _slice(dk, i_b, i_h, sxb, sxh, sxt, AK)
+    dv, sat = _slice(dv, i_b, i_h // G, sab, sah, sat, AV)
     b_R = tl.zeros([BK, BV], dtype=tl.float32)
     b_r = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
-        b_R += _tile(h0 + _base(i_b, i_h, shb, shh, False) + i_s.to(tl.int64) * shn, o_k, o_v, shk, shv, m_k, m_v)
+        b_R += _tile(h0 + _base(i_b, i_h, shb, shh, 1) + i_s.to(tl.int64) * shn, o_k, o_v, shk, shv, m_k, m_v)
     if NORMALIZE and HAS_Z:
-        b_r += tl.load(z0 + _base(i_b, i_h, szb, szh, False) + i_s.to(tl.int64) * szn + o_k * szk,
+        b_r += tl.load(z0 + _base(i_b, i_h, szb, szh, 1) + i_s.to(tl.int64) * szn + o_k * szk,
                        mask=m_k, other=0.0)
     NT = tl.cdiv(T, BT)
     n_lo = i_s * CPS
@@ -525,7 +541,7 @@ def sum_partials_kernel(part, dpart, out, den, P, T, H, sob, soh, sot, sod, eps,
         acc_d += eps
         acc = acc / acc_d[:, None]
         tl.store(den + rows, acc_d, mask=m_t & (i_x == 0))
-    out += _base(i_bh // H, i_bh % H, sob, soh, False)
+    out += _base(i_bh // H, i_bh % H, sob, soh, 1)
     tl.store(out + o_t[:, None] * sot + o_x[None, :] * sod, acc.to(out.dtype.element_ty), mask=m)
 
 
@@ -540,12 +556,12 @@ def step_kernel(q, k, v, S, z, o, sqb, sqh, sqd, skb, skh, skd, svb, svh, svd,
     """
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
-    q += _base(i_b, i_h, sqb, sqh, False)
-    k += _base(i_b, i_h, skb, skh, False)
-    v += _base(i_b, i_h // G, svb, svh, False)
-    S += _base(i_b, i_h, sSb, sSh, False)
-    z += _base(i_b, i_h, szb, szh, False)
-    o += _base(i_b, i_h, sob, soh, False)
+    q += _base(i_b, i_h, sqb, sqh, 1)
+    k += _base(i_b, i_h, skb, skh, 1)
+    v += _base(i_b, i_h // G, svb, svh, 1)
+    S += _base(i_b, i_h, sSb, sSh, 1)
+    z += _base(i_b, i_h, szb, szh, 1)
+    o += _base(i_b, i_h, sob, soh, 1)
     den = 1.0
     if NORMALIZE:
         acc_d = tl.zeros([BK], dtype=tl.float32)
