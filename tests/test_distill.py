@@ -145,6 +145,22 @@ def test_config_validation():
         make_config("tiny", nonsense=1)
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("huge")
+    with pytest.raises(ValueError, match="dim_multiple must be >= 1"):
+        make_config("tiny", dim_multiple=0)
+
+
+def test_allocations_honour_dim_multiple():
+    """dim_multiple reaches the allocator: every rule's dims are multiples of it, at the same total budget."""
+    from fastattn.distill.run import allocations
+    dofs = [147.2, 32.5, 79.0, 69.1, 64.0, 5.3]
+    for multiple in (1, 8):
+        cfg = make_config("tiny", rules=("uniform", "dof", "dof_clip"), budget=64, dim_multiple=multiple)
+        for rule, dims in allocations(dofs, cfg, head_dim=64).items():
+            assert all(d % multiple == 0 and d >= 1 for d in dims), (rule, dims)
+            if rule != "dof_clip":   # the clip rule caps at the head dim without redistributing
+                assert sum(dims) == 64 * len(dofs), (rule, dims)
+    odd = allocations(dofs, make_config("tiny", rules=("dof",), budget=64), head_dim=64)["dof"]
+    assert any(d % 8 for d in odd)   # the default allocation is ragged: the option changes something
 
 
 # ---- encoders (BERT family): hidden-state fidelity instead of next-token loss ----

@@ -30,6 +30,8 @@ class DistillConfig:
     lam: float = 2.0 ** -8               # DoF regulariser lambda
     dof_samples: int = 1024              # J: sampled vectors per head for the Gram matrix
     min_dim: int = 1
+    dim_multiple: int = 1                # every layer's feature dim a multiple of it; 8 gives 16-byte bf16 rows,
+                                         #   which the GPU kernels load as vectors (1: the paper's allocation)
     feature_map: str = "prf"
     loss: str = "softmax"
     loss_rows: int = 0                   # query rows per sequence sampled for each layerwise step (0: all T)
@@ -57,7 +59,7 @@ class DistillConfig:
 
     def __post_init__(self):
         for name in ("context", "batch_size", "calib_sequences", "train_sequences", "epochs", "eval_sequences",
-                     "budget", "dof_samples", "min_dim", "gen_tokens", "lora_rank"):
+                     "budget", "dof_samples", "min_dim", "dim_multiple", "gen_tokens", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if int(self.window) < 0:

@@ -73,7 +73,8 @@ def allocations(dof_per_layer: list[float], cfg: DistillConfig, head_dim: int) -
         kw = dict(ALLOCATION_RULES[rule])
         if rule == "dof_clip":
             kw["max_dim"] = head_dim  # the paper's DoF+Clip: cap at the head dim, no redistribution
-        out[rule] = dof.allocate_feature_dims(dof_per_layer, cfg.budget, min_dim=cfg.min_dim, **kw)
+        out[rule] = dof.allocate_feature_dims(dof_per_layer, cfg.budget, min_dim=cfg.min_dim,
+                                              multiple_of=cfg.dim_multiple, **kw)
     return out
 
 
