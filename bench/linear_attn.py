@@ -331,7 +331,7 @@ def warm(args) -> None:
 
 
 SWEEP_VALUES = (1, 2, 4, 8)
-BK_VALUES = (64, 128)
+BK_VALUES = (64, 128, 256)
 
 
 def _scores(times: dict) -> tuple[dict, object]:
@@ -379,11 +379,11 @@ def sweep_split(dtype) -> dict:
 
 
 def sweep_fwd_bk(dtype) -> dict:
-    """Triton's widest forward feature tile (FWD_MAX_BK: 64, or 128 = one K tile for D <= 128, no partials),
-    timed forward at D in {96, 128, 256}, T in {16k, 64k}; the value with the lowest geometric mean of
-    (time / best time per shape) is used for the rest of the run."""
+    """Triton's widest forward feature tile (FWD_MAX_BK: 64, 128 = one K tile for D <= 128, or 256 = one for
+    D <= 256; no partials within one tile), timed forward at D in {96, 128, 182, 256}, T in {16k, 64k}; the value
+    with the lowest geometric mean of (time / best time per shape) is used for the rest of the run."""
     from fastattn.ops.linear_attn import triton as tri
-    shapes = [(65536 // T, 8, T, D) for T in (16384, 65536) for D in (96, 128, 256)]
+    shapes = [(65536 // T, 8, T, D) for T in (16384, 65536) for D in (96, 128, 182, 256)]
     times = {val: [] for val in BK_VALUES}
     for B, H, T, D in shapes:
         q, k, v, _ = _inputs(B, H, T, D, 64, dtype)

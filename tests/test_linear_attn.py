@@ -168,16 +168,21 @@ def test_reference_t0_and_t1():
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("widest", [64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("hf_view_gqa", "T1_D96", "D130_gqa", "D257_Dv1",
                                                                  "noncausal_bthd_mask")], ids=str)
-def test_triton_forward_with_64_wide_feature_tiles(case, dtype, monkeypatch):
-    """FWD_MAX_BK = 64 (the alternative to the default 128: D > 64 in 64-wide tiles, fp32 partials and the summing
-    kernel) gives the same answers: outputs, every gradient and the final state against fp64."""
+def test_triton_forward_with_other_feature_tile_widths(case, dtype, widest, monkeypatch):
+    """FWD_MAX_BK = 64 or 256 (the alternatives to the default 128: D > 64 in 64-wide tiles with fp32 partials
+    and the summing kernel, or D <= 256 in one tile with 8 warps) gives the same answers: outputs, every
+    gradient and the final state against fp64."""
     from fastattn.ops.linear_attn import triton as tri
-    monkeypatch.setattr(tri, "FWD_MAX_BK", 64)
+    monkeypatch.setattr(tri, "FWD_MAX_BK", widest)
     assert tri._fwd_config(96, 16, 64).BK == 64 and tri._fwd_config(257, 1, 64).BK == 64
     assert tri._fwd_config(96, 16, 128).BK == 128 and tri._fwd_config(257, 1, 128).BK == 128
+    assert tri._fwd_config(96, 16, 256).BK == 128 and tri._fwd_config(130, 33, 256).BK == 256
+    assert tri._fwd_config(257, 1, 256).BK == 256 and tri._fwd_config(130, 33, 256).warps == 8
+    assert [tri._tile(d) for d in (1, 16, 17, 33, 64, 65, 300)] == [16, 16, 32, 64, 64, 64, 64]
     inputs, cot = make_inputs(case, dtype)
     same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
     _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)

@@ -53,12 +53,13 @@ def test_long_sequences_against_fp64(backend, dtype, B, H, Hv, T, D, Dv):
 
 @pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("B,H,Hv,T,D,Dv", [(4, 8, 8, 16384, 96, 64), (1, 8, 4, 65536, 128, 64),
-                                          (2, 4, 4, 16384, 182, 64)])
-def test_long_sequences_with_64_wide_forward_tiles(dtype, B, H, Hv, T, D, Dv, monkeypatch):
-    """The same bounds with triton's alternative 64-wide forward feature tile (FWD_MAX_BK = 64)."""
+@pytest.mark.parametrize("widest,B,H,Hv,T,D,Dv", [(64, 4, 8, 8, 16384, 96, 64), (64, 1, 8, 4, 65536, 128, 64),
+                                                 (64, 2, 4, 4, 16384, 182, 64), (256, 2, 4, 4, 16384, 182, 64),
+                                                 (256, 1, 8, 8, 65536, 256, 64)])
+def test_long_sequences_with_other_forward_tile_widths(dtype, widest, B, H, Hv, T, D, Dv, monkeypatch):
+    """The same bounds with triton's alternative forward feature tiles (FWD_MAX_BK = 64 or 256)."""
     from fastattn.ops.linear_attn import triton as tri
-    monkeypatch.setattr(tri, "FWD_MAX_BK", 64)
+    monkeypatch.setattr(tri, "FWD_MAX_BK", widest)
     _check_long("triton", dtype, B, H, Hv, T, D, Dv)
 
 

@@ -43,7 +43,10 @@ MIN_SEGMENT_CHUNKS = 4
 FWD_MAX_BK = 128
 # The forward's load stages per feature-tile width: 3 beat 2 by 1.1-1.4x on 32- and 64-wide tiles (H100, D = 32
 # and 64; equal at D = 9), 2 beat 3 by 1.5x on 128-wide ones (D = 128, T >= 16k). The backward keeps 2 (_config).
-FWD_STAGES = {16: 3, 32: 3, 64: 3, 128: 2}
+FWD_STAGES = {16: 3, 32: 3, 64: 3, 128: 2, 256: 2}
+# 256-wide tiles (FWD_MAX_BK = 256: one tile for D <= 256, no fp32 partials, untimed; bench/linear_attn.py's sweep
+# times it): 8 warps, where a local sm_90 compile spills 556 bytes a thread against 1,292 with 4.
+FWD_WARPS = {256: 8}
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -58,17 +61,21 @@ class _Config:
 
 
 def _tile(d: int, widest: int = 64) -> int:
-    """Feature tile: a power of two in 16..widest (the MMA needs >= 16; tails are masked in the kernel)."""
-    return 16 if d <= 16 else 32 if d <= 32 else 64 if d <= 64 or widest == 64 else 128
+    """Feature tile: the smallest power of two >= d in 16..widest (the MMA needs >= 16; tails are masked in the
+    kernel)."""
+    t = 16
+    while t < d and t < widest:
+        t *= 2
+    return t
 
 
 @functools.lru_cache(maxsize=None)
 def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
-    """The forward's config: as _config, but up to ``widest`` (FWD_MAX_BK) features in one K tile and
-    FWD_STAGES load stages."""
+    """The forward's config: as _config, but up to ``widest`` (FWD_MAX_BK) features in one K tile, with
+    FWD_STAGES load stages and FWD_WARPS warps."""
     cfg = _config(D, Dv)
     BK = _tile(D, widest)
-    return _Config(BK=BK, BV=cfg.BV, warps=cfg.warps, stages=FWD_STAGES[BK])
+    return _Config(BK=BK, BV=cfg.BV, warps=FWD_WARPS.get(BK, cfg.warps), stages=FWD_STAGES[BK])
 
 
 def _exact(D: int, Dv: int, cfg: _Config) -> int:
