@@ -127,23 +127,25 @@ def _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _dim(X_, BX: tl.constexpr, EXACT: tl.constexpr, A: tl.constexpr):
+    """One feature dim: the tile BX itself when EXACT (a constant that folds after inlining, so tile indices and
+    masks are compile-time), else the runtime X_ with its alignment A stated as (X_ // A) * A (the feature masks
+    then split into A-wide runs, which vector loads need; see ``_slice``)."""
+    if EXACT:
+        X = BX
+    elif A > 1:
+        X = (X_ // A) * A
+    else:
+        X = X_
+    return X
+
+
+@triton.jit
 def _dims(D_, DV_, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
-    """(D, DV, NK, NV): the runtime feature dims and their tile counts. EXACT holds two bits, 1: D == BK,
-    2: DV == BV; such a dim is its tile itself, a constant that folds after inlining, so its tile indices and
-    masks are compile-time (DV = 64 stays so next to D = 9). Otherwise a dim carries its alignment AK / AV
-    (see ``_slice``): the feature masks then split into A-wide runs, which vector loads need."""
-    if EXACT & 1:
-        D = BK
-    elif AK > 1:
-        D = (D_ // AK) * AK
-    else:
-        D = D_
-    if EXACT & 2:
-        DV = BV
-    elif AV > 1:
-        DV = (DV_ // AV) * AV
-    else:
-        DV = DV_
+    """(D, DV, NK, NV): the feature dims (``_dim``) and their tile counts. EXACT holds two bits, 1: D == BK,
+    2: DV == BV (DV = 64 stays a constant next to D = 9)."""
+    D = _dim(D_, BK, EXACT & 1, AK)
+    DV = _dim(DV_, BV, EXACT & 2, AV)
     return D, DV, tl.cdiv(D, BK), tl.cdiv(DV, BV)
 
 
