@@ -6,7 +6,8 @@
 # LA_ARGS: extra bench/linear_attn.py flags (e.g. "--Ts 65536,4096 --backends triton"); HVP_S: seconds for bench/subspace_hvp.py (0 skips it).
 # (all GPU tests: GPU_TESTS=tests TEST_TIMEOUT=240 — the linear-attention ones alone took 168 s with 6 workers).
 # TEST_MARK: the pytest -m expression (default gpu; TEST_MARK= runs every test of $GPU_TESTS, on the GPU where a
-# test picks the device). TEST_WORKERS: pytest-xdist workers (default 4). HVP_ARGS: extra bench/subspace_hvp.py
+# test picks the device). TEST_WORKERS: pytest-xdist workers (default 4; 8 next to the fla prepare ran an 80 GB H100
+# out of memory, 2026-12-07). HVP_ARGS: extra bench/subspace_hvp.py
 # flags (e.g. "--quick --sweep --paths ..."). SEQ_S: seconds for bench/seq_logps.py (0 skips it).
 # Returns under $OUT (8 files at most): linear_attn_h200.{json,md}, linear_attn_partial.jsonl,
 # seq_logps_gpu.{json,md}, subspace_hvp_h200.{json,md}, fla_probe.json, logs.tgz (build, tests, probes, bench logs).
