@@ -64,9 +64,9 @@ def _block_rows(m: int, sms: int, generated: bool = False) -> int:
     """128-row blocks when they still give (nearly) every SM one, unless P is generated in the kernel; else 64-row
     blocks, halved (down to 16) while there are fewer data blocks than SMs (tall-skinny A).
 
-    Generated P stays at 64 rows: at 128 a local sm_90 compile needs 320 KB of shared memory, and on an H100
-    (m = n = 16384, s = 256) the first call did not finish within 100 s, trying every stage depth before the
-    fallback (bench/results/subspace_hvp_h100_bf16x3.md)."""
+    Generated P stays at 64 rows: at 128 a local sm_90 compile needs 320 KB of shared memory (more than an H100
+    or H200 has, so each stage depth would be compiled and fail before the fallback), and on an H100 (m = n =
+    16384, s = 256) its first call did not finish within ~100 s, twice (bench/results/subspace_hvp_h100_bf16x3.md)."""
     if not generated and triton.cdiv(m, 128) >= sms * 3 // 4:
         return 128
     bm = 64
