@@ -44,10 +44,11 @@ VARIANTS = {
     "bwd_ceil": {"ceil": True},
     "bwd_pps1": {"pps": {"bwd": 1}},
     "bwd_cps16": {"cps": 16},
+    "cps32": {"cps": 32},   # forward: 2 segments at T = 4k, i.e. 2 programs per SM where B x H fills the GPU once
     "a16": {"a16": True},
     "w8": {"fwd": dict(warps=8)},
 }
-FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8")
+FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "cps32")
 BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
