@@ -1,13 +1,15 @@
-"""Compile the Triton linear-attention kernels for sm_90 on a machine without a GPU, and report what the compiler
-made of each launch: registers, spills and shared memory (ptxas -v), and the widths of the global loads, stores
-and async copies in the PTX. A static look at vectorisation and register pressure between GPU calls; it does not
-time anything.
+"""Compile Triton kernels for sm_90 on a machine without a GPU, and report what the compiler made of each launch:
+registers, spills and shared memory (ptxas -v), and the widths of the global loads, stores and async copies in the
+PTX. A static look at vectorisation and register pressure between GPU calls; it does not time anything.
 
-    python bench/sm90_compile.py --D 9,64,182 --direction fwd      # B=16, H=8, T=4096, Dv=64, bf16, "bthd"
+    python bench/sm90_compile.py --D 9,64,182 --direction fwd      # linear attention, B=16, H=8, T=4096, Dv=64
+    python bench/sm90_compile.py --op glm --precision bf16x3       # subspace-HVP GLM kernel, m = n = 16384, s = 256
 
-Caveat: the numbers are those of this machine's Triton and ptxas for an sm_90a target; a GPU's own compile took
-different paths for some options (e.g. load stages) in earlier sessions, so confirm what matters with a timing.
-Needs ptxas (CUDA toolkit; --ptxas, default /usr/local/cuda/bin/ptxas) and TRITON_INTERPRET unset.
+Launches are captured from the real host code (the grid planned for 132 SMs), then compiled as a launch on an
+sm_90 GPU would specialise them. Caveats: the spill bytes are ptxas' static counts (they do not say whether a spill
+sits in the hot loop); a GPU's own compile took different paths for some options (e.g. load stages) in earlier
+sessions, so confirm what matters with a timing. Needs ptxas (CUDA toolkit; --ptxas, default
+/usr/local/cuda/bin/ptxas) and TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
@@ -35,12 +37,12 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from fastattn.ops.linear_attn import triton as tri  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 128)
+TARGET = GPUTarget("cuda", 90, 32)   # (backend, compute capability, warp size)
 
 
-def launches(direction: str, B: int, H: int, T: int, D: int, Dv: int, layout: str) -> list[tuple]:
-    """Every kernel launch of one forward (or backward) call, captured instead of run: (name, kernel, args,
-    meta)."""
+def _captured(module, call) -> list[tuple]:
+    """Run ``call()`` with every ``*_kernel`` of ``module`` replaced by a recorder: (name, kernel, args, meta) of
+    each launch, in order; nothing runs."""
     seen = []
 
     class Capture:
@@ -52,26 +54,50 @@ def launches(direction: str, B: int, H: int, T: int, D: int, Dv: int, layout: st
                 seen.append((self.name, self.kernel, args, meta))
             return launch
 
-    names = [n for n in dir(tri._k) if n.endswith("_kernel")]
-    saved = {n: getattr(tri._k, n) for n in names}
+    names = [n for n in dir(module) if n.endswith("_kernel")]
+    saved = {n: getattr(module, n) for n in names}
     try:
         for n in names:
-            setattr(tri._k, n, Capture(n, saved[n]))
+            setattr(module, n, Capture(n, saved[n]))
+        call()
+    finally:
+        for n, kern in saved.items():
+            setattr(module, n, kern)
+    return seen
 
-        def make(d):
-            shape = (B, T, H, d) if layout == "bthd" else (B, H, T, d)
-            x = torch.zeros(shape, dtype=torch.bfloat16)
-            return x.transpose(1, 2) if layout == "bthd" else x
-        q, k, v = make(D), make(D), make(Dv)
+
+def launches(direction: str, B: int, H: int, T: int, D: int, Dv: int, layout: str) -> list[tuple]:
+    """Every kernel launch of one linear-attention forward (or backward) call."""
+    def make(d):
+        shape = (B, T, H, d) if layout == "bthd" else (B, H, T, d)
+        x = torch.zeros(shape, dtype=torch.bfloat16)
+        return x.transpose(1, 2) if layout == "bthd" else x
+    q, k, v = make(D), make(D), make(Dv)
+
+    def call():
         if direction == "fwd":
             tri.forward(q, k, v, None, None, None, True, True, 1e-6)
         else:
-            den = torch.ones(B, H, T)
-            tri.backward(make(Dv), None, None, q, k, v, den, None, None, None, True, True, 1e-6)
+            tri.backward(make(Dv), None, None, q, k, v, torch.ones(B, H, T), None, None, None, True, True, 1e-6)
+    return _captured(tri._k, call)
+
+
+def glm_launches(m: int, n: int, s: int, precision: str, generated: bool) -> list[tuple]:
+    """The GLM kernel's launch for one subspace-HVP call (sigmoid-MSE + nonconvex regulariser; P given [s, n] or
+    generated from a seed), as glm() plans it; only its first stage depth is captured (glm() tries fewer on
+    OutOfResources)."""
+    from fastattn.ops.subspace_hvp import LOSSES, REGULARISERS
+    from fastattn.ops.subspace_hvp import triton as hvp
+    A, x, y = torch.zeros(m, n), torch.zeros(n), torch.zeros(m)
+    P = None if generated else torch.zeros(s, n)
+    old = hvp.INPUT_PRECISION
+    hvp.INPUT_PRECISION = precision
+    try:
+        return _captured(hvp._k, lambda: hvp.glm(A, x, y, P, s, 1 if generated else 0, 0, 1.0,
+                                                LOSSES["sigmoid_mse"].code, REGULARISERS["nonconvex"].code, 1e-3,
+                                                1.0))
     finally:
-        for n, kern in saved.items():
-            setattr(tri._k, n, kern)
-    return seen
+        hvp.INPUT_PRECISION = old
 
 
 def compile_one(kernel, args, meta, ptxas: str) -> dict:
@@ -107,26 +133,46 @@ def compile_one(kernel, args, meta, ptxas: str) -> dict:
             "ptxas": None if regs else info.strip()[-300:]}
 
 
+def _report(label: str, kernel, args, meta, ptxas: str, keys: tuple[str, ...]) -> None:
+    flags = {k: meta[k] for k in keys if k in meta}
+    r = compile_one(kernel, args, meta, ptxas)
+    print(f"{label} {flags}: {r['registers']} regs, spills {r['spill_store_bytes']}/{r['spill_load_bytes']} B, "
+          f"shared {r['shared_bytes']} B", flush=True)
+    print("    " + ", ".join(f"{k} x{v}" for k, v in r["ops"].items()) + (f"\n    {r['ptxas']}" if r["ptxas"]
+                                                                           else ""), flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--D", default="9,64,182", help="comma-separated feature dims")
+    p.add_argument("--op", choices=("linear_attn", "glm"), default="linear_attn")
+    p.add_argument("--D", default="9,64,182", help="linear_attn: comma-separated feature dims")
     p.add_argument("--Dv", type=int, default=64)
     p.add_argument("--direction", choices=("fwd", "bwd"), default="fwd")
-    p.add_argument("--shape", default="16,8,4096", help="B,H,T")
+    p.add_argument("--shape", default=None, help="linear_attn: B,H,T (default 16,8,4096); glm: m,n,s "
+                   "(default 16384,16384,256)")
     p.add_argument("--layout", choices=("bthd", "bhtd"), default="bthd")
+    p.add_argument("--precision", default="tf32x3", help="glm: the triton INPUT_PRECISION")
+    p.add_argument("--stages", default=None, help="comma-separated stage depths to compile instead of the planned")
     p.add_argument("--ptxas", default="/usr/local/cuda/bin/ptxas")
     a = p.parse_args()
-    B, H, T = (int(x) for x in a.shape.split(","))
     tri._num_sms = lambda device: 132   # plan the grid as for an H100 / H200
+    if a.op == "glm":
+        from fastattn.ops.subspace_hvp import triton as hvp
+        hvp._num_sms = tri._num_sms
+        m, n, s = (int(x) for x in (a.shape or "16384,16384,256").split(","))
+        for generated in (False, True):
+            for name, kernel, args, meta in glm_launches(m, n, s, a.precision, generated):
+                for st in [int(x) for x in a.stages.split(",")] if a.stages else [meta["num_stages"]]:
+                    _report(f"{a.precision} P {'generated' if generated else 'given'} {name}", kernel, args,
+                            {**meta, "num_stages": st}, a.ptxas, ("BM", "BK", "BS", "ZPRE", "num_warps", "num_stages"))
+        return 0
+    B, H, T = (int(x) for x in (a.shape or "16,8,4096").split(","))
     for D in (int(d) for d in a.D.split(",")):
         for name, kernel, args, meta in launches(a.direction, B, H, T, D, a.Dv, a.layout):
-            keys = ("BK", "BV", "EXACT", "AK", "AV", "MODE", "num_warps", "num_stages")
-            flags = {k: meta[k] for k in keys if k in meta}
-            r = compile_one(kernel, args, meta, a.ptxas)
-            print(f"D={D} {name} {flags}: {r['registers']} regs, spills {r['spill_store_bytes']}/"
-                  f"{r['spill_load_bytes']} B, shared {r['shared_bytes']} B", flush=True)
-            print("    " + ", ".join(f"{k} x{v}" for k, v in r["ops"].items()) + (f"\n    {r['ptxas']}" if r["ptxas"]
-                                                                                   else ""), flush=True)
+            metas = [{**meta, "num_stages": int(x)} for x in a.stages.split(",")] if a.stages else [meta]
+            for mt in metas:
+                _report(f"D={D} {name}", kernel, args, mt, a.ptxas,
+                        ("BK", "BV", "EXACT", "AK", "AV", "MODE", "num_warps", "num_stages"))
     return 0
 
 
