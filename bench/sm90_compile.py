@@ -6,10 +6,11 @@ PTX. A static look at vectorisation and register pressure between GPU calls; it 
     python bench/sm90_compile.py --op glm --precision bf16x3       # subspace-HVP GLM kernel, m = n = 16384, s = 256
 
 Launches are captured from the real host code (the grid planned for 132 SMs), then compiled as a launch on an
-sm_90 GPU would specialise them. Caveats: the spill bytes are ptxas' static counts (they do not say whether a spill
-sits in the hot loop); a GPU's own compile took different paths for some options (e.g. load stages) in earlier
-sessions, so confirm what matters with a timing. Needs ptxas (CUDA toolkit; --ptxas, default
-/usr/local/cuda/bin/ptxas) and TRITON_INTERPRET unset.
+sm_90 GPU would specialise them, with Triton's own ptxas (the one a GPU run uses). The spill bytes are ptxas'
+static counts; the per-loop line shows the local-memory stores / loads (STL / LDL) and wgmma instructions inside
+each loop of the SASS (nvdisasm), i.e. what a hot loop pays per iteration. Caveat: a GPU's own compile took
+different paths for some options (e.g. load stages) in earlier sessions, so confirm what matters with a timing.
+Needs TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from fastattn.ops.linear_attn import triton as tri  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)   # (backend, compute capability, warp size)
+_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"   # Triton's bundled ptxas and nvdisasm
 
 
 def _captured(module, call) -> list[tuple]:
@@ -119,18 +121,34 @@ def compile_one(kernel, args, meta, ptxas: str) -> dict:
                 op += f" {int(size.group(1), 0)}B" if size else ""
             ops[op] += 1
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True)
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(cubin)], capture_output=True, text=True)
+        sass = subprocess.run([str(_TOOLS / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout \
+            if cubin.exists() else ""
     info = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {"registers": int(regs.group(1)) if regs else None,
             "spill_store_bytes": int(spill.group(1)) if spill else None,
             "spill_load_bytes": int(spill.group(2)) if spill else None,
-            "shared_bytes": compiled.metadata.shared, "ops": dict(sorted(ops.items())),
+            "shared_bytes": compiled.metadata.shared, "ops": dict(sorted(ops.items())), "loops": sass_loops(sass),
             "ptxas": None if regs else info.strip()[-300:]}
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """Each loop of the SASS (a label with a branch back to it): its instructions and the STL / LDL (register
+    spills to local memory) and HGMMA (wgmma) among them, outermost last."""
+    lines = sass.splitlines()
+    starts = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*\.?(L_x_\d+):", line))}
+    out = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?`?\(?\.?(L_x_\d+)", line)
+        if m and starts.get(m.group(1), i) < i:
+            body = [x for x in lines[starts[m.group(1)]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/", x)]
+            out.append({"instructions": len(body), "STL": sum("STL" in x for x in body),
+                        "LDL": sum("LDL" in x for x in body), "HGMMA": sum("HGMMA" in x for x in body)})
+    return sorted(out, key=lambda r: r["instructions"])
 
 
 def _report(label: str, kernel, args, meta, ptxas: str, keys: tuple[str, ...]) -> None:
@@ -140,6 +158,9 @@ def _report(label: str, kernel, args, meta, ptxas: str, keys: tuple[str, ...]) -
           f"shared {r['shared_bytes']} B", flush=True)
     print("    " + ", ".join(f"{k} x{v}" for k, v in r["ops"].items()) + (f"\n    {r['ptxas']}" if r["ptxas"]
                                                                            else ""), flush=True)
+    for lp in r["loops"]:
+        print(f"    loop of {lp['instructions']} instructions: STL {lp['STL']}, LDL {lp['LDL']}, HGMMA {lp['HGMMA']}",
+              flush=True)
 
 
 def main() -> int:
@@ -153,7 +174,7 @@ def main() -> int:
     p.add_argument("--layout", choices=("bthd", "bhtd"), default="bthd")
     p.add_argument("--precision", default="tf32x3", help="glm: the triton INPUT_PRECISION")
     p.add_argument("--stages", default=None, help="comma-separated stage depths to compile instead of the planned")
-    p.add_argument("--ptxas", default="/usr/local/cuda/bin/ptxas")
+    p.add_argument("--ptxas", default=str(_TOOLS / "ptxas"))
     a = p.parse_args()
     tri._num_sms = lambda device: 132   # plan the grid as for an H100 / H200
     if a.op == "glm":
