@@ -47,8 +47,8 @@ VARIANTS = {
     "cps32": {"cps": 32},   # forward: 2 segments at T = 4k, i.e. 2 programs per SM where B x H fills the GPU once
     "a16": {"a16": True},
     "w8": {"fwd": dict(warps=8)},
-    # sm_90 compile (bench/sm90_compile.py), D = 128: spills 372 B a thread with 4 warps, 108 with 8, 32 with 8 and
-    # 3 stages
+    # sm_90 compile (bench/sm90_compile.py --D 128 [--warps 8 --stages 2,3]): spills 372 B a thread with 4 warps,
+    # 108 with 8, 32 with 8 and 3 stages
     "w8s3": {"fwd": dict(warps=8, stages=3)},
 }
 FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32")

@@ -7,9 +7,10 @@ PTX. A static look at vectorisation and register pressure between GPU calls; it 
 
 Launches are captured from the real host code (the grid planned for 132 SMs), then compiled as a launch on an
 sm_90 GPU would specialise them, with Triton's own ptxas (the one a GPU run uses). The spill bytes are ptxas'
-static counts; the per-loop line shows the local-memory stores / loads (STL / LDL) and wgmma instructions inside
-each loop of the SASS (nvdisasm), i.e. what a hot loop pays per iteration. Caveat: a GPU's own compile took
-different paths for some options (e.g. load stages) in earlier sessions, so confirm what matters with a timing.
+static counts; the per-loop lines show the local-memory stores / loads (STL / LDL) and wgmma instructions inside
+each loop of the SASS that holds wgmma (nvdisasm), i.e. what a hot loop pays per iteration. Caveat: a GPU's own
+compile took different paths for some options (e.g. load stages) in earlier sessions, so confirm what matters with
+a timing.
 Needs TRITON_INTERPRET unset.
 """
 from __future__ import annotations
@@ -92,14 +93,10 @@ def glm_launches(m: int, n: int, s: int, precision: str, generated: bool) -> lis
     from fastattn.ops.subspace_hvp import triton as hvp
     A, x, y = torch.zeros(m, n), torch.zeros(n), torch.zeros(m)
     P = None if generated else torch.zeros(s, n)
-    old = hvp.INPUT_PRECISION
-    hvp.INPUT_PRECISION = precision
-    try:
+    with hvp.input_precision(precision):
         return _captured(hvp._k, lambda: hvp.glm(A, x, y, P, s, 1 if generated else 0, 0, 1.0,
                                                 LOSSES["sigmoid_mse"].code, REGULARISERS["nonconvex"].code, 1e-3,
                                                 1.0))
-    finally:
-        hvp.INPUT_PRECISION = old
 
 
 def compile_one(kernel, args, meta, ptxas: str) -> dict:
@@ -158,7 +155,7 @@ def _report(label: str, kernel, args, meta, ptxas: str, keys: tuple[str, ...]) -
           f"shared {r['shared_bytes']} B", flush=True)
     print("    " + ", ".join(f"{k} x{v}" for k, v in r["ops"].items()) + (f"\n    {r['ptxas']}" if r["ptxas"]
                                                                            else ""), flush=True)
-    for lp in r["loops"]:
+    for lp in (lp for lp in r["loops"] if lp["HGMMA"]):   # the matrix loops (not e.g. the sketch hash's)
         print(f"    loop of {lp['instructions']} instructions: STL {lp['STL']}, LDL {lp['LDL']}, HGMMA {lp['HGMMA']}",
               flush=True)
 
@@ -174,23 +171,33 @@ def main() -> int:
     p.add_argument("--layout", choices=("bthd", "bhtd"), default="bthd")
     p.add_argument("--precision", default="tf32x3", help="glm: the triton INPUT_PRECISION")
     p.add_argument("--stages", default=None, help="comma-separated stage depths to compile instead of the planned")
+    p.add_argument("--warps", type=int, default=None, help="warps per program instead of the planned")
+    p.add_argument("--widest", type=int, default=None, help="linear_attn: the forward's FWD_MAX_BK (64, 128, 256)")
+    p.add_argument("--override", default=None, help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8")
     p.add_argument("--ptxas", default=str(_TOOLS / "ptxas"))
     a = p.parse_args()
     tri._num_sms = lambda device: 132   # plan the grid as for an H100 / H200
+    if a.widest:
+        tri.FWD_MAX_BK = a.widest
+    warps = {"num_warps": a.warps} if a.warps else {}
     if a.op == "glm":
         from fastattn.ops.subspace_hvp import triton as hvp
         hvp._num_sms = tri._num_sms
+        if a.override:
+            hvp.CONFIG_OVERRIDE = {k: int(v) for k, v in (kv.split("=") for kv in a.override.split(","))}
         m, n, s = (int(x) for x in (a.shape or "16384,16384,256").split(","))
         for generated in (False, True):
             for name, kernel, args, meta in glm_launches(m, n, s, a.precision, generated):
                 for st in [int(x) for x in a.stages.split(",")] if a.stages else [meta["num_stages"]]:
                     _report(f"{a.precision} P {'generated' if generated else 'given'} {name}", kernel, args,
-                            {**meta, "num_stages": st}, a.ptxas, ("BM", "BK", "BS", "ZPRE", "num_warps", "num_stages"))
+                            {**meta, **warps, "num_stages": st}, a.ptxas,
+                            ("BM", "BK", "BS", "ZPRE", "num_warps", "num_stages"))
         return 0
     B, H, T = (int(x) for x in (a.shape or "16,8,4096").split(","))
     for D in (int(d) for d in a.D.split(",")):
         for name, kernel, args, meta in launches(a.direction, B, H, T, D, a.Dv, a.layout):
-            metas = [{**meta, "num_stages": int(x)} for x in a.stages.split(",")] if a.stages else [meta]
+            metas = [{**meta, **warps, "num_stages": int(x)} for x in a.stages.split(",")] if a.stages else \
+                [{**meta, **warps}]
             for mt in metas:
                 _report(f"D={D} {name}", kernel, args, mt, a.ptxas,
                         ("BK", "BV", "EXACT", "AK", "AV", "MODE", "num_warps", "num_stages"))

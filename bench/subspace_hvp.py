@@ -7,7 +7,7 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-cuda-seed     the same with P generated in the kernel
   vmap-autodiff       torch.func.vmap over jvp(grad f) (forward-over-reverse), then P (H P^T)
   unfused-torch       B = A @ P.T (fp32 cuBLAS, TF32 off), B^T diag(w) B, B^T l' + regulariser terms
-  fused-triton-bf16x3 A P^T as three bf16 tensor-core products of hi/lo parts (~3e-6 error, held to 1e-5)
+  fused-triton-bf16x3 A P^T as three bf16 tensor-core products of hi/lo parts (held to 1e-5 like the rest)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -58,12 +58,8 @@ def rel_err(got, ref) -> float:
 def _at_precision(prec: str, glm, x, P):
     """fastattn.subspace_hvp on the triton backend with its INPUT_PRECISION set to ``prec`` for this call."""
     from fastattn.ops.subspace_hvp import triton as tri
-    old = tri.INPUT_PRECISION
-    tri.INPUT_PRECISION = prec
-    try:
+    with tri.input_precision(prec):
         return fastattn.subspace_hvp(glm, x, P, backend="triton")
-    finally:
-        tri.INPUT_PRECISION = old
 
 
 def paths(glm, x, sketch, P, device, only=None):

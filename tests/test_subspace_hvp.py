@@ -132,11 +132,8 @@ def _check_bf16x3(m, n, s, kind, device):
     glm = glm64.to(torch.float32, device)
     P = P64.float().to(device)
     P = sk if not kind.startswith("tensor") else P.T.contiguous().T if kind == "tensor_t" else P
-    try:
-        tri.INPUT_PRECISION = "bf16x3"
+    with tri.input_precision("bf16x3"):
         Pg, H = fastattn.subspace_hvp(glm, x64.float().to(device), P, backend="triton")
-    finally:
-        tri.INPUT_PRECISION = "tf32x3"
     for name, got, want in (("Pg", Pg, ref[0]), ("PHPt", H, ref[1])):
         err = ((got.cpu().double() - want).norm() / want.norm()).item()
         assert err <= 1e-5, f"{(m, n, s, kind)} {name}: relative error {err:.2e}"

@@ -45,7 +45,8 @@ FWD_MAX_BK = 128
 # and 64; equal at D = 9), 2 beat 3 by 1.5x on 128-wide ones (D = 128, T >= 16k). The backward keeps 2 (_config).
 FWD_STAGES = {16: 3, 32: 3, 64: 3, 128: 2, 256: 2}
 # 256-wide tiles (FWD_MAX_BK = 256: one tile for D <= 256, no fp32 partials, untimed; bench/linear_attn.py's sweep
-# times it): 8 warps, where a local sm_90 compile spills 556 bytes a thread against 1,292 with 4.
+# times it): 8 warps, where a local sm_90 compile spills 556 bytes a thread against 1,292 with 4
+# (bench/sm90_compile.py --D 256 --widest 256 --warps 8, and 4).
 FWD_WARPS = {256: 8}
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*

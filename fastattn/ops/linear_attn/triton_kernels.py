@@ -1,9 +1,9 @@
 """Triton kernels for chunked linear attention (launched by ``triton.py``; the math is in README.md).
 
 Names inside the kernels: T tokens, D (= K) the query/key feature dim, DV the value dim, BT the chunk, BK / BV
-the feature tiles (powers of two in 16..64, the forward's BK up to 128; tails are masked, inputs are never
-padded). Every kernel works on one (batch, head) pair at a time and reads q/k/v/do through their strides, so
-"bhtd" and "bthd" memory both work.
+the feature tiles (powers of two in 16..64, the forward's BK up to 128, or 256 as an option; tails are masked,
+inputs are never padded). Every kernel works on one (batch, head) pair at a time and reads q/k/v/do through their
+strides, so "bhtd" and "bthd" memory both work.
 D and DV are runtime arguments, only the tiles are compile-time: a model whose layers all have different feature
 dims compiles one kernel per tile bucket and alignment (AK, AV: 16, 8, 4, 2 or 1 elements), not one per layer.
 EXACT (D == BK, DV == BV, or both, e.g. 64 x 64) compiles those dims in, as constants (``_dims``): with runtime

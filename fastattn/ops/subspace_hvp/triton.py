@@ -6,6 +6,7 @@ programs accumulates into its own partial slot, summed here in a fixed order: re
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -25,6 +26,19 @@ MAX_BS = 128
 # tf32x3 stays the default: bf16x3's P g error was 13x tf32x3's there, and P g's sum cancels as the gradient
 # vanishes, which is where a trust-region method ends.
 INPUT_PRECISION = "tf32x3"
+
+
+@contextlib.contextmanager
+def input_precision(prec: str):
+    """INPUT_PRECISION set to ``prec`` inside the block (benchmarks and tests), restored after."""
+    global INPUT_PRECISION
+    old, INPUT_PRECISION = INPUT_PRECISION, prec
+    try:
+        yield
+    finally:
+        INPUT_PRECISION = old
+
+
 STAGES = (3, 2, 1)             # software-pipelining depths tried in order (fewer when shared memory runs out)
 # Tuning hook (bench/subspace_hvp.py --sweep): any of BM, BK, warps, stages, zpre (margins by a separate GEMV).
 CONFIG_OVERRIDE: dict = {}
@@ -64,9 +78,10 @@ def _block_rows(m: int, sms: int, generated: bool = False) -> int:
     """128-row blocks when they still give (nearly) every SM one, unless P is generated in the kernel; else 64-row
     blocks, halved (down to 16) while there are fewer data blocks than SMs (tall-skinny A).
 
-    Generated P stays at 64 rows: at 128 a local sm_90 compile needs 320 KB of shared memory (more than an H100
-    or H200 has, so each stage depth would be compiled and fail before the fallback), and on an H100 (m = n =
-    16384, s = 256) its first call did not finish within ~100 s, twice (bench/results/subspace_hvp_h100_bf16x3.md)."""
+    Generated P stays at 64 rows: at 128 a local sm_90 compile needs 320 KB of shared memory at every stage depth
+    (bench/sm90_compile.py --op glm --override BM=128 --stages 3,2,1), more than an H100 or H200 has, so each
+    would be compiled and fail before the fallback; on an H100 (m = n = 16384, s = 256) its first call did not
+    finish within ~100 s, twice (bench/results/subspace_hvp_h100_bf16x3.md)."""
     if not generated and triton.cdiv(m, 128) >= sms * 3 // 4:
         return 128
     bm = 64
