@@ -130,7 +130,9 @@ def compile_one(kernel, args, meta, ptxas: str) -> dict:
             "spill_store_bytes": int(spill.group(1)) if spill else None,
             "spill_load_bytes": int(spill.group(2)) if spill else None,
             "shared_bytes": compiled.metadata.shared, "ops": dict(sorted(ops.items())), "loops": sass_loops(sass),
-            "ptxas": None if regs else info.strip()[-300:]}
+            "ptxas": None if regs else info.strip()[-300:],
+            # e.g. C7512 "wgmma.mma_async instructions are serialized due to insufficient register resources"
+            "warnings": sorted({m.group(1) for m in re.finditer(r"Potential Performance Loss: (.*?) for the", info)})}
 
 
 def sass_loops(sass: str) -> list[dict]:
@@ -143,21 +145,27 @@ def sass_loops(sass: str) -> list[dict]:
         m = re.search(r"\bBRA\b.*?`?\(?\.?(L_x_\d+)", line)
         if m and starts.get(m.group(1), i) < i:
             body = [x for x in lines[starts[m.group(1)]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/", x)]
-            out.append({"instructions": len(body), "STL": sum("STL" in x for x in body),
-                        "LDL": sum("LDL" in x for x in body), "HGMMA": sum("HGMMA" in x for x in body)})
+            ops = collections.Counter(m.group(1) for x in body if (m := re.match(
+                r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", x)))
+            out.append({"instructions": len(body), "STL": ops["STL"], "LDL": ops["LDL"], "HGMMA": ops["HGMMA"],
+                        "opcodes": dict(ops.most_common())})
     return sorted(out, key=lambda r: r["instructions"])
 
 
-def _report(label: str, kernel, args, meta, ptxas: str, keys: tuple[str, ...]) -> None:
+def _report(label: str, kernel, args, meta, ptxas: str, keys: tuple[str, ...], histogram: int = 0) -> None:
     flags = {k: meta[k] for k in keys if k in meta}
     r = compile_one(kernel, args, meta, ptxas)
     print(f"{label} {flags}: {r['registers']} regs, spills {r['spill_store_bytes']}/{r['spill_load_bytes']} B, "
           f"shared {r['shared_bytes']} B", flush=True)
     print("    " + ", ".join(f"{k} x{v}" for k, v in r["ops"].items()) + (f"\n    {r['ptxas']}" if r["ptxas"]
                                                                            else ""), flush=True)
+    for w in r["warnings"]:
+        print(f"    ptxas: {w}", flush=True)
     for lp in (lp for lp in r["loops"] if lp["HGMMA"]):   # the matrix loops (not e.g. the sketch hash's)
         print(f"    loop of {lp['instructions']} instructions: STL {lp['STL']}, LDL {lp['LDL']}, HGMMA {lp['HGMMA']}",
               flush=True)
+        if histogram:
+            print("      " + " ".join(f"{k} {v}" for k, v in list(lp["opcodes"].items())[:histogram]), flush=True)
 
 
 def main() -> int:
@@ -174,6 +182,7 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=None, help="warps per program instead of the planned")
     p.add_argument("--widest", type=int, default=None, help="linear_attn: the forward's FWD_MAX_BK (64, 128, 256)")
     p.add_argument("--override", default=None, help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8")
+    p.add_argument("--histogram", type=int, default=0, help="print the N most frequent SASS opcodes of each loop")
     p.add_argument("--ptxas", default=str(_TOOLS / "ptxas"))
     a = p.parse_args()
     tri._num_sms = lambda device: 132   # plan the grid as for an H100 / H200
@@ -191,7 +200,7 @@ def main() -> int:
                 for st in [int(x) for x in a.stages.split(",")] if a.stages else [meta["num_stages"]]:
                     _report(f"{a.precision} P {'generated' if generated else 'given'} {name}", kernel, args,
                             {**meta, **warps, "num_stages": st}, a.ptxas,
-                            ("BM", "BK", "BS", "ZPRE", "num_warps", "num_stages"))
+                            ("BM", "BK", "BS", "ZPRE", "num_warps", "num_stages"), a.histogram)
         return 0
     B, H, T = (int(x) for x in (a.shape or "16,8,4096").split(","))
     for D in (int(d) for d in a.D.split(",")):
@@ -200,7 +209,7 @@ def main() -> int:
                 [{**meta, **warps}]
             for mt in metas:
                 _report(f"D={D} {name}", kernel, args, mt, a.ptxas,
-                        ("BK", "BV", "EXACT", "AK", "AV", "MODE", "num_warps", "num_stages"))
+                        ("BK", "BV", "EXACT", "AK", "AV", "MODE", "num_warps", "num_stages"), a.histogram)
     return 0
 
 

@@ -113,19 +113,23 @@ def test_triton_bf16x3_split_keeps_1e5_relative(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor"), (1000, 8192, 200, "gaussian")],
-                         ids=lambda c: "-".join(map(str, c)))
-def test_gpu_triton_bf16x3_keeps_1e5_relative_over_long_sums(case):
+@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor", True), (2048, 16384, 256, "tensor", False),
+                                  (1000, 8192, 200, "gaussian", True)], ids=lambda c: "-".join(map(str, c)))
+def test_gpu_triton_bf16x3_keeps_1e5_relative_over_long_sums(case, monkeypatch):
     """The same bound on tensor cores, with sums over n up to 16,384 (long enough for the accumulation bias that
-    sank an earlier split, bench/results/subspace_hvp_h100_split.md, to show)."""
+    sank an earlier split, bench/results/subspace_hvp_h100_split.md, to show); P given through the TMA kernel
+    (True) and glm_gram_kernel (False)."""
     if not backends.availability("triton")[0]:
         pytest.skip(backends.availability("triton")[1])
+    from fastattn.ops.subspace_hvp import triton as tri
+    *case, tma = case
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"tma": tma})
     _check_bf16x3(*case, device="cuda")
 
 
-def _check_bf16x3(m, n, s, kind, device):
+def _check_bf16x3(m, n, s, kind, device, reg="nonconvex"):
     from fastattn.ops.subspace_hvp import triton as tri
-    glm64, x64 = make_glm(m, n, "sigmoid_mse", "nonconvex", lam=1e-3, seed=4)
+    glm64, x64 = make_glm(m, n, "sigmoid_mse", reg, lam=1e-3, seed=4)
     sk = make_sketch("gaussian" if kind.startswith("tensor") else kind, s, n, seed=5)
     P64 = sk.materialize(n, F64)
     ref = reference.glm_explicit(glm64, x64, P64)
@@ -138,6 +142,57 @@ def _check_bf16x3(m, n, s, kind, device):
         err = ((got.cpu().double() - want).norm() / want.norm()).item()
         assert err <= 1e-5, f"{(m, n, s, kind)} {name}: relative error {err:.2e}"
     assert torch.equal(H, H.T)
+
+
+TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, ragged m, n (k-steps) and s
+    (300, 264, 256, "nonconvex", {}),               # 4 full tiles, 64-row blocks, n % BK = 8
+    (401, 72, 200, "l2", {"zpre": True, "BM": 128, "BK": 32}),   # last tile 8 wide, margins by GEMV
+    (50, 136, 130, "none", {}),                     # 3 tiles, 16-row blocks, no regulariser blocks
+    (90, 100, 9, "nonconvex", {"stages": 1}),       # one 16-wide tile; P's bf16 rows padded (n % 8 = 4)
+    (77, 40, 70, "nonconvex", {"gram": "tf32x3", "warps": 4}),   # B^T W B at tf32x3
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "-".join(map(str, c[:4])))
+def test_triton_tma_kernel_keeps_1e5_relative(case, monkeypatch):
+    """bf16x3 with P given and s <= 256 runs glm_tma_kernel (TMA descriptors, one accumulator per 64-wide column
+    tile); it holds the 1e-5 bound on P g and P H P^T against fp64 Hessians, data and regulariser blocks."""
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    from fastattn.ops.subspace_hvp import triton as tri
+    m, n, s, reg, cfg = case
+    launched = _record_launches(monkeypatch, tri, "glm_tma_kernel")
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", cfg)
+    _check_bf16x3(m, n, s, "tensor", "cpu", reg=reg)
+    assert [meta["NQ"] for meta in launched] == [-(-s // min(64, max(16, 1 << (s - 1).bit_length())))]
+
+
+def test_triton_tma_kernel_needs_aligned_rows_of_A(monkeypatch):
+    """A whose rows are not 16-byte aligned (n = 90 fp32), or a generated P, goes to glm_gram_kernel."""
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    from fastattn.ops.subspace_hvp import triton as tri
+    tma = _record_launches(monkeypatch, tri, "glm_tma_kernel")
+    gram = _record_launches(monkeypatch, tri, "glm_gram_kernel")
+    _check_bf16x3(40, 90, 20, "tensor", "cpu")
+    _check_bf16x3(40, 96, 20, "gaussian", "cpu")
+    assert not tma and len(gram) == 2
+    _check_bf16x3(40, 96, 20, "tensor", "cpu")
+    assert len(tma) == 1 and len(gram) == 2
+
+
+def _record_launches(monkeypatch, tri, name) -> list[dict]:
+    """The meta-parameters of every launch of triton_kernels.<name>, which still runs."""
+    kernel, launched = getattr(tri._k, name), []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launched.append(meta)
+                return kernel[grid](*args, **meta)
+            return launch
+    monkeypatch.setattr(tri._k, name, Launcher())
+    return launched
 
 
 def test_triton_glm_falls_back_to_64_row_blocks_out_of_shared_memory(monkeypatch):

@@ -16,6 +16,10 @@ from ..triton_gate import import_kernels, triton_gate
 from .sketch import seed_key
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:   # an older Triton: glm_gram_kernel serves every call
+    _TensorDescriptor = None
 
 BK = 32
 MAX_BS = 128
@@ -74,15 +78,17 @@ def _num_sms(device: torch.device) -> int:
     return 4   # interpreter runs: a few programs, so the grid-stride loop is exercised
 
 
-def _block_rows(m: int, sms: int, generated: bool = False) -> int:
-    """128-row blocks when they still give (nearly) every SM one, unless P is generated in the kernel; else 64-row
-    blocks, halved (down to 16) while there are fewer data blocks than SMs (tall-skinny A).
+def _block_rows(m: int, sms: int, cap64: bool = False) -> int:
+    """128-row blocks when they still give (nearly) every SM one, unless ``cap64``; else 64-row blocks, halved
+    (down to 16) while there are fewer data blocks than SMs (tall-skinny A).
 
-    Generated P stays at 64 rows: at 128 a local sm_90 compile needs 320 KB of shared memory at every stage depth
+    cap64 for the TMA kernel (at 128 rows its k-loop spills in a local sm_90 compile, at 64 with 8 warps it does
+    not: bench/sm90_compile.py --op glm --precision bf16x3 --override BM=128) and for a generated P, which at 128
+    rows needs 320 KB of shared memory at every stage depth
     (bench/sm90_compile.py --op glm --override BM=128 --stages 3,2,1), more than an H100 or H200 has, so each
     would be compiled and fail before the fallback; on an H100 (m = n = 16384, s = 256) its first call did not
     finish within ~100 s, twice (bench/results/subspace_hvp_h100_bf16x3.md)."""
-    if not generated and triton.cdiv(m, 128) >= sms * 3 // 4:
+    if not cap64 and triton.cdiv(m, 128) >= sms * 3 // 4:
         return 128
     bm = 64
     while bm > 16 and triton.cdiv(m, bm) < sms:
@@ -103,17 +109,45 @@ _stage_choice: dict[tuple, int] = {}
 
 
 def _hi_lo(P: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 P as contiguous bf16 (hi, lo), hi + lo = P to ~2^-17 relative (the kernel's SPLIT3 operands)."""
-    hi = P.to(torch.bfloat16).contiguous()
-    return hi, (P - hi.float()).to(torch.bfloat16).contiguous()
+    """fp32 P [s, n] as bf16 (hi, lo) [s, n], hi + lo = P to ~2^-17 relative (the kernels' SPLIT3 operands); rows
+    start at multiples of 8 elements (16 bytes, as TMA descriptors need), the padding zero."""
+    s, n = P.shape
+    hi, lo = torch.zeros(2, s, -(-n // 8) * 8, dtype=torch.bfloat16, device=P.device)[:, :, :n]
+    hi.copy_(P)
+    lo.copy_(P - hi.float())
+    return hi, lo
+
+
+# The TMA kernel (glm_tma_kernel): P given, bf16x3, s <= 4 x 64, on sm_90+ (or the interpreter), A with unit column
+# stride and 16-byte aligned rows. Up to four 64-wide column tiles, each its own accumulator; 64-row blocks, 8 warps,
+# BK 64 at 2 stages (152 KB of shared memory), its B^T W B products at bf16x3 too. In a local sm_90 compile
+# (bench/sm90_compile.py --op glm --precision bf16x3) its k-loop has 0 spill stores, 5 spill loads and 80 wgmma in
+# 952 instructions a 64-wide k-step; glm_gram_kernel's 128-row bf16x3 loop (the same with --override tma=0
+# --stages 2) has 105 spill stores, 115 spill loads and 12 wgmma in 585 a 32-wide k-step.
+# Not timed on a GPU yet: bench/subspace_hvp.py --sweep --sweep-precision bf16x3 is to choose.
+TMA_BS = 64
+_TMA_DEFAULTS = dict(BK=64, stages=2)
+
+
+def _tma_serves(A: Tensor, P: Tensor | None, s: int) -> bool:
+    if (INPUT_PRECISION != "bf16x3" or P is None or s > 4 * TMA_BS or not CONFIG_OVERRIDE.get("tma", True)
+            or _TensorDescriptor is None):
+        return False
+    if A.is_cuda and torch.cuda.get_device_capability(A.device) < (9, 0):
+        return False
+    return A.stride(1) == 1 and A.stride(0) * 4 % 16 == 0 and A.data_ptr() % 16 == 0
 
 
 def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, seed: int, scale: float,
         loss: int, reg: int, lam: float, loss_scale: float) -> tuple[Tensor, Tensor]:
     """A [m, n], x [n], y [m] fp32; P [s, n] or None (generated from ``seed``) -> (Pg [s], PHPt [s, s]) fp32."""
     m = A.shape[0]
-    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), generated=P is None))
-    run = functools.partial(_glm_blocks, A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale)
+    tma = _tma_serves(A, P, s)
+    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=P is None or tma))
+    if tma:
+        run = functools.partial(_glm_tma, A, x, y, P, s, loss, reg, lam, loss_scale)
+    else:
+        run = functools.partial(_glm_blocks, A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale)
     try:
         return run(BM)
     except triton.runtime.errors.OutOfResources:
@@ -152,21 +186,60 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS,
                 PREC="tf32x3" if split3 else INPUT_PRECISION, ZPRE=zpre, SPLIT3=split3,
                 num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
-    grid = (G, pairs.shape[0])
-    key = (BS, BM, bk, NT > 1, loss, reg, sketch, zpre, meta["num_warps"], INPUT_PRECISION)
+    _launch("glm_gram_kernel", (G, pairs.shape[0]), args, meta, cfg)
+    return _sum_slots(GP, PG, BS)
+
+
+def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
+    """glm() through glm_tma_kernel (P given, bf16x3, s <= 4 TMA_BS) with BM-row blocks."""
+    m, n = A.shape
+    dev = A.device
+    BS = min(TMA_BS, _tile(s))
+    cfg = {**_TMA_DEFAULTS, **CONFIG_OVERRIDE}
+    bk = cfg.get("BK", BK)
+    zpre = bool(cfg.get("zpre", False))
+    RA = triton.cdiv(m, BM)
+    R = RA + (triton.cdiv(n, BM) if reg != 0 and lam != 0.0 else 0)
+    G = max(1, min(R, _num_sms(dev)))
+    GP = torch.zeros(G, s, s, dtype=torch.float32, device=dev)
+    PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
+    PH, PL = _hi_lo(P)
+    descs = (_TensorDescriptor(A, [m, n], [A.stride(0), 1], [BM, bk]),
+             _TensorDescriptor(PH, [s, n], [PH.stride(0), 1], [BS, bk]),
+             _TensorDescriptor(PL, [s, n], [PL.stride(0), 1], [BS, bk]))
+    z = A @ x if zpre else PG
+    args = (*descs, x, y, z, P, GP, PG, m, n, s, RA, R, float(lam), float(loss_scale), P.stride(0), P.stride(1))
+    meta = dict(LOSS=loss, REG=reg, NQ=triton.cdiv(s, BS), BM=BM, BK=bk, BS=BS, PREC=cfg.get("gram", "bf16x3"),
+                ZPRE=zpre,
+                num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
+    _launch("glm_tma_kernel", (G,), args, meta, cfg)
+    return _sum_slots(GP, PG, BS)
+
+
+def _launch(name: str, grid, args, meta, cfg) -> None:
+    """The kernel ``name`` of triton_kernels at the deepest software pipeline of STAGES (or cfg["stages"]) that
+    fits in shared memory; the depth found is remembered per configuration."""
+    key = (name, *sorted((k, v) for k, v in meta.items() if isinstance(v, (int, str, bool))),
+           INPUT_PRECISION)
     stage_list = (cfg["stages"],) if "stages" in cfg else STAGES
     start = _stage_choice.get(key, stage_list[0])
     if start not in stage_list:   # an override of the stages (bench sweep) after another depth was chosen
         start = stage_list[0]
     for stages in stage_list[stage_list.index(start):]:
         try:
-            _k.glm_gram_kernel[grid](*args, **meta, num_stages=stages)
+            getattr(_k, name)[grid](*args, **meta, num_stages=stages)
             _stage_choice[key] = stages
-            break
+            return
         except triton.runtime.errors.OutOfResources:
             if stages == stage_list[-1]:
                 raise
+
+
+def _sum_slots(GP: Tensor, PG: Tensor, BS: int) -> tuple[Tensor, Tensor]:
+    """(Pg, PHPt) from the programs' partial slots, summed in a fixed order; the kernels fill the blocks a <= b of
+    BS-wide column tiles, the diagonal ones whole."""
+    s = PG.shape[1]
     H = GP.sum(0)
-    blk = torch.arange(s, device=dev) // BS
-    H = (H + H.T) * torch.where(blk[:, None] == blk[None, :], 0.5, 1.0)   # only blocks a <= b were filled
+    blk = torch.arange(s, device=GP.device) // BS
+    H = (H + H.T) * torch.where(blk[:, None] == blk[None, :], 0.5, 1.0)
     return PG.sum(0), H

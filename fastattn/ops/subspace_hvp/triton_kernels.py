@@ -57,6 +57,15 @@ def _hi_lo(t):
 
 
 @triton.jit
+def _split3(a_hi, a_lo, p_hi, p_lo):
+    """a p for a = a_hi + a_lo [BM, BK], p = p_hi + p_lo [BK, BS] (bf16 parts), from a zero accumulator, smallest
+    product first: the three bf16 products of a k-step (see the module docstring)."""
+    t = tl.dot(a_lo, p_hi)
+    t = tl.dot(a_hi, p_lo, t)
+    return tl.dot(a_hi, p_hi, t)
+
+
+@triton.jit
 def _ap_step(a_hi, a_lo, P, PH, PL, ks, prow, mk, mp, sPs, sPn, sHs, sHn, key, scale, acc,
              GEN: tl.constexpr, PREC: tl.constexpr, SPLIT3: tl.constexpr):
     """acc + a @ P[prow, ks]^T for an A tile [BM, BK]: SPLIT3, a = a_hi + a_lo (see the module docstring); else
@@ -69,10 +78,7 @@ def _ap_step(a_hi, a_lo, P, PH, PL, ks, prow, mk, mp, sPs, sPn, sHs, sHn, key, s
             p_lo = tl.load(PL + offs, mask=mask, other=0.0)
         else:
             p_hi, p_lo = _hi_lo(_p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN))
-        t = tl.dot(a_lo, p_hi)
-        t = tl.dot(a_hi, p_lo, t)
-        t = tl.dot(a_hi, p_hi, t)
-        return acc + t
+        return acc + _split3(a_hi, a_lo, p_hi, p_lo)
     else:
         return tl.dot(a_hi, _p_tile(P, ks, prow, mk, mp, sPs, sPn, key, scale, GEN), acc, input_precision=PREC)
 
@@ -122,6 +128,36 @@ def _rmw(ptr, val, mask):
 
 
 @triton.jit
+def _loss_w(z, Y, rows, mr, loss_scale, LOSS: tl.constexpr):
+    """(w1, w2) = loss_scale * (loss', loss'') at the margins z of the data rows (0 on masked rows)."""
+    d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
+    return tl.where(mr, d1 * loss_scale, 0.0), tl.where(mr, d2 * loss_scale, 0.0)
+
+
+@triton.jit
+def _reg_w(X, cols, mc, lam, REG: tl.constexpr):
+    """(w1, w2) = lam * (reg', reg'') at the coordinates cols (0 on masked ones)."""
+    d1, d2 = _reg_d(tl.load(X + cols, mask=mc, other=0.0), REG)
+    return tl.where(mc, d1 * lam, 0.0), tl.where(mc, d2 * lam, 0.0)
+
+
+@triton.jit
+def _gram(gp, pg, s, Bi, Bj, w1, w2, ci, cj, mi, mj, DIAG: tl.constexpr, PREC: tl.constexpr):
+    """Partial slot update of the column tiles (ci, cj): gp[ci, cj] += Bi^T diag(w2) Bj; DIAG (ci == cj) also
+    pg[ci] += Bi^T w1. PREC "bf16x3": both factors split into bf16 hi + lo (_split3), which holds fewer registers
+    than Triton's tf32x3 (its split goes through fp32 registers)."""
+    if PREC == "bf16x3":
+        a_hi, a_lo = _hi_lo(tl.trans(Bi * w2[:, None]))
+        b_hi, b_lo = _hi_lo(Bj)
+        prod = _split3(a_hi, a_lo, b_hi, b_lo)
+    else:
+        prod = tl.dot(tl.trans(Bi * w2[:, None]), Bj, input_precision=PREC)
+    _rmw(gp + ci[:, None] * s + cj[None, :], prod, mi[:, None] & mj[None, :])
+    if DIAG:
+        _rmw(pg + ci, tl.sum(Bi * w1[:, None], 0), mi)
+
+
+@triton.jit
 def glm_gram_kernel(A, X, Y, Z, P, PH, PL, GP, PG, PAIRS, m, n, s, RA, R, key, scale, lam, loss_scale,
                     sAm, sAn, sPs, sPn, sHs, sHn,
                     LOSS: tl.constexpr, REG: tl.constexpr, GEN: tl.constexpr, HAS_B: tl.constexpr,
@@ -165,27 +201,103 @@ def glm_gram_kernel(A, X, Y, Z, P, PH, PL, GP, PG, PAIRS, m, n, s, RA, R, key, s
                                   PREC, SPLIT3)
             if ZPRE:
                 z = tl.load(Z + rows, mask=mr, other=0.0)
-            d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
-            d1 = tl.where(mr, d1 * loss_scale, 0.0)
-            d2 = tl.where(mr, d2 * loss_scale, 0.0)
+            w1, w2 = _loss_w(z, Y, rows, mr, loss_scale, LOSS)
         else:
             cols = (r - RA) * BM + tl.arange(0, BM)
             mc = cols < n
             Ba = _p_tile(P, cols, ca, mc, ma, sPs, sPn, key, scale, GEN)
             if HAS_B:
                 Bb = _p_tile(P, cols, cb, mc, mb, sPs, sPn, key, scale, GEN)
-            d1, d2 = _reg_d(tl.load(X + cols, mask=mc, other=0.0), REG)
-            d1 = tl.where(mc, d1 * lam, 0.0)
-            d2 = tl.where(mc, d2 * lam, 0.0)
-        Bw = Ba * d2[:, None]
+            w1, w2 = _reg_w(X, cols, mc, lam, REG)
         if own_a != 0:
-            _rmw(gp + ca[:, None] * s + ca[None, :], tl.dot(tl.trans(Bw), Ba, input_precision=PREC),
-                 ma[:, None] & ma[None, :])
-            _rmw(pg + ca, tl.sum(Ba * d1[:, None], 0), ma)
+            _gram(gp, pg, s, Ba, Ba, w1, w2, ca, ca, ma, ma, True, PREC)
         if HAS_B:
-            _rmw(gp + ca[:, None] * s + cb[None, :], tl.dot(tl.trans(Bw), Bb, input_precision=PREC),
-                 ma[:, None] & mb[None, :])
+            _gram(gp, pg, s, Ba, Bb, w1, w2, ca, cb, ma, mb, False, PREC)
             if own_b != 0:
-                _rmw(gp + cb[:, None] * s + cb[None, :],
-                     tl.dot(tl.trans(Bb * d2[:, None]), Bb, input_precision=PREC), mb[:, None] & mb[None, :])
-                _rmw(pg + cb, tl.sum(Bb * d1[:, None], 0), mb)
+                _gram(gp, pg, s, Bb, Bb, w1, w2, cb, cb, mb, mb, True, PREC)
+
+
+@triton.jit
+def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, acc):
+    """acc + a P[q BS : (q + 1) BS, k0 : k0 + BK]^T, P's bf16 parts read through the descriptors PH_d, PL_d."""
+    return acc + _split3(a_hi, a_lo, tl.trans(PH_d.load([q * BS, k0])), tl.trans(PL_d.load([q * BS, k0])))
+
+
+@triton.jit
+def _cols(q: tl.constexpr, BS: tl.constexpr, s):
+    c = q * BS + tl.arange(0, BS)
+    return c, c < s
+
+
+@triton.jit
+def glm_tma_kernel(A_d, PH_d, PL_d, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
+                   LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                   BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr):
+    """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T at bf16x3 (SPLIT3), one program per block: B =
+    [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j of tiles in the
+    epilogue). A [m, n] fp32 and P's bf16 parts [s, n] arrive through TMA descriptors (blocks [BM, BK], [BS, BK];
+    rows / columns past the ends read as zeros), so no pointer tensors hold registers: at BM = 128, 8 warps, the
+    k-loop compiles for sm_90 without spills (bench/sm90_compile.py --op glm --precision bf16x3), where
+    glm_gram_kernel's two 128-wide tiles with pointer loads spill ~100 registers a k-step. The regulariser blocks
+    read P (fp32) as glm_gram_kernel does."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    gp = GP + pid.to(tl.int64) * s * s
+    pg = PG + pid.to(tl.int64) * s
+    for r in range(pid, R, G):
+        B0 = tl.zeros((BM, BS), dtype=tl.float32)
+        B1 = tl.zeros((BM, BS), dtype=tl.float32)
+        B2 = tl.zeros((BM, BS), dtype=tl.float32)
+        B3 = tl.zeros((BM, BS), dtype=tl.float32)
+        if r < RA:
+            z = tl.zeros((BM,), dtype=tl.float32)
+            for k0 in range(0, n, BK):
+                a = A_d.load([r * BM, k0])
+                if not ZPRE:
+                    ks = k0 + tl.arange(0, BK)
+                    z += tl.sum(a * tl.load(X + ks, mask=ks < n, other=0.0)[None, :], 1)
+                a_hi, a_lo = _hi_lo(a)
+                B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0)
+                if NQ > 1:
+                    B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1)
+                if NQ > 2:
+                    B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2)
+                if NQ > 3:
+                    B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3)
+            rows = r * BM + tl.arange(0, BM)
+            mr = rows < m
+            if ZPRE:
+                z = tl.load(Z + rows, mask=mr, other=0.0)
+            w1, w2 = _loss_w(z, Y, rows, mr, loss_scale, LOSS)
+        else:
+            cols = (r - RA) * BM + tl.arange(0, BM)
+            mc = cols < n
+            c0, m0 = _cols(0, BS, s)
+            c1, m1 = _cols(1, BS, s)
+            c2, m2 = _cols(2, BS, s)
+            c3, m3 = _cols(3, BS, s)
+            B0 = _p_tile(P, cols, c0, mc, m0, sPs, sPn, 0, 1.0, 0)
+            if NQ > 1:
+                B1 = _p_tile(P, cols, c1, mc, m1, sPs, sPn, 0, 1.0, 0)
+            if NQ > 2:
+                B2 = _p_tile(P, cols, c2, mc, m2, sPs, sPn, 0, 1.0, 0)
+            if NQ > 3:
+                B3 = _p_tile(P, cols, c3, mc, m3, sPs, sPn, 0, 1.0, 0)
+            w1, w2 = _reg_w(X, cols, mc, lam, REG)
+        c0, m0 = _cols(0, BS, s)
+        c1, m1 = _cols(1, BS, s)
+        c2, m2 = _cols(2, BS, s)
+        c3, m3 = _cols(3, BS, s)
+        _gram(gp, pg, s, B0, B0, w1, w2, c0, c0, m0, m0, True, PREC)
+        if NQ > 1:
+            _gram(gp, pg, s, B0, B1, w1, w2, c0, c1, m0, m1, False, PREC)
+            _gram(gp, pg, s, B1, B1, w1, w2, c1, c1, m1, m1, True, PREC)
+        if NQ > 2:
+            _gram(gp, pg, s, B0, B2, w1, w2, c0, c2, m0, m2, False, PREC)
+            _gram(gp, pg, s, B1, B2, w1, w2, c1, c2, m1, m2, False, PREC)
+            _gram(gp, pg, s, B2, B2, w1, w2, c2, c2, m2, m2, True, PREC)
+        if NQ > 3:
+            _gram(gp, pg, s, B0, B3, w1, w2, c0, c3, m0, m3, False, PREC)
+            _gram(gp, pg, s, B1, B3, w1, w2, c1, c3, m1, m3, False, PREC)
+            _gram(gp, pg, s, B2, B3, w1, w2, c2, c3, m2, m3, False, PREC)
+            _gram(gp, pg, s, B3, B3, w1, w2, c3, c3, m3, m3, True, PREC)
