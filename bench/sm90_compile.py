@@ -181,7 +181,7 @@ def main() -> int:
     p.add_argument("--stages", default=None, help="comma-separated stage depths to compile instead of the planned")
     p.add_argument("--warps", type=int, default=None, help="warps per program instead of the planned")
     p.add_argument("--widest", type=int, default=None, help="linear_attn: the forward's FWD_MAX_BK (64, 128, 256)")
-    p.add_argument("--override", default=None, help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8")
+    p.add_argument("--override", default=None, help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8,gram=bf16x3")
     p.add_argument("--histogram", type=int, default=0, help="print the N most frequent SASS opcodes of each loop")
     p.add_argument("--ptxas", default=str(_TOOLS / "ptxas"))
     a = p.parse_args()
@@ -193,7 +193,8 @@ def main() -> int:
         from fastattn.ops.subspace_hvp import triton as hvp
         hvp._num_sms = tri._num_sms
         if a.override:
-            hvp.CONFIG_OVERRIDE = {k: int(v) for k, v in (kv.split("=") for kv in a.override.split(","))}
+            hvp.CONFIG_OVERRIDE = {k: int(v) if v.lstrip("-").isdigit() else v
+                                   for k, v in (kv.split("=") for kv in a.override.split(","))}
         m, n, s = (int(x) for x in (a.shape or "16384,16384,256").split(","))
         for generated in (False, True):
             for name, kernel, args, meta in glm_launches(m, n, s, a.precision, generated):

@@ -7,7 +7,9 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-cuda-seed     the same with P generated in the kernel
   vmap-autodiff       torch.func.vmap over jvp(grad f) (forward-over-reverse), then P (H P^T)
   unfused-torch       B = A @ P.T (fp32 cuBLAS, TF32 off), B^T diag(w) B, B^T l' + regulariser terms
-  fused-triton-bf16x3 A P^T as three bf16 tensor-core products of hi/lo parts (held to 1e-5 like the rest)
+  fused-triton-bf16x3 A P^T as three bf16 tensor-core products of hi/lo parts (held to 1e-5 like the rest); with
+                      P given and s <= 256 through glm_tma_kernel (TMA descriptors, 64-wide accumulators)
+  fused-triton-bf16x3-gram  the same through glm_gram_kernel (pointer loads, 128-wide tiles), in the same process
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -55,11 +57,17 @@ def rel_err(got, ref) -> float:
     return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def _at_precision(prec: str, glm, x, P):
-    """fastattn.subspace_hvp on the triton backend with its INPUT_PRECISION set to ``prec`` for this call."""
+def _at_precision(prec: str, glm, x, P, tma: bool = True):
+    """fastattn.subspace_hvp on the triton backend with its INPUT_PRECISION set to ``prec`` for this call (and
+    glm_tma_kernel allowed or not)."""
     from fastattn.ops.subspace_hvp import triton as tri
-    with tri.input_precision(prec):
-        return fastattn.subspace_hvp(glm, x, P, backend="triton")
+    saved = tri.CONFIG_OVERRIDE
+    tri.CONFIG_OVERRIDE = {**saved, "tma": tma}
+    try:
+        with tri.input_precision(prec):
+            return fastattn.subspace_hvp(glm, x, P, backend="triton")
+    finally:
+        tri.CONFIG_OVERRIDE = saved
 
 
 def paths(glm, x, sketch, P, device, only=None):
@@ -76,6 +84,7 @@ def paths(glm, x, sketch, P, device, only=None):
         for prec, strict in (("bf16x3", True), ("tf32", False)):
             out[f"fused-triton-{prec}"] = (lambda prec=prec: _at_precision(prec, glm, x, P), strict)
         out["fused-triton-bf16x3-seed"] = (lambda: _at_precision("bf16x3", glm, x, sketch), True)
+        out["fused-triton-bf16x3-gram"] = (lambda: _at_precision("bf16x3", glm, x, P, tma=False), True)
     if only is not None:
         unknown = set(only) - set(out)
         if unknown:
@@ -132,21 +141,30 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
     # warps may fall back to the Ampere mma), and P is re-read half as often
     (128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 16, 8, 4, True), (128, 32, 4, 3, True),
     (128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 2, True))]
+# glm_tma_kernel (bf16x3, P given, s <= 256); its default first. Local sm_90 compile (bench/sm90_compile.py --op glm
+# --precision bf16x3 --override ...): 64-row blocks with 8 warps keep the k-loop free of spill stores; 4 warps or
+# 128 rows hold A in registers (no shared-memory round trip, no barriers) but spill 50-110 stores a k-step.
+TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False) for bm, bk, w, st in (
+    (64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3), (128, 32, 8, 2),
+    (32, 64, 4, 3))]
 
 
 def sweep(m, n, s, device, bm=None, precision="tf32x3") -> list[dict]:
-    """fused-triton over SWEEP configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` (None:
-    all) at INPUT_PRECISION ``precision``, correctness first."""
+    """fused-triton over the configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` (None:
+    all) at INPUT_PRECISION ``precision``, correctness first: bf16x3 sweeps TMA_SWEEP (glm_tma_kernel, s <= 256)
+    and then SWEEP through glm_gram_kernel; other precisions SWEEP."""
     from fastattn.ops.subspace_hvp import triton as tri
     glm, x, sketch, P = problem(m, n, s, device)
     ref = reference.glm_explicit(glm.to(torch.float64), x.double(), P.double(), row_chunk=4096)
     rows = []
-    for cfg in (c for c in SWEEP if bm is None or c["BM"] == bm):
+    configs = [{**c, "tma": True} for c in TMA_SWEEP] if precision == "bf16x3" and s <= 4 * tri.TMA_BS else []
+    configs += [{**c, "tma": False} for c in SWEEP]
+    for cfg in (c for c in configs if bm is None or c["BM"] == bm):
         tri.CONFIG_OVERRIDE = cfg
         row = {"m": m, "n": n, "s": s, "precision": precision, **cfg}
         try:
             def fn():
-                return _at_precision(precision, glm, x, P)
+                return _at_precision(precision, glm, x, P, tma=cfg["tma"])
             Pg, H = fn()
             row["rel_err_PHPt"], row["rel_err_Pg"] = rel_err(H, ref[1]), rel_err(Pg, ref[0])
             row["ms"] = time_gpu(fn)
@@ -180,12 +198,13 @@ def markdown(result: dict) -> str:
                          f"{f('speedup_vs_vmap', '.2f')} | {f('speedup_vs_unfused', '.2f')} |")
     if result.get("sweep"):
         lines += ["", "Triton configurations (fused-triton):", "",
-                  "| m | n | s | precision | BM | BK | warps | stages | z by GEMV | rel err PHPt | ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| m | n | s | precision | kernel | BM | BK | warps | stages | z by GEMV | rel err PHPt | ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["sweep"]:
             ms = f"{r['ms']:.3g}" if "ms" in r else r.get("error", "-")[:60]
             err = f"{r['rel_err_PHPt']:.2e}" if "rel_err_PHPt" in r else "-"
-            lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r.get('precision', 'tf32x3')} | {r['BM']} | {r['BK']} "
+            kernel = "tma" if r.get("tma") else "gram"
+            lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r.get('precision', 'tf32x3')} | {kernel} | {r['BM']} | {r['BK']} "
                          f"| {r['warps']} | {r['stages']} | {r['zpre']} | {err} | {ms} |")
     lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "
               "m = n = 16384, s = 256, same numbers to 1e-5 relative."]

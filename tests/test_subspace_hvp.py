@@ -109,38 +109,48 @@ def test_triton_bf16x3_split_keeps_1e5_relative(case):
     it by ~200x."""
     if "triton" not in glm_backends():
         pytest.skip("triton interpreter not available")
-    _check_bf16x3(*case, device="cpu")
+    _check_split(*case, device="cpu")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor", True), (2048, 16384, 256, "tensor", False),
-                                  (1000, 8192, 200, "gaussian", True)], ids=lambda c: "-".join(map(str, c)))
-def test_gpu_triton_bf16x3_keeps_1e5_relative_over_long_sums(case, monkeypatch):
-    """The same bound on tensor cores, with sums over n up to 16,384 (long enough for the accumulation bias that
-    sank an earlier split, bench/results/subspace_hvp_h100_split.md, to show); P given through the TMA kernel
-    (True) and glm_gram_kernel (False)."""
+@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor", True, "bf16x3"), (2048, 16384, 256, "tensor", False,
+                                  "bf16x3"), (1000, 8192, 200, "gaussian", True, "bf16x3"),
+                                  (2048, 16384, 256, "tensor", True, "fp16x3")], ids=lambda c: "-".join(map(str, c)))
+def test_gpu_triton_split_precisions_over_long_sums(case, monkeypatch):
+    """The same bounds on tensor cores (bf16x3 1e-5, fp16x3 2e-6), with sums over n up to 16,384 (long enough for
+    the accumulation bias that sank an earlier split, bench/results/subspace_hvp_h100_split.md, to show); P given
+    through the TMA kernel (True) and glm_gram_kernel (False)."""
     if not backends.availability("triton")[0]:
         pytest.skip(backends.availability("triton")[1])
     from fastattn.ops.subspace_hvp import triton as tri
-    *case, tma = case
+    *case, tma, prec = case
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"tma": tma})
-    _check_bf16x3(*case, device="cuda")
+    _check_split(*case, device="cuda", prec=prec, tol=1e-5 if prec == "bf16x3" else 2e-6)
 
 
-def _check_bf16x3(m, n, s, kind, device, reg="nonconvex"):
+def _check_split(m, n, s, kind, device, reg="nonconvex", prec="bf16x3", tol=1e-5, row_scales=None):
+    """The triton backend at INPUT_PRECISION ``prec`` against fp64 Hessians: relative errors <= ``tol``.
+    row_scales: (A's, P's) rows multiplied by 10^u, u uniform in [lo, hi] (range tests)."""
     from fastattn.ops.subspace_hvp import triton as tri
     glm64, x64 = make_glm(m, n, "sigmoid_mse", reg, lam=1e-3, seed=4)
+    if row_scales is not None:
+        g = torch.Generator().manual_seed(6)
+        (alo, ahi), (plo, phi) = row_scales
+        glm64 = GLM(glm64.A * 10 ** (alo + (ahi - alo) * torch.rand(m, 1, generator=g, dtype=F64)), glm64.y,
+                    glm64.loss, glm64.reg, glm64.lam, loss_scale=glm64.loss_scale)
     sk = make_sketch("gaussian" if kind.startswith("tensor") else kind, s, n, seed=5)
     P64 = sk.materialize(n, F64)
+    if row_scales is not None:
+        P64 = P64 * 10 ** (plo + (phi - plo) * torch.rand(s, 1, generator=g, dtype=F64))
     ref = reference.glm_explicit(glm64, x64, P64)
     glm = glm64.to(torch.float32, device)
     P = P64.float().to(device)
     P = sk if not kind.startswith("tensor") else P.T.contiguous().T if kind == "tensor_t" else P
-    with tri.input_precision("bf16x3"):
+    with tri.input_precision(prec):
         Pg, H = fastattn.subspace_hvp(glm, x64.float().to(device), P, backend="triton")
     for name, got, want in (("Pg", Pg, ref[0]), ("PHPt", H, ref[1])):
         err = ((got.cpu().double() - want).norm() / want.norm()).item()
-        assert err <= 1e-5, f"{(m, n, s, kind)} {name}: relative error {err:.2e}"
+        assert err <= tol, f"{(m, n, s, kind, prec)} {name}: relative error {err:.2e}"
     assert torch.equal(H, H.T)
 
 
@@ -153,18 +163,42 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
 ]
 
 
+@pytest.mark.parametrize("prec,tol", [("bf16x3", 1e-5), ("fp16x3", 1e-6)])
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "-".join(map(str, c[:4])))
-def test_triton_tma_kernel_keeps_1e5_relative(case, monkeypatch):
-    """bf16x3 with P given and s <= 256 runs glm_tma_kernel (TMA descriptors, one accumulator per 64-wide column
-    tile); it holds the 1e-5 bound on P g and P H P^T against fp64 Hessians, data and regulariser blocks."""
+def test_triton_tma_kernel_keeps_1e5_relative(case, prec, tol, monkeypatch):
+    """bf16x3 and fp16x3 with P given and s <= 256 run glm_tma_kernel (TMA descriptors, one accumulator per
+    64-wide column tile); against fp64 Hessians, data and regulariser blocks, P g and P H P^T hold the issue's 1e-5
+    bound (bf16x3; it errs by 4e-6 to 7e-6 here) and 1e-6 (fp16x3, 22-bit parts: 2e-7 to 3e-7 here, as fp32 torch
+    does)."""
     if "triton" not in glm_backends():
         pytest.skip("triton interpreter not available")
     from fastattn.ops.subspace_hvp import triton as tri
     m, n, s, reg, cfg = case
     launched = _record_launches(monkeypatch, tri, "glm_tma_kernel")
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", cfg)
-    _check_bf16x3(m, n, s, "tensor", "cpu", reg=reg)
-    assert [meta["NQ"] for meta in launched] == [-(-s // min(64, max(16, 1 << (s - 1).bit_length())))]
+    _check_split(m, n, s, "tensor", "cpu", reg=reg, prec=prec, tol=tol)
+    assert [(meta["NQ"], meta["FP16"]) for meta in launched] == [
+        (-(-s // min(64, max(16, 1 << (s - 1).bit_length()))), prec == "fp16x3")]
+
+
+@pytest.mark.parametrize("scales", [((-30, 30), (0, 0)), ((0, 0), (-15, 15)), ((-38, -30), (20, 25))],
+                         ids=["A-rows-1e-30..1e30", "P-rows-1e-15..1e15", "A-tiny-P-huge"])
+def test_triton_fp16x3_scales_rows_into_fp16_range(scales):
+    """fp16x3 keeps 3e-6 with rows of A or P spanning 30-60 decades (fp16 alone spans ~12): each A tile's rows and
+    each P row are scaled by powers of two into [2^14, 2^15) before the split. bf16x3 errs by 4e-6 to 1.4e-5 on the
+    same cases, fp32 torch by 2e-7 to 7e-7. (P H P^T's entries grow as P's rows squared, so P's span stays within
+    fp32's range; with both spans at once fp32 itself loses 1e-5: torch's fp32 path errs by ~4e-5 on A rows over
+    1e-3..1e3 and P rows over 1e-15..1e15.)"""
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    _check_split(150, 136, 70, "tensor", "cpu", reg="none", prec="fp16x3", tol=3e-6, row_scales=scales)
+
+
+def test_input_precision_rejects_unknown_names():
+    from fastattn.ops.subspace_hvp import triton as tri
+    with pytest.raises(ValueError, match="fp16x3"):
+        with tri.input_precision("fp8"):
+            pass
 
 
 def test_triton_tma_kernel_needs_aligned_rows_of_A(monkeypatch):
@@ -174,10 +208,10 @@ def test_triton_tma_kernel_needs_aligned_rows_of_A(monkeypatch):
     from fastattn.ops.subspace_hvp import triton as tri
     tma = _record_launches(monkeypatch, tri, "glm_tma_kernel")
     gram = _record_launches(monkeypatch, tri, "glm_gram_kernel")
-    _check_bf16x3(40, 90, 20, "tensor", "cpu")
-    _check_bf16x3(40, 96, 20, "gaussian", "cpu")
+    _check_split(40, 90, 20, "tensor", "cpu")
+    _check_split(40, 96, 20, "gaussian", "cpu")
     assert not tma and len(gram) == 2
-    _check_bf16x3(40, 96, 20, "tensor", "cpu")
+    _check_split(40, 96, 20, "tensor", "cpu")
     assert len(tma) == 1 and len(gram) == 2
 
 

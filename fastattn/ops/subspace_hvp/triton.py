@@ -29,13 +29,19 @@ MAX_BS = 128
 # tf32x3 4.07 ms (8.4e-7, 3.4e-7), unfused fp32 torch 3.31 ms (bench/results/subspace_hvp_h100_bf16x3.md).
 # tf32x3 stays the default: bf16x3's P g error was 13x tf32x3's there, and P g's sum cancels as the gradient
 # vanishes, which is where a trust-region method ends.
+# "fp16x3": the same three products on fp16 hi + lo parts (22 bits, tf32x3's accuracy at bf16's tensor-core rate),
+# kept in fp16's range by powers of two per row (glm_tma_kernel only; where it cannot serve, tf32x3). Not timed on
+# a GPU yet.
 INPUT_PRECISION = "tf32x3"
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16x3", "fp16x3")
 
 
 @contextlib.contextmanager
 def input_precision(prec: str):
     """INPUT_PRECISION set to ``prec`` inside the block (benchmarks and tests), restored after."""
     global INPUT_PRECISION
+    if prec not in PRECISIONS:
+        raise ValueError(f"input precision must be one of {PRECISIONS}, got {prec!r}")
     old, INPUT_PRECISION = INPUT_PRECISION, prec
     try:
         yield
@@ -108,14 +114,22 @@ _SPLIT3_DEFAULTS = dict(BK=32)
 _stage_choice: dict[tuple, int] = {}
 
 
-def _hi_lo(P: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 P [s, n] as bf16 (hi, lo) [s, n], hi + lo = P to ~2^-17 relative (the kernels' SPLIT3 operands); rows
-    start at multiples of 8 elements (16 bytes, as TMA descriptors need), the padding zero."""
+def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """fp32 P [s, n] as (hi, lo) [s, n] bf16 parts, hi + lo = P to ~2^-18 relative (the kernels' SPLIT3 operands),
+    and None; or, ``fp16``, fp16 parts of P's rows times 2^k_j (the row max in [2^14, 2^15)), to ~2^-22, and the
+    inverse factors 2^-k_j [s]. Rows start at multiples of 8 elements (16 bytes, as TMA descriptors need), the
+    padding zero."""
     s, n = P.shape
-    hi, lo = torch.zeros(2, s, -(-n // 8) * 8, dtype=torch.bfloat16, device=P.device)[:, :, :n]
+    inv = None
+    if fp16:
+        k = (15 - torch.frexp(P.abs().amax(1)).exponent).clamp(-126, 126)   # frexp: max in [2^(e-1), 2^e)
+        P = torch.ldexp(P, k[:, None].float())
+        inv = torch.ldexp(torch.ones_like(P[:, 0]), -k.float())
+    hi, lo = torch.zeros(2, s, -(-n // 8) * 8, dtype=torch.float16 if fp16 else torch.bfloat16,
+                         device=P.device)[:, :, :n]
     hi.copy_(P)
     lo.copy_(P - hi.float())
-    return hi, lo
+    return hi, lo, inv
 
 
 # The TMA kernel (glm_tma_kernel): P given, bf16x3, s <= 4 x 64, on sm_90+ (or the interpreter), A with unit column
@@ -130,7 +144,7 @@ _TMA_DEFAULTS = dict(BK=64, stages=2)
 
 
 def _tma_serves(A: Tensor, P: Tensor | None, s: int) -> bool:
-    if (INPUT_PRECISION != "bf16x3" or P is None or s > 4 * TMA_BS or not CONFIG_OVERRIDE.get("tma", True)
+    if (INPUT_PRECISION not in ("bf16x3", "fp16x3") or P is None or s > 4 * TMA_BS or not CONFIG_OVERRIDE.get("tma", True)
             or _TensorDescriptor is None):
         return False
     if A.is_cuda and torch.cuda.get_device_capability(A.device) < (9, 0):
@@ -166,6 +180,7 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     NT = triton.cdiv(s, BS)
     sms = _num_sms(dev)
     split3 = INPUT_PRECISION == "bf16x3"
+    prec = "tf32x3" if INPUT_PRECISION in ("bf16x3", "fp16x3") else INPUT_PRECISION   # fp16x3: TMA kernel only
     cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **(_SPLIT3_DEFAULTS if split3 else {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
@@ -177,21 +192,21 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
     PH = PL = GP
     if P is not None and split3:   # hi and lo bf16 parts of P, once per call (s x n; A is split in the kernel)
-        PH, PL = _hi_lo(P)
+        PH, PL, _ = _hi_lo(P)
     Pt = P if P is not None else GP
     sPs, sPn = (P.stride(0), P.stride(1)) if P is not None else (0, 0)
     z = A @ x if zpre else PG
     args = (A, x, y, z, Pt, PH, PL, GP, PG, pairs, m, n, s, RA, R, seed_key(seed), float(scale), float(lam),
             float(loss_scale), A.stride(0), A.stride(1), sPs, sPn, PH.stride(0), PH.stride(1))
     meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS,
-                PREC="tf32x3" if split3 else INPUT_PRECISION, ZPRE=zpre, SPLIT3=split3,
+                PREC=prec, ZPRE=zpre, SPLIT3=split3,
                 num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
     _launch("glm_gram_kernel", (G, pairs.shape[0]), args, meta, cfg)
     return _sum_slots(GP, PG, BS)
 
 
 def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
-    """glm() through glm_tma_kernel (P given, bf16x3, s <= 4 TMA_BS) with BM-row blocks."""
+    """glm() through glm_tma_kernel (P given, bf16x3 or fp16x3, s <= 4 TMA_BS) with BM-row blocks."""
     m, n = A.shape
     dev = A.device
     BS = min(TMA_BS, _tile(s))
@@ -203,14 +218,18 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     G = max(1, min(R, _num_sms(dev)))
     GP = torch.zeros(G, s, s, dtype=torch.float32, device=dev)
     PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
-    PH, PL = _hi_lo(P)
+    fp16 = INPUT_PRECISION == "fp16x3"
+    PH, PL, pinv = _hi_lo(P, fp16)
     descs = (_TensorDescriptor(A, [m, n], [A.stride(0), 1], [BM, bk]),
              _TensorDescriptor(PH, [s, n], [PH.stride(0), 1], [BS, bk]),
              _TensorDescriptor(PL, [s, n], [PL.stride(0), 1], [BS, bk]))
     z = A @ x if zpre else PG
-    args = (*descs, x, y, z, P, GP, PG, m, n, s, RA, R, float(lam), float(loss_scale), P.stride(0), P.stride(1))
-    meta = dict(LOSS=loss, REG=reg, NQ=triton.cdiv(s, BS), BM=BM, BK=bk, BS=BS, PREC=cfg.get("gram", "bf16x3"),
-                ZPRE=zpre,
+    args = (*descs, pinv if fp16 else PG, x, y, z, P, GP, PG, m, n, s, RA, R, float(lam), float(loss_scale),
+            P.stride(0), P.stride(1))
+    # B^T W B at the k-loop's own split: Triton's tf32x3 there makes ptxas serialize the k-loop's wgmma for want of
+    # registers (bench/sm90_compile.py --op glm --precision fp16x3 --override gram=tf32x3)
+    meta = dict(LOSS=loss, REG=reg, NQ=triton.cdiv(s, BS), BM=BM, BK=bk, BS=BS,
+                PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16,
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (G,), args, meta, cfg)
     return _sum_slots(GP, PG, BS)

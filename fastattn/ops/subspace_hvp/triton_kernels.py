@@ -57,6 +57,24 @@ def _hi_lo(t):
 
 
 @triton.jit
+def _hi_lo16(t):
+    """An fp32 tile as fp16 (hi, lo), hi + lo = t to ~2^-22 relative where t's magnitudes lie within fp16's range
+    (the callers scale to at most 2^15 first)."""
+    hi = t.to(tl.float16)
+    return hi, (t - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _pow2_scale(a, AXIS: tl.constexpr):
+    """(sc, inv) powers of two along a's dim 1 - AXIS, exact inverses: sc = 2^(14 - E) for each row's (AXIS 1) or
+    column's (AXIS 0) max |a| in [2^E, 2^(E+1)), so a * sc stays below 2^15 (fp16's max is ~2^16); clamped to
+    normal fp32 powers for zero or extreme ones."""
+    e = (tl.max(tl.abs(a), AXIS).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    f = tl.minimum(tl.maximum(268 - e, 1), 253)   # biased exponent of sc: 127 + 14 - (e - 127)
+    return (f << 23).to(tl.float32, bitcast=True), ((254 - f) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _split3(a_hi, a_lo, p_hi, p_lo):
     """a p for a = a_hi + a_lo [BM, BK], p = p_hi + p_lo [BK, BS] (bf16 parts), from a zero accumulator, smallest
     product first: the three bf16 products of a k-step (see the module docstring)."""
@@ -145,11 +163,23 @@ def _reg_w(X, cols, mc, lam, REG: tl.constexpr):
 def _gram(gp, pg, s, Bi, Bj, w1, w2, ci, cj, mi, mj, DIAG: tl.constexpr, PREC: tl.constexpr):
     """Partial slot update of the column tiles (ci, cj): gp[ci, cj] += Bi^T diag(w2) Bj; DIAG (ci == cj) also
     pg[ci] += Bi^T w1. PREC "bf16x3": both factors split into bf16 hi + lo (_split3), which holds fewer registers
-    than Triton's tf32x3 (its split goes through fp32 registers)."""
+    than Triton's tf32x3 (its split goes through fp32 registers); "fp16x3": fp16 parts of the factors' columns
+    scaled into fp16's range by powers of two, tf32x3's accuracy. The weights go in as sqrt|w2| on both factors
+    (the sign on one), so that the scale of a column comes from rows that count: with w2 on one factor only, a row
+    of huge B and ~0 weight sets the other factor's scale and pushes the rows that matter below fp16's range."""
     if PREC == "bf16x3":
         a_hi, a_lo = _hi_lo(tl.trans(Bi * w2[:, None]))
         b_hi, b_lo = _hi_lo(Bj)
         prod = _split3(a_hi, a_lo, b_hi, b_lo)
+    elif PREC == "fp16x3":
+        rw = tl.sqrt(tl.abs(w2))
+        bw = Bi * tl.where(w2 < 0, -rw, rw)[:, None]
+        bj = Bj * rw[:, None]
+        sa, ia = _pow2_scale(bw, 0)
+        sb, ib = _pow2_scale(bj, 0)
+        a_hi, a_lo = _hi_lo16(tl.trans(bw * sa[None, :]))
+        b_hi, b_lo = _hi_lo16(bj * sb[None, :])
+        prod = _split3(a_hi, a_lo, b_hi, b_lo) * (ia[:, None] * ib[None, :])
     else:
         prod = tl.dot(tl.trans(Bi * w2[:, None]), Bj, input_precision=PREC)
     _rmw(gp + ci[:, None] * s + cj[None, :], prod, mi[:, None] & mj[None, :])
@@ -218,9 +248,13 @@ def glm_gram_kernel(A, X, Y, Z, P, PH, PL, GP, PG, PAIRS, m, n, s, RA, R, key, s
 
 
 @triton.jit
-def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, acc):
-    """acc + a P[q BS : (q + 1) BS, k0 : k0 + BK]^T, P's bf16 parts read through the descriptors PH_d, PL_d."""
-    return acc + _split3(a_hi, a_lo, tl.trans(PH_d.load([q * BS, k0])), tl.trans(PL_d.load([q * BS, k0])))
+def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, acc, inv, FP16: tl.constexpr):
+    """acc + a P[q BS : (q + 1) BS, k0 : k0 + BK]^T, P's hi / lo parts read through the descriptors PH_d, PL_d;
+    FP16: a came scaled by 1 / inv per row (_pow2_scale), undone here exactly."""
+    t = _split3(a_hi, a_lo, tl.trans(PH_d.load([q * BS, k0])), tl.trans(PL_d.load([q * BS, k0])))
+    if FP16:
+        return acc + t * inv[:, None]
+    return acc + t
 
 
 @triton.jit
@@ -230,16 +264,23 @@ def _cols(q: tl.constexpr, BS: tl.constexpr, s):
 
 
 @triton.jit
-def glm_tma_kernel(A_d, PH_d, PL_d, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
+def _col_inv(PINV, q: tl.constexpr, BS: tl.constexpr, s):
+    c, mc = _cols(q, BS, s)
+    return tl.load(PINV + c, mask=mc, other=0.0)
+
+
+@triton.jit
+def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
                    LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                   BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr):
-    """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T at bf16x3 (SPLIT3), one program per block: B =
-    [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j of tiles in the
-    epilogue). A [m, n] fp32 and P's bf16 parts [s, n] arrive through TMA descriptors (blocks [BM, BK], [BS, BK];
-    rows / columns past the ends read as zeros), so no pointer tensors hold registers: at BM = 128, 8 warps, the
-    k-loop compiles for sm_90 without spills (bench/sm90_compile.py --op glm --precision bf16x3), where
-    glm_gram_kernel's two 128-wide tiles with pointer loads spill ~100 registers a k-step. The regulariser blocks
-    read P (fp32) as glm_gram_kernel does."""
+                   BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr):
+    """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T as three tensor-core products of hi / lo parts, one
+    program per block: B = [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j
+    of tiles in the epilogue). A [m, n] fp32 and P's parts [s, n] arrive through TMA descriptors (blocks [BM, BK],
+    [BS, BK]; rows / columns past the ends read as zeros), so no pointer tensors hold registers.
+    Parts: bf16 (SPLIT3 of glm_gram_kernel, ~2^-18 relative), or FP16: fp16 hi + lo hold 22 bits (~2^-22, as
+    tf32x3) at bf16's speed, within fp16's range by powers of two: each A tile's rows scaled by _pow2_scale (undone
+    on the k-step's sum), P's rows on the host (PH_d, PL_d hold P * 2^k per row; PINV [s] the inverse factors,
+    applied to B's columns after the k-loop). The regulariser blocks read P (fp32) as glm_gram_kernel does."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     gp = GP + pid.to(tl.int64) * s * s
@@ -256,14 +297,24 @@ def glm_tma_kernel(A_d, PH_d, PL_d, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, los
                 if not ZPRE:
                     ks = k0 + tl.arange(0, BK)
                     z += tl.sum(a * tl.load(X + ks, mask=ks < n, other=0.0)[None, :], 1)
-                a_hi, a_lo = _hi_lo(a)
-                B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0)
+                if FP16:
+                    sc, inv = _pow2_scale(a, 1)
+                    a_hi, a_lo = _hi_lo16(a * sc[:, None])
+                else:
+                    inv = z   # unused without FP16
+                    a_hi, a_lo = _hi_lo(a)
+                B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16)
                 if NQ > 1:
-                    B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1)
+                    B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16)
                 if NQ > 2:
-                    B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2)
+                    B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16)
                 if NQ > 3:
-                    B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3)
+                    B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16)
+            if FP16:
+                B0 = B0 * _col_inv(PINV, 0, BS, s)[None, :]
+                B1 = B1 * _col_inv(PINV, 1, BS, s)[None, :]
+                B2 = B2 * _col_inv(PINV, 2, BS, s)[None, :]
+                B3 = B3 * _col_inv(PINV, 3, BS, s)[None, :]
             rows = r * BM + tl.arange(0, BM)
             mr = rows < m
             if ZPRE:
