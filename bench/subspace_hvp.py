@@ -10,6 +10,7 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-triton-bf16x3 A P^T as three bf16 tensor-core products of hi/lo parts (held to 1e-5 like the rest); with
                       P given and s <= 256 through glm_tma_kernel (TMA descriptors, 64-wide accumulators)
   fused-triton-bf16x3-gram  the same through glm_gram_kernel (pointer loads, 128-wide tiles), in the same process
+  fused-triton-fp16x3 glm_tma_kernel on fp16 hi/lo parts scaled by powers of two (22 bits: tf32x3's accuracy)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -81,7 +82,7 @@ def paths(glm, x, sketch, P, device, only=None):
     out["vmap-autodiff"] = (lambda: fastattn.subspace_hvp(lambda v: glm(v), x, P), True)
     out["unfused-torch"] = (lambda: reference.glm_explicit(glm, x, P, row_chunk=glm.m), True)
     if device.type == "cuda" and backends.availability("triton")[0]:
-        for prec, strict in (("bf16x3", True), ("tf32", False)):
+        for prec, strict in (("bf16x3", True), ("fp16x3", True), ("tf32", False)):
             out[f"fused-triton-{prec}"] = (lambda prec=prec: _at_precision(prec, glm, x, P), strict)
         out["fused-triton-bf16x3-seed"] = (lambda: _at_precision("bf16x3", glm, x, sketch), True)
         out["fused-triton-bf16x3-gram"] = (lambda: _at_precision("bf16x3", glm, x, P, tma=False), True)
@@ -151,14 +152,15 @@ TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False) for bm, bk, w, s
 
 def sweep(m, n, s, device, bm=None, precision="tf32x3") -> list[dict]:
     """fused-triton over the configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` (None:
-    all) at INPUT_PRECISION ``precision``, correctness first: bf16x3 sweeps TMA_SWEEP (glm_tma_kernel, s <= 256)
-    and then SWEEP through glm_gram_kernel; other precisions SWEEP."""
+    all) at INPUT_PRECISION ``precision``, correctness first: bf16x3 and fp16x3 sweep TMA_SWEEP (glm_tma_kernel,
+    s <= 256), bf16x3 then SWEEP through glm_gram_kernel (fp16x3 has no other kernel); other precisions SWEEP."""
     from fastattn.ops.subspace_hvp import triton as tri
     glm, x, sketch, P = problem(m, n, s, device)
     ref = reference.glm_explicit(glm.to(torch.float64), x.double(), P.double(), row_chunk=4096)
     rows = []
-    configs = [{**c, "tma": True} for c in TMA_SWEEP] if precision == "bf16x3" and s <= 4 * tri.TMA_BS else []
-    configs += [{**c, "tma": False} for c in SWEEP]
+    tma = precision in ("bf16x3", "fp16x3") and s <= 4 * tri.TMA_BS
+    configs = [{**c, "tma": True} for c in TMA_SWEEP] if tma else []
+    configs += [{**c, "tma": False} for c in SWEEP] if precision != "fp16x3" else []
     for cfg in (c for c in configs if bm is None or c["BM"] == bm):
         tri.CONFIG_OVERRIDE = cfg
         row = {"m": m, "n": n, "s": s, "precision": precision, **cfg}

@@ -160,6 +160,7 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
     (50, 136, 130, "none", {}),                     # 3 tiles, 16-row blocks, no regulariser blocks
     (90, 100, 9, "nonconvex", {"stages": 1}),       # one 16-wide tile; P's bf16 rows padded (n % 8 = 4)
     (77, 40, 70, "nonconvex", {"gram": "tf32x3", "warps": 4}),   # B^T W B at tf32x3
+    (33, 48, 1, "l2", {}),                          # s = 1
 ]
 
 
