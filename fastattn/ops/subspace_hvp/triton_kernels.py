@@ -146,8 +146,11 @@ def _rmw(ptr, val, mask):
 
 
 @triton.jit
-def _loss_w(z, Y, rows, mr, loss_scale, LOSS: tl.constexpr):
-    """(w1, w2) = loss_scale * (loss', loss'') at the margins z of the data rows (0 on masked rows)."""
+def _loss_w(z, Z, Y, rows, mr, loss_scale, LOSS: tl.constexpr, ZPRE: tl.constexpr):
+    """(w1, w2) = loss_scale * (loss', loss'') at the margins of the data rows (0 on masked rows): z from the k-loop,
+    or with ZPRE read from Z."""
+    if ZPRE:
+        z = tl.load(Z + rows, mask=mr, other=0.0)
     d1, d2 = _loss_d(z, tl.load(Y + rows, mask=mr, other=0.0), LOSS)
     return tl.where(mr, d1 * loss_scale, 0.0), tl.where(mr, d2 * loss_scale, 0.0)
 
@@ -229,9 +232,7 @@ def glm_gram_kernel(A, X, Y, Z, P, PH, PL, GP, PG, PAIRS, m, n, s, RA, R, key, s
                 if HAS_B:
                     Bb = _ap_step(a_hi, a_lo, P, PH, PL, ks, cb, mk, mb, sPs, sPn, sHs, sHn, key, scale, Bb, GEN,
                                   PREC, SPLIT3)
-            if ZPRE:
-                z = tl.load(Z + rows, mask=mr, other=0.0)
-            w1, w2 = _loss_w(z, Y, rows, mr, loss_scale, LOSS)
+            w1, w2 = _loss_w(z, Z, Y, rows, mr, loss_scale, LOSS, ZPRE)
         else:
             cols = (r - RA) * BM + tl.arange(0, BM)
             mc = cols < n
@@ -317,9 +318,7 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
                 B3 = B3 * _col_inv(PINV, 3, BS, s)[None, :]
             rows = r * BM + tl.arange(0, BM)
             mr = rows < m
-            if ZPRE:
-                z = tl.load(Z + rows, mask=mr, other=0.0)
-            w1, w2 = _loss_w(z, Y, rows, mr, loss_scale, LOSS)
+            w1, w2 = _loss_w(z, Z, Y, rows, mr, loss_scale, LOSS, ZPRE)
         else:
             cols = (r - RA) * BM + tl.arange(0, BM)
             mc = cols < n
