@@ -28,7 +28,7 @@ from linear_attn import _inputs, environment  # noqa: E402
 
 FWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 8, 65536, 64), (1, 9, 65536, 64), (16, 8, 4096, 9),
               (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256),
-              (16, 8, 4096, 182), (16, 8, 4096, 56)]
+              (16, 8, 4096, 182), (16, 8, 4096, 56), (16, 8, 4096, 96)]
 BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128), (16, 8, 4096, 9),
               (16, 8, 4096, 56)]
 # name -> overrides: "fwd" / "bwd" config fields, "cps" forced chunks per segment, "ceil" the earlier split rule
@@ -50,8 +50,13 @@ VARIANTS = {
     # sm_90 compile (bench/sm90_compile.py --D 128 [--warps 8 --stages 2,3]): spills 372 B a thread with 4 warps,
     # 108 with 8, 32 with 8 and 3 stages
     "w8s3": {"fwd": dict(warps=8, stages=3)},
+    # the forward through TMA descriptors (FWD_TMA; dims with 16-byte rows). sm_90 compile (bench/sm90_compile.py
+    # --D 128 [--tma] [--warps 8]): hot loop 17 STL / 67 LDL a chunk with pointer loads, 2 / 25 with TMA at 4 warps,
+    # 0 / 7 at 8
+    "tma": {"tma": True},
+    "tma_w8": {"tma": True, "fwd": dict(warps=8)},
 }
-FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32")
+FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "tma", "tma_w8")
 BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
@@ -89,6 +94,7 @@ def use(name: str) -> None:
     tri._segments = _segments_ceil if var.get("ceil") else _base_segments
     tri._alignment = _alignment_a16 if var.get("a16") else _base_alignment
     tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
+    tri.FWD_TMA = bool(var.get("tma"))
 
 
 def jobs(only=None, dims=None):

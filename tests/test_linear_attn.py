@@ -7,7 +7,7 @@ import torch
 import fastattn
 from fastattn.ops.linear_attn.reference import linear_attention_chunked, linear_attention_recurrent
 
-from .linear_attn_cases import CASES, cpu_backends, make_inputs, run_fastattn, run_reference
+from .linear_attn_cases import CASES, Case, cpu_backends, make_inputs, run_fastattn, run_reference
 from .tolerances import assert_close
 
 BACKENDS = cpu_backends()
@@ -186,6 +186,39 @@ def test_triton_forward_with_other_feature_tile_widths(case, dtype, widest, monk
     inputs, cot = make_inputs(case, dtype)
     same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
     _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
+
+
+TMA_CASES = [  # dims whose rows are 16-byte multiples take the descriptors; D = 130 keeps pointer loads
+    Case("tma_state", B=2, T=130, D=32, Dv=16, state=True),
+    Case("tma_gqa_bthd_mask", H=4, Hv=2, T=100, D=64, Dv=64, layout="bthd", mask=True, state=True),
+    Case("tma_hf_view_unnormalized", B=2, T=70, D=96, Dv=32, hf_view=True, normalize=False),
+    Case("tma_noncausal", T=40, D=16, Dv=16, causal=False),
+    Case("tma_no_D130", Hv=1, T=100, D=130, Dv=32),
+]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_triton_forward_through_tma_descriptors(case, dtype, monkeypatch):
+    """FWD_TMA (q, k, v, o through TMA descriptors, reads past T and the dim zero-filled, writes there dropped):
+    outputs, every gradient and the final state against fp64, and the descriptors used exactly when every row and
+    stride is a 16-byte multiple."""
+    from fastattn.ops.linear_attn import triton as tri
+    monkeypatch.setattr(tri, "FWD_TMA", True)
+    kernel, used = tri._k.fwd_kernel, []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                used.append(meta.get("TMA", False))
+                return kernel[grid](*args, **meta)
+            return launch
+    monkeypatch.setattr(tri._k, "fwd_kernel", Launcher())
+    inputs, cot = make_inputs(case, dtype)
+    same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
+    _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
+    assert used and used[0] == (case.D != 130), used
 
 
 def test_split_t_rule_on_a_gpu_sized_grid(monkeypatch):

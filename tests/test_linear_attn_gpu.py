@@ -63,6 +63,20 @@ def test_long_sequences_with_other_forward_tile_widths(dtype, widest, B, H, Hv, 
     _check_long("triton", dtype, B, H, Hv, T, D, Dv)
 
 
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("warps,B,H,Hv,T,D,Dv", [(4, 1, 9, 3, 65536, 64, 64), (4, 2, 8, 8, 16384, 128, 64),
+                                                (8, 2, 8, 4, 16384, 96, 64)])
+def test_long_sequences_with_tma_forward(dtype, warps, B, H, Hv, T, D, Dv, monkeypatch):
+    """The same bounds with the forward through TMA descriptors (FWD_TMA; the bench variants tma and tma_w8)."""
+    from fastattn.ops.linear_attn import triton as tri
+    monkeypatch.setattr(tri, "FWD_TMA", True)
+    base = tri._fwd_config
+    monkeypatch.setattr(tri, "_fwd_config", lambda d, dv, w: tri._Config(**{**base(d, dv, w).__dict__,
+                                                                               "warps": warps}))
+    _check_long("triton", dtype, B, H, Hv, T, D, Dv)
+
+
 def _check_long(backend, dtype, B, H, Hv, T, D, Dv):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.rand(B, T, H, D, device="cuda", generator=g, dtype=dtype).transpose(1, 2)

@@ -23,6 +23,10 @@ from ..triton_gate import import_kernels, triton_gate
 from .layout import empty_output
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:   # an older Triton: pointer loads only
+    _TensorDescriptor = None
 
 BT = 64                           # chunk length
 SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (None: from the GPU size)
@@ -48,6 +52,11 @@ FWD_STAGES = {16: 3, 32: 3, 64: 3, 128: 2, 256: 2}
 # times it): 8 warps, where a local sm_90 compile spills 556 bytes a thread against 1,292 with 4
 # (bench/sm90_compile.py --D 256 --widest 256 --warps 8, and 4).
 FWD_WARPS = {256: 8}
+
+# The forward's loads and stores through TMA descriptors (sm_90+; every stride but the last a multiple of 16
+# bytes, so ragged dims such as 9 or 182 keep pointer loads): no pointer tensors held in registers. Off until timed
+# on a GPU (bench/linear_attn_configs.py --variants tma); a local sm_90 compile: bench/sm90_compile.py --tma.
+FWD_TMA = False
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -77,6 +86,16 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
     cfg = _config(D, Dv)
     BK = _tile(D, widest)
     return _Config(BK=BK, BV=cfg.BV, warps=FWD_WARPS.get(BK, cfg.warps), stages=FWD_STAGES[BK])
+
+
+def _tma_serves(tensors) -> bool:
+    """Whether TMA descriptors can take these [B, H, T, dim] tensors: Triton has them, an sm_90+ GPU (or the
+    interpreter), 16-byte aligned bases and strides, unit last strides."""
+    t0 = tensors[0]
+    if _TensorDescriptor is None or (t0.is_cuda and torch.cuda.get_device_capability(t0.device) < (9, 0)):
+        return False
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
+                                                                    for s in t.stride()[:3]) for t in tensors)
 
 
 def _exact(D: int, Dv: int, cfg: _Config) -> int:
@@ -219,14 +238,19 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
     part = torch.empty(NK, B * H, T, Dv, dtype=_F32, device=dev) if mode else S
     dpart = torch.empty(NK, B * H, T, dtype=_F32, device=dev) if mode and normalize else S
     mask, smb, smt, _ = mask_args
+    tensors = (q, k, v, o)
+    tma = FWD_TMA and _tma_serves(tensors)
+    if tma:
+        tensors = tuple(_TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BT, w])
+                        for t, w in zip(tensors, (cfg.BK, cfg.BK, cfg.BV, cfg.BV)))
     _k.fwd_kernel[(NK * NV * NS * B * H,)](
-        q, k, v, o, mask, *ptrs, den if normalize else S, part, dpart, S, z if normalize else S,
+        *tensors, mask, *ptrs, den if normalize else S, part, dpart, S, z if normalize else S,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smt, *strides,
         T, CPS, NS, H, H // Hv, eps,
         D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal,
         NORMALIZE=normalize, HAS_MASK=key_mask is not None, HAS_H=has_h, HAS_Z=has_z,
         STORE_FINAL=causal and NS == 1, MODE=mode,
-        SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, **align)
+        SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, TMA=tma, **align)
     if mode:
         _sum_partials(part, dpart if normalize else None, o, NK, H, eps, den)
     return o, S, z, den
@@ -278,7 +302,7 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
         _k.fwd_kernel[grid](
             q, k, v, do, mask, *ptrs, den, cpart, cpart, cpart, cpart,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, *strides,
-            T, CPS, NS, H, G, eps, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=False, MODE=2,
+            T, CPS, NS, H, G, eps, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=False, MODE=2, TMA=False,
             num_warps=cfg.warps, num_stages=cfg.stages, **common)
         # q.u = (num . do) / den, so c = -(num . do) / den^2
         torch.sum(cpart, 0, out=c)

@@ -268,9 +268,11 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
                D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr, MODE: tl.constexpr,
-               SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
+               SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr):
     """Forward over one segment: num_t = q_t S_t (S_t the prefix state, or the total when non-causal), computed
     per chunk as Q S_prev + tril(Q K^T) V, with den_t = q_t . z_t the same way (z next to S, in fp32).
+    TMA: q, k, v and x (MODE 0) are TMA descriptors over [B, H, T, dim] (blocks [1, 1, BT, tile]; reads past T or
+    the dim are zeros, writes there are dropped): no pointer tensors in registers.
 
     MODE 0 (one K tile): x = o, o = num / (den + eps); den + eps stored to den [B*H, T] fp32.
     MODE 1: num and den partials of this K tile to part [NK, B*H, T, DV] and dpart [NK, B*H, T].
@@ -285,10 +287,11 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
-    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
-    v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
-    x, sxt = _slice(x, i_b, i_h, sxb, sxh, sxt, AV)
+    if not TMA:
+        q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
+        k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+        v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
+        x, sxt = _slice(x, i_b, i_h, sxb, sxh, sxt, AV)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -300,14 +303,23 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     for n in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NT)):
         o_t = n * BT + tl.arange(0, BT)
         m_t = o_t < T
-        b_q = _tile(q, o_t, o_k, sqt, sqd, m_t, m_k)
+        if TMA:
+            b_q = q.load([i_b, i_h, n * BT, i_k * BK]).reshape(BT, BK)
+        else:
+            b_q = _tile(q, o_t, o_k, sqt, sqd, m_t, m_k)
         b_num = _dot_xf(b_q, b_S, SPLIT)
         if NORMALIZE:
             b_den = tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)
         if CAUSAL:
             m_key = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-            b_k = _tile(k, o_t, o_k, skt, skd, m_key, m_k)
-            b_v = _tile(v, o_t, o_v, svt, svd, m_t, m_v)
+            if TMA:
+                b_k = k.load([i_b, i_h, n * BT, i_k * BK]).reshape(BT, BK)
+                if HAS_MASK:
+                    b_k = tl.where(m_key[:, None], b_k, 0.0)
+                b_v = v.load([i_b, i_h // G, n * BT, i_v * BV]).reshape(BT, BV)
+            else:
+                b_k = _tile(k, o_t, o_k, skt, skd, m_key, m_k)
+                b_v = _tile(v, o_t, o_v, svt, svd, m_t, m_v)
             b_a = tl.where(o_t[:, None] >= o_t[None, :], _dot_xx(b_q, tl.trans(b_k), SPLIT), 0.0)
             b_num += _dot_fx(b_a, b_v, SPLIT)
             if NORMALIZE:
@@ -320,8 +332,11 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
                 b_den += eps
                 b_num = b_num / b_den[:, None]
                 tl.store(den + rows, b_den, mask=m_t & (i_v == 0))
-            tl.store(x + o_t[:, None] * sxt + o_v[None, :] * sxd, b_num.to(x.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
+            if TMA:
+                x.store([i_b, i_h, n * BT, i_v * BV], b_num.to(x.dtype).reshape(1, 1, BT, BV))
+            else:
+                tl.store(x + o_t[:, None] * sxt + o_v[None, :] * sxd, b_num.to(x.dtype.element_ty),
+                         mask=m_t[:, None] & m_v[None, :])
         elif MODE == 1:
             prow = (i_k.to(tl.int64) * BH) * T + rows
             tl.store(part + prow[:, None] * DV + o_v[None, :], b_num, mask=m_t[:, None] & m_v[None, :])
