@@ -55,9 +55,12 @@ VARIANTS = {
     # 0 / 7 at 8
     "tma": {"tma": True},
     "tma_w8": {"tma": True, "fwd": dict(warps=8)},
+    # the backward's dq and dk/dv kernels through TMA descriptors (BWD_TMA). sm_90 compile (bench/sm90_compile.py
+    # --direction bwd --D 64 [--tma]): dk/dv hot loop 25 STL / 79 LDL a chunk with pointer loads, 5 / 19 with TMA
+    "bwd_tma": {"bwd_tma": True},
 }
 FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "tma", "tma_w8")
-BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16")
+BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16", "bwd_tma")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
 _base_pps = dict(tri.PROGRAMS_PER_SM)
@@ -94,7 +97,7 @@ def use(name: str) -> None:
     tri._segments = _segments_ceil if var.get("ceil") else _base_segments
     tri._alignment = _alignment_a16 if var.get("a16") else _base_alignment
     tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
-    tri.FWD_TMA = bool(var.get("tma"))
+    tri.FWD_TMA, tri.BWD_TMA = bool(var.get("tma")), bool(var.get("bwd_tma"))
 
 
 def jobs(only=None, dims=None):

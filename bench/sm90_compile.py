@@ -181,7 +181,7 @@ def main() -> int:
     p.add_argument("--stages", default=None, help="comma-separated stage depths to compile instead of the planned")
     p.add_argument("--warps", type=int, default=None, help="warps per program instead of the planned")
     p.add_argument("--widest", type=int, default=None, help="linear_attn: the forward's FWD_MAX_BK (64, 128, 256)")
-    p.add_argument("--tma", action="store_true", help="linear_attn: the forward through TMA descriptors (FWD_TMA)")
+    p.add_argument("--tma", action="store_true", help="linear_attn: loads through TMA descriptors (FWD_TMA, BWD_TMA)")
     p.add_argument("--override", default=None, help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8,gram=bf16x3")
     p.add_argument("--histogram", type=int, default=0, help="print the N most frequent SASS opcodes of each loop")
     p.add_argument("--ptxas", default=str(_TOOLS / "ptxas"))
@@ -189,7 +189,7 @@ def main() -> int:
     tri._num_sms = lambda device: 132   # plan the grid as for an H100 / H200
     if a.widest:
         tri.FWD_MAX_BK = a.widest
-    tri.FWD_TMA = a.tma
+    tri.FWD_TMA = tri.BWD_TMA = a.tma
     warps = {"num_warps": a.warps} if a.warps else {}
     if a.op == "glm":
         from fastattn.ops.subspace_hvp import triton as hvp
@@ -212,7 +212,8 @@ def main() -> int:
                 [{**meta, **warps}]
             for mt in metas:
                 _report(f"D={D} {name}", kernel, args, mt, a.ptxas,
-                        ("BK", "BV", "EXACT", "AK", "AV", "MODE", "TMA", "num_warps", "num_stages"), a.histogram)
+                        ("BK", "BV", "EXACT", "AK", "AV", "MODE", "TMA", "num_warps", "num_stages"),
+                        a.histogram)
     return 0
 
 

@@ -200,25 +200,30 @@ TMA_CASES = [  # dims whose rows are 16-byte multiples take the descriptors; D =
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", TMA_CASES, ids=str)
-def test_triton_forward_through_tma_descriptors(case, dtype, monkeypatch):
-    """FWD_TMA (q, k, v, o through TMA descriptors, reads past T and the dim zero-filled, writes there dropped):
-    outputs, every gradient and the final state against fp64, and the descriptors used exactly when every row and
-    stride is a 16-byte multiple."""
+def test_triton_kernels_through_tma_descriptors(case, dtype, monkeypatch):
+    """FWD_TMA and BWD_TMA (q, k, v, do and the direct outputs through TMA descriptors, reads past T and the dim
+    zero-filled, writes there dropped): outputs, every gradient and the final state against fp64, and the
+    descriptors used by the forward, dq and dk/dv kernels exactly when every row and stride is a 16-byte
+    multiple."""
     from fastattn.ops.linear_attn import triton as tri
     monkeypatch.setattr(tri, "FWD_TMA", True)
-    kernel, used = tri._k.fwd_kernel, []
-
-    class Launcher:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                used.append(meta.get("TMA", False))
-                return kernel[grid](*args, **meta)
-            return launch
-    monkeypatch.setattr(tri._k, "fwd_kernel", Launcher())
+    monkeypatch.setattr(tri, "BWD_TMA", True)
+    used = {}
+    for name in ("fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"):
+        def launcher(kernel=getattr(tri._k, name), name=name):
+            class Launcher:
+                def __getitem__(self, grid):
+                    def launch(*args, **meta):
+                        used.setdefault(name, []).append(meta["TMA"])
+                        return kernel[grid](*args, **meta)
+                    return launch
+            return Launcher()
+        monkeypatch.setattr(tri._k, name, launcher())
     inputs, cot = make_inputs(case, dtype)
     same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
     _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
-    assert used and used[0] == (case.D != 130), used
+    tma = case.D != 130
+    assert used["fwd_kernel"][0] == tma and used["bwd_dq_kernel"] == [tma] and used["bwd_dkdv_kernel"] == [tma]
 
 
 def test_split_t_rule_on_a_gpu_sized_grid(monkeypatch):

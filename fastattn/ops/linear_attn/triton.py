@@ -53,10 +53,12 @@ FWD_STAGES = {16: 3, 32: 3, 64: 3, 128: 2, 256: 2}
 # (bench/sm90_compile.py --D 256 --widest 256 --warps 8, and 4).
 FWD_WARPS = {256: 8}
 
-# The forward's loads and stores through TMA descriptors (sm_90+; every stride but the last a multiple of 16
-# bytes, so ragged dims such as 9 or 182 keep pointer loads): no pointer tensors held in registers. Off until timed
-# on a GPU (bench/linear_attn_configs.py --variants tma); a local sm_90 compile: bench/sm90_compile.py --tma.
+# The forward's (FWD_TMA) and the backward's (BWD_TMA) loads and direct stores through TMA descriptors (sm_90+;
+# every stride but the last a multiple of 16 bytes, so ragged dims such as 9 or 182 keep pointer loads): no
+# pointer tensors held in registers. Off until timed on a GPU (bench/linear_attn_configs.py --variants
+# tma,tma_w8,bwd_tma); a local sm_90 compile: bench/sm90_compile.py --tma [--direction bwd].
 FWD_TMA = False
+BWD_TMA = False
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -88,14 +90,19 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
     return _Config(BK=BK, BV=cfg.BV, warps=FWD_WARPS.get(BK, cfg.warps), stages=FWD_STAGES[BK])
 
 
-def _tma_serves(tensors) -> bool:
-    """Whether TMA descriptors can take these [B, H, T, dim] tensors: Triton has them, an sm_90+ GPU (or the
-    interpreter), 16-byte aligned bases and strides, unit last strides."""
+def _descriptors(wanted: bool, tensors: tuple[Tensor, ...], widths: tuple[int, ...]) -> tuple[bool, tuple]:
+    """(True, TMA descriptors over the [B, H, T, dim] tensors with blocks [1, 1, BT, width]) when ``wanted`` and
+    they can take them (Triton has them, an sm_90+ GPU or the interpreter, 16-byte aligned bases, positive
+    16-byte multiple strides, unit last strides); else (False, the tensors)."""
     t0 = tensors[0]
-    if _TensorDescriptor is None or (t0.is_cuda and torch.cuda.get_device_capability(t0.device) < (9, 0)):
-        return False
-    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
-                                                                    for s in t.stride()[:3]) for t in tensors)
+    if not wanted or _TensorDescriptor is None or (t0.is_cuda and
+                                                   torch.cuda.get_device_capability(t0.device) < (9, 0)):
+        return False, tensors
+    if not all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0
+                                                                    for s in t.stride()[:3]) for t in tensors):
+        return False, tensors
+    return True, tuple(_TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BT, w])
+                       for t, w in zip(tensors, widths))
 
 
 def _exact(D: int, Dv: int, cfg: _Config) -> int:
@@ -238,11 +245,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
     part = torch.empty(NK, B * H, T, Dv, dtype=_F32, device=dev) if mode else S
     dpart = torch.empty(NK, B * H, T, dtype=_F32, device=dev) if mode and normalize else S
     mask, smb, smt, _ = mask_args
-    tensors = (q, k, v, o)
-    tma = FWD_TMA and _tma_serves(tensors)
-    if tma:
-        tensors = tuple(_TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BT, w])
-                        for t, w in zip(tensors, (cfg.BK, cfg.BK, cfg.BV, cfg.BV)))
+    tma, tensors = _descriptors(FWD_TMA, (q, k, v, o), (cfg.BK, cfg.BK, cfg.BV, cfg.BV))
     _k.fwd_kernel[(NK * NV * NS * B * H,)](
         *tensors, mask, *ptrs, den if normalize else S, part, dpart, S, z if normalize else S,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smt, *strides,
@@ -309,11 +312,12 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
         c.div_(den.view(B * H, T).square()).neg_()
 
     part = torch.empty(NV, B * H, T, D, dtype=_F32, device=dev) if NV > 1 else dq
+    tma, (tq, tk, tv, tdo, tdq) = _descriptors(BWD_TMA, (q, k, v, do, dq), (cfg.BK, cfg.BK, cfg.BV, cfg.BV, cfg.BK))
     _k.bwd_dq_kernel[grid](
-        q, k, v, do, mask, den if normalize else q, c if normalize else q, *ptrs, dq, part,
+        tq, tk, tv, tdo, mask, den if normalize else q, c if normalize else q, *ptrs, tdq, part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), smb, smt, *strides,
         T, CPS, NS, H, G, HAS_H=has_h, HAS_Z=has_z, FUSE_C=fuse_c, DIRECT=NV == 1,
-        num_warps=cfg.warps, num_stages=cfg.stages, **common)
+        num_warps=cfg.warps, num_stages=cfg.stages, TMA=tma, **common)
     if NV > 1:
         _sum_partials(part, None, dq, NV, H)
 
@@ -327,12 +331,13 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
     kpart = torch.empty(NV, B * H, T, D, dtype=_F32, device=dev) if NV > 1 else dk
     dv_direct = NK == 1 and G == 1
     vpart = dv if dv_direct else torch.empty(NK * G, B * Hv, T, Dv, dtype=_F32, device=dev)
+    tma, tensors = _descriptors(BWD_TMA, (q, k, v, do, dk, dv), (cfg.BK, cfg.BK, cfg.BV, cfg.BV, cfg.BK, cfg.BV))
     _k.bwd_dkdv_kernel[grid](
-        q, k, v, do, mask, den if normalize else q, c if normalize else q, *ptrs, dk, dv, kpart, vpart,
+        *tensors[:4], mask, den if normalize else q, c if normalize else q, *ptrs, *tensors[4:], kpart, vpart,
         dS0, dz0 if normalize else dS0,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), smb, smt, *strides,
         T, CPS, NS, H, G, HAS_H=has_h, HAS_Z=has_z, STORE_FINAL=causal and NS == 1,
-        DK_DIRECT=NV == 1, DV_DIRECT=dv_direct, num_warps=cfg.warps, num_stages=cfg.stages, **common)
+        DK_DIRECT=NV == 1, DV_DIRECT=dv_direct, num_warps=cfg.warps, num_stages=cfg.stages, TMA=tma, **common)
     if NV > 1:
         _sum_partials(kpart, None, dk, NV, H)
     if not dv_direct:

@@ -117,6 +117,32 @@ def _tile(ptr, o_r, o_c, s_r, s_c, m_r, m_c):
 
 
 @triton.jit
+def _get(x, i_b, i_h, n, i_c, o_t, o_c, s_t, s_c, m_t, m_c, BT: tl.constexpr, BC: tl.constexpr,
+         TMA: tl.constexpr, MASKED: tl.constexpr):
+    """Chunk n's [BT, BC] tile of feature tile i_c of one (batch, head) slice, zero outside the rows m_t and the
+    columns m_c: through the TMA descriptor x over [B, H, T, dim] (reads past T or the dim are zeros; MASKED: m_t
+    masks more rows than that, e.g. padded keys), or from the pointer x at the slice (``_slice``)."""
+    if TMA:
+        t = x.load([i_b, i_h, n * BT, i_c * BC]).reshape(BT, BC)
+        if MASKED:
+            t = tl.where(m_t[:, None], t, 0.0)
+    else:
+        t = _tile(x, o_t, o_c, s_t, s_c, m_t, m_c)
+    return t
+
+
+@triton.jit
+def _put(x, val, i_b, i_h, n, i_c, o_t, o_c, s_t, s_c, m_t, m_c, BT: tl.constexpr, BC: tl.constexpr,
+         TMA: tl.constexpr):
+    """``_get``'s tile stored (cast to x's dtype); through a descriptor, writes past T or the dim are dropped."""
+    if TMA:
+        x.store([i_b, i_h, n * BT, i_c * BC], val.to(x.dtype).reshape(1, 1, BT, BC))
+    else:
+        tl.store(x + o_t[:, None] * s_t + o_c[None, :] * s_c, val.to(x.dtype.element_ty),
+                 mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
 def _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK: tl.constexpr):
     """Rows of a chunk that hold a real (unmasked) key."""
     if HAS_MASK:
@@ -303,23 +329,14 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     for n in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NT)):
         o_t = n * BT + tl.arange(0, BT)
         m_t = o_t < T
-        if TMA:
-            b_q = q.load([i_b, i_h, n * BT, i_k * BK]).reshape(BT, BK)
-        else:
-            b_q = _tile(q, o_t, o_k, sqt, sqd, m_t, m_k)
+        b_q = _get(q, i_b, i_h, n, i_k, o_t, o_k, sqt, sqd, m_t, m_k, BT, BK, TMA, False)
         b_num = _dot_xf(b_q, b_S, SPLIT)
         if NORMALIZE:
             b_den = tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)
         if CAUSAL:
             m_key = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-            if TMA:
-                b_k = k.load([i_b, i_h, n * BT, i_k * BK]).reshape(BT, BK)
-                if HAS_MASK:
-                    b_k = tl.where(m_key[:, None], b_k, 0.0)
-                b_v = v.load([i_b, i_h // G, n * BT, i_v * BV]).reshape(BT, BV)
-            else:
-                b_k = _tile(k, o_t, o_k, skt, skd, m_key, m_k)
-                b_v = _tile(v, o_t, o_v, svt, svd, m_t, m_v)
+            b_k = _get(k, i_b, i_h, n, i_k, o_t, o_k, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK)
+            b_v = _get(v, i_b, i_h // G, n, i_v, o_t, o_v, svt, svd, m_t, m_v, BT, BV, TMA, False)
             b_a = tl.where(o_t[:, None] >= o_t[None, :], _dot_xx(b_q, tl.trans(b_k), SPLIT), 0.0)
             b_num += _dot_fx(b_a, b_v, SPLIT)
             if NORMALIZE:
@@ -332,11 +349,7 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
                 b_den += eps
                 b_num = b_num / b_den[:, None]
                 tl.store(den + rows, b_den, mask=m_t & (i_v == 0))
-            if TMA:
-                x.store([i_b, i_h, n * BT, i_v * BV], b_num.to(x.dtype).reshape(1, 1, BT, BV))
-            else:
-                tl.store(x + o_t[:, None] * sxt + o_v[None, :] * sxd, b_num.to(x.dtype.element_ty),
-                         mask=m_t[:, None] & m_v[None, :])
+            _put(x, b_num, i_b, i_h, n, i_v, o_t, o_v, sxt, sxd, m_t, m_v, BT, BV, TMA)
         elif MODE == 1:
             prow = (i_k.to(tl.int64) * BH) * T + rows
             tl.store(part + prow[:, None] * DV + o_v[None, :], b_num, mask=m_t[:, None] & m_v[None, :])
@@ -362,13 +375,14 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
                   D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_H: tl.constexpr, HAS_Z: tl.constexpr, FUSE_C: tl.constexpr, DIRECT: tl.constexpr,
-                  SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
+                  SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr):
     """dq_t = u_t + c_t z_t with u_t = S_t g_t, g_t = do_t / den_t (unnormalized: g = do, no c term).
 
     Per chunk: U = (DO S_prev^T + tril(DO V^T) K) / den, z_t = z_prev + tril(1) K (fp32, exact products).
     FUSE_C (one K and one V tile): c_t = -(q_t . u_t) / den_t is computed here from the fp32 u and stored to
     cbuf [B*H, T]; otherwise cbuf is read. DIRECT (one V tile): dq is written, else fp32 partials over the V
-    tiles to part [NV, B*H, T, D] (the c z_t term only in tile 0). Grid: NK * NV * NS * B * H.
+    tiles to part [NV, B*H, T, D] (the c z_t term only in tile 0). TMA: q, k, v, do and dq are descriptors
+    (``_get``). Grid: NK * NV * NS * B * H.
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
@@ -377,11 +391,12 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
-    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
-    v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
-    do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
-    dq, sxt = _slice(dq, i_b, i_h, sxb, sxh, sxt, AK)
+    if not TMA:
+        q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
+        k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+        v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
+        do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
+        dq, sxt = _slice(dq, i_b, i_h, sxb, sxh, sxt, AK)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -395,19 +410,19 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
         m_t = o_t < T
         rows = i_bh.to(tl.int64) * T + o_t
         causal = o_t[:, None] >= o_t[None, :]
-        b_do = _tile(do, o_t, o_v, sdt, sdd, m_t, m_v)
+        b_do = _get(do, i_b, i_h, n, i_v, o_t, o_v, sdt, sdd, m_t, m_v, BT, BV, TMA, False)
         b_u = _dot_xf(b_do, tl.trans(b_S), SPLIT)
         if CAUSAL:
             m_key = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-            b_k = _tile(k, o_t, o_k, skt, skd, m_key, m_k)
-            b_v = _tile(v, o_t, o_v, svt, svd, m_t, m_v)
+            b_k = _get(k, i_b, i_h, n, i_k, o_t, o_k, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK)
+            b_v = _get(v, i_b, i_h // G, n, i_v, o_t, o_v, svt, svd, m_t, m_v, BT, BV, TMA, False)
             b_a = tl.where(causal, _dot_xx(b_do, tl.trans(b_v), SPLIT), 0.0)
             b_u += _dot_fx(b_a, b_k, SPLIT)
         if NORMALIZE:
             inv = 1.0 / tl.load(den + rows, mask=m_t, other=1.0)
             b_u = b_u * inv[:, None]
             if FUSE_C:
-                b_q = _tile(q, o_t, o_k, sqt, sqd, m_t, m_k)
+                b_q = _get(q, i_b, i_h, n, i_k, o_t, o_k, sqt, sqd, m_t, m_k, BT, BK, TMA, False)
                 b_c = -tl.sum(b_q.to(tl.float32) * b_u, 1) * inv
                 tl.store(cbuf + rows, b_c, mask=m_t)
             else:
@@ -423,8 +438,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
             if NORMALIZE:
                 b_z += tl.sum(b_k.to(tl.float32), 0)
         if DIRECT:
-            tl.store(dq + o_t[:, None] * sxt + o_k[None, :] * sxd, b_u.to(dq.dtype.element_ty),
-                     mask=m_t[:, None] & m_k[None, :])
+            _put(dq, b_u, i_b, i_h, n, i_k, o_t, o_k, sxt, sxd, m_t, m_k, BT, BK, TMA)
         else:
             prow = (i_v.to(tl.int64) * BH) * T + rows
             tl.store(part + prow[:, None] * D + o_k[None, :], b_u, mask=m_t[:, None] & m_k[None, :])
@@ -440,7 +454,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
                     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                     HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr,
                     DK_DIRECT: tl.constexpr, DV_DIRECT: tl.constexpr, SPLIT: tl.constexpr,
-                    AK: tl.constexpr, AV: tl.constexpr):
+                    AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr):
     """dk_s = R_s v_s + r_s (0 for masked keys), dv_s = R_s^T k_s, with the reverse sums
     R_s = dS + sum_{t>=s} q_t^T g_t and r_s = dz + sum_{t>=s} c_t q_t (all t when non-causal).
 
@@ -448,7 +462,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     + r_next. (h0, z0): the reverse state entering each segment from the right. dk: direct with one V tile, else
     partials [NV, B*H, T, D]. dv: direct with one K tile and no GQA, else partials [NK * G, B*Hv, T, DV] summed
     over K tiles and the query heads of each value head. STORE_FINAL: segment 0 writes (R_1, r_1) = (dS0, dz0).
-    Grid: NK * NV * NS * B * H.
+    TMA: q, k, v, do, dk and dv are descriptors (``_get``). Grid: NK * NV * NS * B * H.
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
@@ -457,12 +471,13 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < D, o_v < DV
-    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
-    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
-    v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
-    do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
-    dk, sxt = _slice(dk, i_b, i_h, sxb, sxh, sxt, AK)
-    dv, sat = _slice(dv, i_b, i_h // G, sab, sah, sat, AV)
+    if not TMA:
+        q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
+        k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+        v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
+        do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
+        dk, sxt = _slice(dk, i_b, i_h, sxb, sxh, sxt, AK)
+        dv, sat = _slice(dv, i_b, i_h // G, sab, sah, sat, AV)
     b_R = tl.zeros([BK, BV], dtype=tl.float32)
     b_r = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -479,10 +494,10 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
         m_t = o_t < T
         rows = i_bh.to(tl.int64) * T + o_t
         m_key = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-        b_q = _tile(q, o_t, o_k, sqt, sqd, m_t, m_k)
-        b_k = _tile(k, o_t, o_k, skt, skd, m_key, m_k)
-        b_v = _tile(v, o_t, o_v, svt, svd, m_t, m_v)
-        b_do = _tile(do, o_t, o_v, sdt, sdd, m_t, m_v)
+        b_q = _get(q, i_b, i_h, n, i_k, o_t, o_k, sqt, sqd, m_t, m_k, BT, BK, TMA, False)
+        b_k = _get(k, i_b, i_h, n, i_k, o_t, o_k, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK)
+        b_v = _get(v, i_b, i_h // G, n, i_v, o_t, o_v, svt, svd, m_t, m_v, BT, BV, TMA, False)
+        b_do = _get(do, i_b, i_h, n, i_v, o_t, o_v, sdt, sdd, m_t, m_v, BT, BV, TMA, False)
         if NORMALIZE:
             inv = 1.0 / tl.load(den + rows, mask=m_t, other=1.0)
             b_c = tl.load(cbuf + rows, mask=m_t, other=0.0)
@@ -496,8 +511,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
                 b_a = b_a * inv[None, :]
             b_dv += _dot_fx(tl.where(upper, b_a, 0.0), b_do, SPLIT)
         if DV_DIRECT:
-            tl.store(dv + o_t[:, None] * sat + o_v[None, :] * sad, b_dv.to(dv.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
+            _put(dv, b_dv, i_b, i_h // G, n, i_v, o_t, o_v, sat, sad, m_t, m_v, BT, BV, TMA)
         else:
             # vpart[i_k * G + h % G, b * Hv + h // G]: one slot per (K tile, query head of the group), no races
             prow = ((i_k * G + i_h % G).to(tl.int64) * (BH // G) + i_b * (H // G) + i_h // G) * T + o_t
@@ -513,8 +527,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
             b_dk += tl.where(i_v == 0, b_r, 0.0)[None, :]
         b_dk = tl.where(m_key[:, None], b_dk, 0.0)
         if DK_DIRECT:
-            tl.store(dk + o_t[:, None] * sxt + o_k[None, :] * sxd, b_dk.to(dk.dtype.element_ty),
-                     mask=m_t[:, None] & m_k[None, :])
+            _put(dk, b_dk, i_b, i_h, n, i_k, o_t, o_k, sxt, sxd, m_t, m_k, BT, BK, TMA)
         else:
             prow = (i_v.to(tl.int64) * BH) * T + rows
             tl.store(kpart + prow[:, None] * D + o_k[None, :], b_dk, mask=m_t[:, None] & m_k[None, :])
