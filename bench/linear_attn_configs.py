@@ -51,12 +51,12 @@ VARIANTS = {
     # 108 with 8, 32 with 8 and 3 stages
     "w8s3": {"fwd": dict(warps=8, stages=3)},
     # the forward through TMA descriptors (FWD_TMA; dims with 16-byte rows). sm_90 compile (bench/sm90_compile.py
-    # --D 128 [--tma] [--warps 8]): hot loop 17 STL / 67 LDL a chunk with pointer loads, 2 / 25 with TMA at 4 warps,
-    # 0 / 7 at 8
+    # --D 128 [--tma] [--warps 8]): hot loop 0 STL / 46 LDL a chunk with pointer loads, 4 / 27 with TMA at 4 warps;
+    # 0 / 20 and 0 / 7 at 8 warps
     "tma": {"tma": True},
     "tma_w8": {"tma": True, "fwd": dict(warps=8)},
     # the backward's dq and dk/dv kernels through TMA descriptors (BWD_TMA). sm_90 compile (bench/sm90_compile.py
-    # --direction bwd --D 64 [--tma]): dk/dv hot loop 25 STL / 79 LDL a chunk with pointer loads, 5 / 19 with TMA
+    # --direction bwd --D 64 [--tma]): dk/dv hot loop 25 STL / 79 LDL a chunk with pointer loads, 10 / 25 with TMA
     "bwd_tma": {"bwd_tma": True},
 }
 FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "tma", "tma_w8")

@@ -112,6 +112,18 @@ def _slice(ptr, i_b, i_h, sb, sh, st, A: tl.constexpr):
 
 
 @triton.jit
+def _slices(q, k, v, x, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sxb, sxh, sxt,
+            AK: tl.constexpr, AV: tl.constexpr):
+    """``_slice`` of q and k (alignment AK), v (its value head i_h // G) and x (o or do; AV): (q, sqt, k, skt, v,
+    svt, x, sxt)."""
+    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
+    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+    v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
+    x, sxt = _slice(x, i_b, i_h, sxb, sxh, sxt, AV)
+    return q, sqt, k, skt, v, svt, x, sxt
+
+
+@triton.jit
 def _tile(ptr, o_r, o_c, s_r, s_c, m_r, m_c):
     return tl.load(ptr + o_r[:, None] * s_r + o_c[None, :] * s_c, mask=m_r[:, None] & m_c[None, :], other=0.0)
 
@@ -176,6 +188,15 @@ def _dims(D_, DV_, BK: tl.constexpr, BV: tl.constexpr, EXACT: tl.constexpr, AK: 
 
 
 @triton.jit
+def _program_tiles(i_kv, i_bh, NV, H, D, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """A program's K / V tile indices, batch and head, and the feature indices and masks of its tiles."""
+    i_k, i_v = i_kv // NV, i_kv % NV
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return i_k, i_v, i_bh // H, i_bh % H, o_k, o_v, o_k < D, o_v < DV
+
+
+@triton.jit
 def _split_pid(NKV, NS):
     """1-D grid (no 65535 limits): program -> (K/V tile pair, segment, batch*head) and B*H."""
     pid = tl.program_id(0)
@@ -205,11 +226,7 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < D, o_v < DV
+    i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
     y, syt = _slice(y, i_b, i_h, syb, syh, syt, AK)
     w, swt = _slice(w, i_b, i_h // GW, swb, swh, swt, AV)
     NT = tl.cdiv(T, BT)
@@ -252,11 +269,7 @@ def state_scan_kernel(hs, hz, h0, z0, h_out, z_out,
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, 1, 1)
     pid = tl.program_id(0)
     i_kv, i_bh = pid % (NK * NV), pid // (NK * NV)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < D, o_v < DV
+    i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
     m_kv = m_k[:, None] & m_v[None, :]
     run = tl.zeros([BK, BV], dtype=tl.float32)
     run_z = tl.zeros([BK], dtype=tl.float32)
@@ -308,16 +321,10 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < D, o_v < DV
+    i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
     if not TMA:
-        q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
-        k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
-        v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
-        x, sxt = _slice(x, i_b, i_h, sxb, sxh, sxt, AV)
+        q, sqt, k, skt, v, svt, x, sxt = _slices(q, k, v, x, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt,
+                                                 svb, svh, svt, sxb, sxh, sxt, AK, AV)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -386,16 +393,10 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < D, o_v < DV
+    i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
     if not TMA:
-        q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
-        k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
-        v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
-        do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
+        q, sqt, k, skt, v, svt, do, sdt = _slices(q, k, v, do, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt,
+                                                  svb, svh, svt, sdb, sdh, sdt, AK, AV)
         dq, sxt = _slice(dq, i_b, i_h, sxb, sxh, sxt, AK)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
@@ -466,16 +467,10 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
-    i_k, i_v = i_kv // NV, i_kv % NV
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < D, o_v < DV
+    i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
     if not TMA:
-        q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
-        k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
-        v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
-        do, sdt = _slice(do, i_b, i_h, sdb, sdh, sdt, AV)
+        q, sqt, k, skt, v, svt, do, sdt = _slices(q, k, v, do, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt,
+                                                  svb, svh, svt, sdb, sdh, sdt, AK, AV)
         dk, sxt = _slice(dk, i_b, i_h, sxb, sxh, sxt, AK)
         dv, sat = _slice(dv, i_b, i_h // G, sab, sah, sat, AV)
     b_R = tl.zeros([BK, BV], dtype=tl.float32)
