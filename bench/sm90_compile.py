@@ -182,7 +182,8 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=None, help="warps per program instead of the planned")
     p.add_argument("--widest", type=int, default=None, help="linear_attn: the forward's FWD_MAX_BK (64, 128, 256)")
     p.add_argument("--tma", action="store_true", help="linear_attn: loads through TMA descriptors (FWD_TMA, BWD_TMA)")
-    p.add_argument("--override", default=None, help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8,gram=bf16x3")
+    p.add_argument("--override", default=None,
+                   help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8,gram=bf16x3,tma=0")
     p.add_argument("--histogram", type=int, default=0, help="print the N most frequent SASS opcodes of each loop")
     p.add_argument("--ptxas", default=str(_TOOLS / "ptxas"))
     a = p.parse_args()

@@ -1,8 +1,11 @@
-"""Triton backend of the GLM subspace Hessian: host launcher of ``triton_kernels.glm_gram_kernel``.
+"""Triton backend of the GLM subspace Hessian: host launchers of ``triton_kernels.glm_gram_kernel`` and
+``glm_tma_kernel``.
 
-Column tiles of BS <= 128 columns of B = A P^T; s <= 256 is one program per block (one or two tiles, no redundant
-work); larger s runs the pairs (a < b) of tiles, recomputing each tile once per partner. Each of G <= #SM
-programs accumulates into its own partial slot, summed here in a fixed order: results are deterministic.
+glm_gram_kernel: column tiles of BS <= 128 columns of B = A P^T; s <= 256 is one program per block (one or two
+tiles, no redundant work); larger s runs the pairs (a < b) of tiles, recomputing each tile once per partner.
+glm_tma_kernel (bf16x3 / fp16x3 with P given, s <= 256, sm_90+): up to four 64-wide tiles per block, operands
+through TMA descriptors. Each of G <= #SM programs accumulates into its own partial slot, summed here in a fixed
+order: results are deterministic.
 """
 from __future__ import annotations
 
@@ -132,20 +135,21 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
     return hi, lo, inv
 
 
-# The TMA kernel (glm_tma_kernel): P given, bf16x3, s <= 4 x 64, on sm_90+ (or the interpreter), A with unit column
-# stride and 16-byte aligned rows. Up to four 64-wide column tiles, each its own accumulator; 64-row blocks, 8 warps,
-# BK 64 at 2 stages (152 KB of shared memory), its B^T W B products at bf16x3 too. In a local sm_90 compile
-# (bench/sm90_compile.py --op glm --precision bf16x3) its k-loop has 0 spill stores, 5 spill loads and 80 wgmma in
-# 952 instructions a 64-wide k-step; glm_gram_kernel's 128-row bf16x3 loop (the same with --override tma=0
-# --stages 2) has 105 spill stores, 115 spill loads and 12 wgmma in 585 a 32-wide k-step.
-# Not timed on a GPU yet: bench/subspace_hvp.py --sweep --sweep-precision bf16x3 is to choose.
+# The TMA kernel (glm_tma_kernel): P given, bf16x3 or fp16x3, s <= 4 x 64, on sm_90+ (or the interpreter), A with
+# unit column stride and 16-byte aligned rows. Up to four 64-wide column tiles, each its own accumulator; 64-row
+# blocks, 8 warps, BK 64 at 2 stages (152 KB of shared memory), its B^T W B at the k-loop's split. In a local
+# compile for sm_90 (bench/sm90_compile.py --op glm --precision bf16x3) its k-loop has 0 spill stores, 5 spill
+# loads and 80 wgmma in 952 instructions a 64-wide k-step; glm_gram_kernel's 128-row bf16x3 loop (the same with
+# --override tma=0 --stages 2) has 105 spill stores, 115 spill loads and 12 wgmma in 585 a 32-wide k-step.
+# Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3) is to choose.
 TMA_BS = 64
 _TMA_DEFAULTS = dict(BK=64, stages=2)
 
 
 def _tma_serves(A: Tensor, P: Tensor | None, s: int) -> bool:
-    if (INPUT_PRECISION not in ("bf16x3", "fp16x3") or P is None or s > 4 * TMA_BS or not CONFIG_OVERRIDE.get("tma", True)
-            or _TensorDescriptor is None):
+    """Whether glm_tma_kernel takes this call (see TMA_BS); CONFIG_OVERRIDE["tma"] = False turns it off."""
+    if (INPUT_PRECISION not in ("bf16x3", "fp16x3") or P is None or s > 4 * TMA_BS or A.numel() == 0
+            or not CONFIG_OVERRIDE.get("tma", True) or _TensorDescriptor is None):
         return False
     if A.is_cuda and torch.cuda.get_device_capability(A.device) < (9, 0):
         return False

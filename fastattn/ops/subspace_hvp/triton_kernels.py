@@ -1,4 +1,5 @@
-"""Triton kernel of the fused GLM subspace Hessian (host side: triton.py).
+"""Triton kernels of the fused GLM subspace Hessian (host side: triton.py): glm_gram_kernel (below) and
+glm_tma_kernel (its docstring).
 
 One program owns a partial slot (GP [G, s, s], PG [G, s]) and walks the blocks r = pid, pid + G, ... of
   data blocks  r <  RA: rows i of A;     B tile = A[rows] P^T (k-loop over n), z = A[rows] x, w = loss''(z; y)
