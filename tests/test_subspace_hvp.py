@@ -216,6 +216,31 @@ def test_triton_tma_kernel_needs_aligned_rows_of_A(monkeypatch):
     assert len(tma) == 1 and len(gram) == 2
 
 
+def test_triton_tma_kernel_out_of_shared_memory_falls_back_to_glm_gram_kernel(monkeypatch):
+    """glm_tma_kernel failing with OutOfResources at every stage depth hands the call to glm_gram_kernel (same
+    answers; fp16x3 runs there at tf32x3); with a CONFIG_OVERRIDE set the error is raised instead."""
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    import triton
+    from fastattn.ops.subspace_hvp import triton as tri
+    tried = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tried.append(meta["num_stages"])
+                raise triton.runtime.errors.OutOfResources(300 * 1024, 227 * 1024, "shared memory")
+            return launch
+    monkeypatch.setattr(tri._k, "glm_tma_kernel", Launcher())
+    gram = _record_launches(monkeypatch, tri, "glm_gram_kernel")
+    for prec in ("bf16x3", "fp16x3"):
+        _check_split(90, 96, 70, "tensor", "cpu", prec=prec)
+    assert tried == list(tri.TMA_STAGES) * 2 and [meta["SPLIT3"] for meta in gram] == [True, False]
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"BK": 32})
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        _check_split(90, 96, 70, "tensor", "cpu")
+
+
 def _record_launches(monkeypatch, tri, name) -> list[dict]:
     """The meta-parameters of every launch of triton_kernels.<name>, which still runs."""
     kernel, launched = getattr(tri._k, name), []

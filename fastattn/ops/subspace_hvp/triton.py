@@ -143,7 +143,8 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 # --override tma=0 --stages 2) has 105 spill stores, 115 spill loads and 12 wgmma in 585 a 32-wide k-step.
 # Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3) is to choose.
 TMA_BS = 64
-_TMA_DEFAULTS = dict(BK=64, stages=2)
+_TMA_DEFAULTS = dict(BK=64)
+TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
 
 
 def _tma_serves(A: Tensor, P: Tensor | None, s: int) -> bool:
@@ -160,12 +161,16 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
         loss: int, reg: int, lam: float, loss_scale: float) -> tuple[Tensor, Tensor]:
     """A [m, n], x [n], y [m] fp32; P [s, n] or None (generated from ``seed``) -> (Pg [s], PHPt [s, s]) fp32."""
     m = A.shape[0]
-    tma = _tma_serves(A, P, s)
-    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=P is None or tma))
-    if tma:
-        run = functools.partial(_glm_tma, A, x, y, P, s, loss, reg, lam, loss_scale)
-    else:
-        run = functools.partial(_glm_blocks, A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale)
+    if _tma_serves(A, P, s):
+        BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=True))
+        try:
+            return _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM)
+        except triton.runtime.errors.OutOfResources:
+            if CONFIG_OVERRIDE:   # a configuration asked for (bench sweeps, tests) must not change kernels
+                raise
+            # out of shared memory at every stage depth: glm_gram_kernel at the same precision (tf32x3 for fp16x3)
+    BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=P is None))
+    run = functools.partial(_glm_blocks, A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale)
     try:
         return run(BM)
     except triton.runtime.errors.OutOfResources:
@@ -205,7 +210,7 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS,
                 PREC=prec, ZPRE=zpre, SPLIT3=split3,
                 num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
-    _launch("glm_gram_kernel", (G, pairs.shape[0]), args, meta, cfg)
+    _launch("glm_gram_kernel", (G, pairs.shape[0]), args, meta, cfg, STAGES)
     return _sum_slots(GP, PG, BS)
 
 
@@ -235,16 +240,16 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     meta = dict(LOSS=loss, REG=reg, NQ=triton.cdiv(s, BS), BM=BM, BK=bk, BS=BS,
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16,
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
-    _launch("glm_tma_kernel", (G,), args, meta, cfg)
+    _launch("glm_tma_kernel", (G,), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)
 
 
-def _launch(name: str, grid, args, meta, cfg) -> None:
-    """The kernel ``name`` of triton_kernels at the deepest software pipeline of STAGES (or cfg["stages"]) that
-    fits in shared memory; the depth found is remembered per configuration."""
+def _launch(name: str, grid, args, meta, cfg, depths: tuple[int, ...]) -> None:
+    """The kernel ``name`` of triton_kernels at the deepest software pipeline of ``depths`` (or cfg["stages"])
+    that fits in shared memory; the depth found is remembered per configuration."""
     key = (name, *sorted((k, v) for k, v in meta.items() if isinstance(v, (int, str, bool))),
            INPUT_PRECISION)
-    stage_list = (cfg["stages"],) if "stages" in cfg else STAGES
+    stage_list = (cfg["stages"],) if "stages" in cfg else depths
     start = _stage_choice.get(key, stage_list[0])
     if start not in stage_list:   # an override of the stages (bench sweep) after another depth was chosen
         start = stage_list[0]
