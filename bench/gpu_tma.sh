@@ -13,7 +13,7 @@ set -uo pipefail
 LOGS=/tmp/gpu_tma_logs
 source "$(dirname "$0")/gpu_common.sh"
 LIMIT=${CALL_LIMIT:-570}
-left() { echo $(( LIMIT - ($(date +%s) - t0) - $1 )); }
+left() { local x=$(( LIMIT - ($(date +%s) - t0) - $1 )); [ "$x" -lt 20 ] && x=20; echo "$x"; }   # seconds left
 timeout 200 python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1; el "build rc=$?"; tail -1 "$LOGS/build.log"
 timeout 150 python3 -m pytest -q -m gpu tests/test_subspace_hvp.py tests/test_linear_attn_gpu.py \
   -k "split_precisions or tma" -n 4 -p no:cacheprovider > "$LOGS/gpu_tests.log" 2>&1
