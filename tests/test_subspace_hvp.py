@@ -161,16 +161,17 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
     (90, 100, 9, "nonconvex", {"stages": 1}),       # one 16-wide tile; P's bf16 rows padded (n % 8 = 4)
     (77, 40, 70, "nonconvex", {"gram": "tf32x3", "warps": 4}),   # B^T W B at tf32x3
     (33, 48, 1, "l2", {}),                          # s = 1
+    (70, 96, 250, "nonconvex", {"wide": False}),    # four tiles, a dot each (not one [BM, 256] accumulator)
 ]
 
 
 @pytest.mark.parametrize("prec,tol", [("bf16x3", 1e-5), ("fp16x3", 1e-6)])
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "-".join(map(str, c[:4])))
 def test_triton_tma_kernel_keeps_1e5_relative(case, prec, tol, monkeypatch):
-    """bf16x3 and fp16x3 with P given and s <= 256 run glm_tma_kernel (TMA descriptors, one accumulator per
-    64-wide column tile); against fp64 Hessians, data and regulariser blocks, P g and P H P^T hold the issue's 1e-5
-    bound (bf16x3; it errs by 4e-6 to 7e-6 here) and 1e-6 (fp16x3, 22-bit parts: 2e-7 to 3e-7 here, as fp32 torch
-    does)."""
+    """bf16x3 and fp16x3 with P given and s <= 256 run glm_tma_kernel (TMA descriptors; 1, 2 or 4 column tiles
+    of <= 64 as one accumulator ("wide"), 3 tiles or wide=False one accumulator each); against fp64 Hessians,
+    data and regulariser blocks, P g and P H P^T hold the issue's 1e-5 bound (bf16x3; it errs by 4e-6 to 7e-6
+    here) and 1e-6 (fp16x3, 22-bit parts: 2e-7 to 3e-7 here, as fp32 torch does)."""
     if "triton" not in glm_backends():
         pytest.skip("triton interpreter not available")
     from fastattn.ops.subspace_hvp import triton as tri
@@ -178,8 +179,9 @@ def test_triton_tma_kernel_keeps_1e5_relative(case, prec, tol, monkeypatch):
     launched = _record_launches(monkeypatch, tri, "glm_tma_kernel")
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", cfg)
     _check_split(m, n, s, "tensor", "cpu", reg=reg, prec=prec, tol=tol)
-    assert [(meta["NQ"], meta["FP16"]) for meta in launched] == [
-        (-(-s // min(64, max(16, 1 << (s - 1).bit_length()))), prec == "fp16x3")]
+    nq = -(-s // min(64, max(16, 1 << (s - 1).bit_length())))
+    assert [(meta["NQ"], meta["FP16"], meta["WIDE"]) for meta in launched] == [
+        (nq, prec == "fp16x3", nq != 3 and cfg.get("wide", True))]
 
 
 @pytest.mark.parametrize("scales", [((-30, 30), (0, 0)), ((0, 0), (-15, 15)), ((-38, -30), (20, 25))],

@@ -141,6 +141,9 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 # compile for sm_90 (bench/sm90_compile.py --op glm --precision bf16x3) its k-loop has 0 spill stores, 5 spill
 # loads and 80 wgmma in 952 instructions a 64-wide k-step; glm_gram_kernel's 128-row bf16x3 loop (the same with
 # --override tma=0 --stages 2) has 105 spill stores, 115 spill loads and 12 wgmma in 585 a 32-wide k-step.
+# With s / 64 = 1, 2 or 4 tiles B is one accumulator in the k-loop ("wide", the default there): 0 spill stores,
+# 4 spill loads and 20 (wider) wgmma in 558 instructions (fp16x3: 565) against 952 with a dot per tile
+# (--override wide=0).
 # Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3) is to choose.
 TMA_BS = 64
 _TMA_DEFAULTS = dict(BK=64)
@@ -229,16 +232,19 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
     fp16 = INPUT_PRECISION == "fp16x3"
     PH, PL, pinv = _hi_lo(P, fp16)
+    NQ = triton.cdiv(s, BS)
+    wide = bool(cfg.get("wide", True)) and NQ in (1, 2, 4)
+    pb = NQ * BS if wide else BS
     descs = (_TensorDescriptor(A, [m, n], [A.stride(0), 1], [BM, bk]),
-             _TensorDescriptor(PH, [s, n], [PH.stride(0), 1], [BS, bk]),
-             _TensorDescriptor(PL, [s, n], [PL.stride(0), 1], [BS, bk]))
+             _TensorDescriptor(PH, [s, n], [PH.stride(0), 1], [pb, bk]),
+             _TensorDescriptor(PL, [s, n], [PL.stride(0), 1], [pb, bk]))
     z = A @ x if zpre else PG
     args = (*descs, pinv if fp16 else PG, x, y, z, P, GP, PG, m, n, s, RA, R, float(lam), float(loss_scale),
             P.stride(0), P.stride(1))
     # B^T W B at the k-loop's own split: Triton's tf32x3 there makes ptxas serialize the k-loop's wgmma for want of
     # registers (bench/sm90_compile.py --op glm --precision fp16x3 --override gram=tf32x3)
-    meta = dict(LOSS=loss, REG=reg, NQ=triton.cdiv(s, BS), BM=BM, BK=bk, BS=BS,
-                PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16,
+    meta = dict(LOSS=loss, REG=reg, NQ=NQ, BM=BM, BK=bk, BS=BS,
+                PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (G,), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)

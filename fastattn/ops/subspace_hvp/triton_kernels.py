@@ -266,6 +266,22 @@ def _cols(q: tl.constexpr, BS: tl.constexpr, s):
 
 
 @triton.jit
+def _column_tiles(BW, BM: tl.constexpr, BS: tl.constexpr, NQ: tl.constexpr):
+    """[BM, NQ BS] (NQ = 1, 2 or 4) as its column tiles [BM, BS], zeros past the NQ-th."""
+    t0 = BW
+    t1 = tl.zeros((BM, BS), dtype=tl.float32)
+    t2 = t1
+    t3 = t1
+    if NQ == 2:
+        t0, t1 = tl.split(tl.permute(tl.reshape(BW, (BM, 2, BS)), (0, 2, 1)))
+    elif NQ == 4:   # column j BS + c, j = 2 j1 + j0, as [BM, c, j1, j0]; split j0, then j1
+        even, odd = tl.split(tl.permute(tl.reshape(BW, (BM, 2, 2, BS)), (0, 3, 1, 2)))
+        t0, t2 = tl.split(even)
+        t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
 def _col_inv(PINV, q: tl.constexpr, BS: tl.constexpr, s):
     c, mc = _cols(q, BS, s)
     return tl.load(PINV + c, mask=mc, other=0.0)
@@ -274,7 +290,8 @@ def _col_inv(PINV, q: tl.constexpr, BS: tl.constexpr, s):
 @triton.jit
 def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
                    LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                   BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr):
+                   BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr,
+                   WIDE: tl.constexpr):
     """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T as three tensor-core products of hi / lo parts, one
     program per block: B = [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j
     of tiles in the epilogue). A [m, n] fp32 and P's parts [s, n] arrive through TMA descriptors (blocks [BM, BK],
@@ -282,7 +299,9 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
     Parts: bf16 (SPLIT3 of glm_gram_kernel, ~2^-18 relative), or FP16: fp16 hi + lo hold 22 bits (~2^-22, as
     tf32x3) at bf16's speed, within fp16's range by powers of two: each A tile's rows scaled by _pow2_scale (undone
     on the k-step's sum), P's rows on the host (PH_d, PL_d hold P * 2^k per row; PINV [s] the inverse factors,
-    applied to B's columns after the k-loop). The regulariser blocks read P (fp32) as glm_gram_kernel does."""
+    applied to B's columns after the k-loop). The regulariser blocks read P (fp32) as glm_gram_kernel does.
+    WIDE (NQ = 1, 2 or 4): the k-loop keeps B as one [BM, NQ BS] accumulator (one wider dot a product, the P
+    descriptors' blocks [NQ BS, BK]) and splits it into the tiles after the loop."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     gp = GP + pid.to(tl.int64) * s * s
@@ -294,6 +313,7 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
         B3 = tl.zeros((BM, BS), dtype=tl.float32)
         if r < RA:
             z = tl.zeros((BM,), dtype=tl.float32)
+            BW = tl.zeros((BM, NQ * BS if WIDE else 16), dtype=tl.float32)
             for k0 in range(0, n, BK):
                 a = A_d.load([r * BM, k0])
                 if not ZPRE:
@@ -305,13 +325,18 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
                 else:
                     inv = z   # unused without FP16
                     a_hi, a_lo = _hi_lo(a)
-                B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16)
-                if NQ > 1:
-                    B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16)
-                if NQ > 2:
-                    B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16)
-                if NQ > 3:
-                    B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16)
+                if WIDE:
+                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16)
+                else:
+                    B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16)
+                    if NQ > 1:
+                        B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16)
+                    if NQ > 2:
+                        B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16)
+                    if NQ > 3:
+                        B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16)
+            if WIDE:
+                B0, B1, B2, B3 = _column_tiles(BW, BM, BS, NQ)
             if FP16:
                 B0 = B0 * _col_inv(PINV, 0, BS, s)[None, :]
                 B1 = B1 * _col_inv(PINV, 1, BS, s)[None, :]
