@@ -145,10 +145,13 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
 # glm_tma_kernel (bf16x3, P given, s <= 256); its default first. Local sm_90 compile (bench/sm90_compile.py --op glm
 # --precision bf16x3 --override ...): 64-row blocks with 8 warps keep the k-loop free of spill stores; 4 warps or
 # 128 rows hold A in registers (no shared-memory round trip, no barriers) but spill 50-110 stores a k-step; wide
-# (one accumulator for all tiles) issues 558 instructions a 64-wide k-step against 952 with a dot per tile.
-TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd) for bm, bk, w, st, wd in (
-    (64, 64, 8, 2, True), (64, 64, 8, 2, False), (64, 32, 8, 3, True), (64, 32, 8, 4, True), (64, 64, 4, 2, True),
-    (64, 32, 4, 3, True), (128, 32, 8, 3, True), (128, 32, 8, 2, False), (32, 64, 4, 3, True))]
+# (one accumulator for all tiles) issues 558 instructions a 64-wide k-step against 952 with a dot per tile;
+# unchained (three dots from zero, no warpgroup computing a tile twice) 12 wgmma instead of 20, 58 spill stores.
+TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd, unchained=u) for bm, bk, w, st, wd, u in (
+    (64, 64, 8, 2, True, False), (64, 64, 8, 2, True, True), (64, 64, 8, 2, False, False),
+    (64, 64, 8, 2, False, True), (64, 32, 8, 3, True, False), (64, 32, 8, 4, True, False),
+    (64, 64, 4, 2, True, False), (64, 32, 4, 3, True, False), (128, 32, 8, 3, True, False),
+    (128, 32, 8, 2, False, False), (32, 64, 4, 3, True, False))]
 
 
 def sweep(m, n, s, device, bm=None, precision="tf32x3") -> list[dict]:
@@ -206,7 +209,8 @@ def markdown(result: dict) -> str:
         for r in result["sweep"]:
             ms = f"{r['ms']:.3g}" if "ms" in r else r.get("error", "-")[:60]
             err = f"{r['rel_err_PHPt']:.2e}" if "rel_err_PHPt" in r else "-"
-            kernel = "gram" if not r.get("tma") else "tma, a dot per tile" if r.get("wide") is False else "tma"
+            kernel = "gram" if not r.get("tma") else "tma" + (", a dot per tile" if r.get("wide") is False else "") \
+                + (", unchained" if r.get("unchained") else "")
             lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r.get('precision', 'tf32x3')} | {kernel} | {r['BM']} "
                          f"| {r['BK']} | {r['warps']} | {r['stages']} | {r['zpre']} | {err} | {ms} |")
     lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "

@@ -162,6 +162,8 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
     (77, 40, 70, "nonconvex", {"gram": "tf32x3", "warps": 4}),   # B^T W B at tf32x3
     (33, 48, 1, "l2", {}),                          # s = 1
     (70, 96, 250, "nonconvex", {"wide": False}),    # four tiles, a dot each (not one [BM, 256] accumulator)
+    (70, 96, 250, "l2", {"unchained": True}),       # the three products as three dots, summed
+    (50, 72, 100, "nonconvex", {"unchained": True, "wide": False}),
 ]
 
 

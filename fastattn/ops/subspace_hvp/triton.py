@@ -245,6 +245,7 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     # registers (bench/sm90_compile.py --op glm --precision fp16x3 --override gram=tf32x3)
     meta = dict(LOSS=loss, REG=reg, NQ=NQ, BM=BM, BK=bk, BS=BS,
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
+                UNCHAINED=bool(cfg.get("unchained", False)),
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (G,), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)
