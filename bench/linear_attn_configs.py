@@ -46,6 +46,8 @@ VARIANTS = {
     "bwd_cps16": {"cps": 16},
     "cps32": {"cps": 32},   # forward: 2 segments at T = 4k, i.e. 2 programs per SM where B x H fills the GPU once
     "a16": {"a16": True},
+    # 8 warps on 64-row chunks: Triton 3.6 lays the chained dots (q k^T -> a -> a v) out with all warps along the
+    # rows, so both warpgroups compute them whole (sm_90 TTGIR, D = 128: 4 of 6 dots); fewer spills against that
     "w8": {"fwd": dict(warps=8)},
     # sm_90 compile (bench/sm90_compile.py --D 128 [--warps 8 --stages 2,3]): spills 372 B a thread with 4 warps,
     # 108 with 8, 32 with 8 and 3 stages
