@@ -1,7 +1,8 @@
-"""What every Triton backend shares: the guarded import of its kernels (with the interpreter fixes) and the checks
-its ``supports()`` starts with; each backend adds its own dtype and size limits."""
+"""What every Triton backend shares: the guarded import of its kernels (with the interpreter fixes), the checks
+its ``supports()`` starts with (each backend adds its own dtype and size limits), and TMA descriptors."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -21,6 +22,31 @@ def triton_gate(x: Tensor, import_error: str | None, min_capability: tuple[int, 
     if min_capability and x.is_cuda and not interpret and torch.cuda.get_device_capability(x.device) < min_capability:
         return False, f"needs an sm_{min_capability[0]}{min_capability[1]}+ GPU (bf16 / tf32 tensor-core dots)"
     return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _descriptor_class():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        return TensorDescriptor
+    except ImportError:   # an older Triton: pointer loads only
+        return None
+
+
+def tma_ready(*ts: Tensor) -> bool:
+    """Whether TMA descriptors can take these tensors: Triton has them, the tensors are on an sm_90+ GPU (or run in
+    the interpreter), their bases are 16-byte aligned, their last strides 1 and their other strides positive
+    multiples of 16 bytes."""
+    if _descriptor_class() is None or (ts[0].is_cuda and torch.cuda.get_device_capability(ts[0].device) < (9, 0)):
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in ts)
+
+
+def tma_descriptor(t: Tensor, block: list[int]):
+    """A TMA descriptor over all of ``t`` (which ``tma_ready`` accepted) with blocks of shape ``block``; reads past
+    its ends give zeros, writes there are dropped."""
+    return _descriptor_class()(t, list(t.shape), list(t.stride()), list(block))
 
 
 def import_kernels(package: str):

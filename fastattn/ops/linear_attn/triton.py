@@ -19,14 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..triton_gate import import_kernels, triton_gate
+from ..triton_gate import import_kernels, tma_descriptor, tma_ready, triton_gate
 from .layout import empty_output
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except ImportError:   # an older Triton: pointer loads only
-    _TensorDescriptor = None
 
 BT = 64                           # chunk length
 SEGMENT_CHUNKS: int | None = None  # testing hook: force chunks per segment (None: from the GPU size)
@@ -92,17 +88,10 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
 
 def _descriptors(wanted: bool, tensors: tuple[Tensor, ...], widths: tuple[int, ...]) -> tuple[bool, tuple]:
     """(True, TMA descriptors over the [B, H, T, dim] tensors with blocks [1, 1, BT, width]) when ``wanted`` and
-    they can take them (Triton has them, an sm_90+ GPU or the interpreter, 16-byte aligned bases, positive
-    16-byte multiple strides, unit last strides); else (False, the tensors)."""
-    t0 = tensors[0]
-    if not wanted or _TensorDescriptor is None or (t0.is_cuda and
-                                                   torch.cuda.get_device_capability(t0.device) < (9, 0)):
+    they can take them (``tma_ready``); else (False, the tensors)."""
+    if not (wanted and tma_ready(*tensors)):
         return False, tensors
-    if not all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0
-                                                                    for s in t.stride()[:3]) for t in tensors):
-        return False, tensors
-    return True, tuple(_TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BT, w])
-                       for t, w in zip(tensors, widths))
+    return True, tuple(tma_descriptor(t, [1, 1, BT, w]) for t, w in zip(tensors, widths))
 
 
 def _exact(D: int, Dv: int, cfg: _Config) -> int:

@@ -15,14 +15,10 @@ import functools
 import torch
 from torch import Tensor
 
-from ..triton_gate import import_kernels, triton_gate
+from ..triton_gate import import_kernels, tma_descriptor, tma_ready, triton_gate
 from .sketch import seed_key
 
 triton, _k, _IMPORT_ERROR = import_kernels(__package__)
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except ImportError:   # an older Triton: glm_gram_kernel serves every call
-    _TensorDescriptor = None
 
 BK = 32
 MAX_BS = 128
@@ -36,7 +32,8 @@ MAX_BS = 128
 # kept in fp16's range by powers of two per row (glm_tma_kernel only; where it cannot serve, tf32x3). Not timed on
 # a GPU yet.
 INPUT_PRECISION = "tf32x3"
-PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16x3", "fp16x3")
+SPLITS = ("bf16x3", "fp16x3")   # the precisions computed as three products of hi / lo parts
+PRECISIONS = ("tf32x3", "ieee", "tf32", *SPLITS)
 
 
 @contextlib.contextmanager
@@ -136,15 +133,12 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 
 
 # The TMA kernel (glm_tma_kernel): P given, bf16x3 or fp16x3, s <= 4 x 64, on sm_90+ (or the interpreter), A with
-# unit column stride and 16-byte aligned rows. Up to four 64-wide column tiles, each its own accumulator; 64-row
-# blocks, 8 warps, BK 64 at 2 stages (152 KB of shared memory), its B^T W B at the k-loop's split. In a local
-# compile for sm_90 (bench/sm90_compile.py --op glm --precision bf16x3) its k-loop has 0 spill stores, 5 spill
-# loads and 80 wgmma in 952 instructions a 64-wide k-step; glm_gram_kernel's 128-row bf16x3 loop (the same with
-# --override tma=0 --stages 2) has 105 spill stores, 115 spill loads and 12 wgmma in 585 a 32-wide k-step.
-# With s / 64 = 1, 2 or 4 tiles B is one accumulator in the k-loop ("wide", the default there): 0 spill stores,
-# 4 spill loads and 20 (wider) wgmma in 558 instructions (fp16x3: 565) against 952 with a dot per tile
-# (--override wide=0).
-# Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3) is to choose.
+# 16-byte aligned rows. 64-row blocks, 8 warps, BK 64 at 2 stages (152 KB of shared memory), its B^T W B at the
+# k-loop's split; B in one accumulator ("wide") with 1, 2 or 4 column tiles of 64, else one per tile. Local sm_90
+# compile (bench/sm90_compile.py --op glm --precision bf16x3 [--override wide=0 | tma=0 --stages 2]), a k-loop
+# step: wide 558 instructions, 0 spill stores, 4 spill loads, 20 wgmma over 64 of k (fp16x3: 565); a dot per tile
+# 952 instructions, 0 / 5, 80 wgmma; glm_gram_kernel's 128-row loop 585 instructions, 105 / 115, 12 wgmma over
+# 32 of k. Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3).
 TMA_BS = 64
 _TMA_DEFAULTS = dict(BK=64)
 TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
@@ -152,12 +146,8 @@ TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
 
 def _tma_serves(A: Tensor, P: Tensor | None, s: int) -> bool:
     """Whether glm_tma_kernel takes this call (see TMA_BS); CONFIG_OVERRIDE["tma"] = False turns it off."""
-    if (INPUT_PRECISION not in ("bf16x3", "fp16x3") or P is None or s > 4 * TMA_BS or A.numel() == 0
-            or not CONFIG_OVERRIDE.get("tma", True) or _TensorDescriptor is None):
-        return False
-    if A.is_cuda and torch.cuda.get_device_capability(A.device) < (9, 0):
-        return False
-    return A.stride(1) == 1 and A.stride(0) * 4 % 16 == 0 and A.data_ptr() % 16 == 0
+    return bool(INPUT_PRECISION in SPLITS and P is not None and s <= 4 * TMA_BS and A.numel() > 0
+                and CONFIG_OVERRIDE.get("tma", True) and tma_ready(A))
 
 
 def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, seed: int, scale: float,
@@ -192,7 +182,7 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     NT = triton.cdiv(s, BS)
     sms = _num_sms(dev)
     split3 = INPUT_PRECISION == "bf16x3"
-    prec = "tf32x3" if INPUT_PRECISION in ("bf16x3", "fp16x3") else INPUT_PRECISION   # fp16x3: TMA kernel only
+    prec = "tf32x3" if INPUT_PRECISION in SPLITS else INPUT_PRECISION   # fp16x3: TMA kernel only
     cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **(_SPLIT3_DEFAULTS if split3 else {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
@@ -235,9 +225,7 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     NQ = triton.cdiv(s, BS)
     wide = bool(cfg.get("wide", True)) and NQ in (1, 2, 4)
     pb = NQ * BS if wide else BS
-    descs = (_TensorDescriptor(A, [m, n], [A.stride(0), 1], [BM, bk]),
-             _TensorDescriptor(PH, [s, n], [PH.stride(0), 1], [pb, bk]),
-             _TensorDescriptor(PL, [s, n], [PL.stride(0), 1], [pb, bk]))
+    descs = (tma_descriptor(A, [BM, bk]), tma_descriptor(PH, [pb, bk]), tma_descriptor(PL, [pb, bk]))
     z = A @ x if zpre else PG
     args = (*descs, pinv if fp16 else PG, x, y, z, P, GP, PG, m, n, s, RA, R, float(lam), float(loss_scale),
             P.stride(0), P.stride(1))

@@ -325,7 +325,7 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
         B3 = tl.zeros((BM, BS), dtype=tl.float32)
         if r < RA:
             z = tl.zeros((BM,), dtype=tl.float32)
-            BW = tl.zeros((BM, NQ * BS if WIDE else 16), dtype=tl.float32)
+            BW = tl.zeros((BM, NQ * BS if WIDE else 16), dtype=tl.float32)   # B, when WIDE (a placeholder otherwise)
             for k0 in range(0, n, BK):
                 a = A_d.load([r * BM, k0])
                 if not ZPRE:
