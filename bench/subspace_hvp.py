@@ -11,6 +11,7 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
                       P given and s <= 256 through glm_tma_kernel (TMA descriptors, 64-wide accumulators)
   fused-triton-bf16x3-gram  the same through glm_gram_kernel (pointer loads, 128-wide tiles), in the same process
   fused-triton-fp16x3 glm_tma_kernel on fp16 hi/lo parts scaled by powers of two (22 bits: tf32x3's accuracy)
+  fused-triton-{bf16x3,fp16x3}-seq  glm_tma_kernel with its option seq: no chained dots (12 wgmma a k-step, not 20)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -58,12 +59,12 @@ def rel_err(got, ref) -> float:
     return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def _at_precision(prec: str, glm, x, P, tma: bool = True):
+def _at_precision(prec: str, glm, x, P, tma: bool = True, **cfg):
     """fastattn.subspace_hvp on the triton backend with its INPUT_PRECISION set to ``prec`` for this call (and
-    glm_tma_kernel allowed or not)."""
+    glm_tma_kernel allowed or not, and ``cfg`` added to CONFIG_OVERRIDE)."""
     from fastattn.ops.subspace_hvp import triton as tri
     saved = tri.CONFIG_OVERRIDE
-    tri.CONFIG_OVERRIDE = {**saved, "tma": tma}
+    tri.CONFIG_OVERRIDE = {**saved, "tma": tma, **cfg}
     try:
         with tri.input_precision(prec):
             return fastattn.subspace_hvp(glm, x, P, backend="triton")
@@ -86,6 +87,8 @@ def paths(glm, x, sketch, P, device, only=None):
             out[f"fused-triton-{prec}"] = (lambda prec=prec: _at_precision(prec, glm, x, P), strict)
         out["fused-triton-bf16x3-seed"] = (lambda: _at_precision("bf16x3", glm, x, sketch), True)
         out["fused-triton-bf16x3-gram"] = (lambda: _at_precision("bf16x3", glm, x, P, tma=False), True)
+        for prec in ("bf16x3", "fp16x3"):
+            out[f"fused-triton-{prec}-seq"] = (lambda prec=prec: _at_precision(prec, glm, x, P, seq=True), True)
     if only is not None:
         unknown = set(only) - set(out)
         if unknown:
@@ -143,15 +146,16 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
     (128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 16, 8, 4, True), (128, 32, 4, 3, True),
     (128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 2, True))]
 # glm_tma_kernel (bf16x3, P given, s <= 256); its default first. Local sm_90 compile (bench/sm90_compile.py --op glm
-# --precision bf16x3 --override ...): 64-row blocks with 8 warps keep the k-loop free of spill stores; 4 warps or
-# 128 rows hold A in registers (no shared-memory round trip, no barriers) but spill 50-110 stores a k-step; wide
-# (one accumulator for all tiles) issues 558 instructions a 64-wide k-step against 952 with a dot per tile;
-# unchained (three dots from zero, no warpgroup computing a tile twice) 12 wgmma instead of 20, 58 spill stores.
-TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd, unchained=u) for bm, bk, w, st, wd, u in (
+# --precision bf16x3 --override ...), a 64-wide k-step: 64-row blocks with 8 warps keep the k-loop free of spill
+# stores; 4 warps or 128 rows hold A in registers (no shared-memory round trip, no barriers) but spill 50-110 stores;
+# wide (one accumulator for all tiles) issues 558 instructions against 952 with a dot per tile; seq (each product
+# from a constant zero, added by inline PTX) 12 wgmma instead of 20 (a dot per tile: 48 instead of 80), 573
+# instructions, no spill stores.
+TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd, seq=q) for bm, bk, w, st, wd, q in (
     (64, 64, 8, 2, True, False), (64, 64, 8, 2, True, True), (64, 64, 8, 2, False, False),
-    (64, 64, 8, 2, False, True), (64, 32, 8, 3, True, False), (64, 32, 8, 4, True, False),
-    (64, 64, 4, 2, True, False), (64, 32, 4, 3, True, False), (128, 32, 8, 3, True, False),
-    (128, 32, 8, 2, False, False), (32, 64, 4, 3, True, False))]
+    (64, 64, 8, 2, False, True), (64, 32, 8, 3, True, False), (64, 32, 8, 3, True, True),
+    (64, 32, 8, 4, True, True), (64, 64, 4, 2, True, False), (64, 32, 4, 3, True, False),
+    (128, 32, 8, 3, True, False), (128, 32, 8, 2, False, False), (32, 64, 4, 3, True, False))]
 
 
 def sweep(m, n, s, device, bm=None, precision="tf32x3") -> list[dict]:
@@ -210,7 +214,7 @@ def markdown(result: dict) -> str:
             ms = f"{r['ms']:.3g}" if "ms" in r else r.get("error", "-")[:60]
             err = f"{r['rel_err_PHPt']:.2e}" if "rel_err_PHPt" in r else "-"
             kernel = "gram" if not r.get("tma") else "tma" + (", a dot per tile" if r.get("wide") is False else "") \
-                + (", unchained" if r.get("unchained") else "")
+                + (", seq" if r.get("seq") else "")
             lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r.get('precision', 'tf32x3')} | {kernel} | {r['BM']} "
                          f"| {r['BK']} | {r['warps']} | {r['stages']} | {r['zpre']} | {err} | {ms} |")
     lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "

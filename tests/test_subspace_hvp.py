@@ -112,19 +112,24 @@ def test_triton_bf16x3_split_keeps_1e5_relative(case):
     _check_split(*case, device="cpu")
 
 
+_GPU_KERNELS = {"tma": {"tma": True}, "seq": {"tma": True, "seq": True}, "gram": {"tma": False}}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor", True, "bf16x3"), (2048, 16384, 256, "tensor", False,
-                                  "bf16x3"), (1000, 8192, 200, "gaussian", True, "bf16x3"),
-                                  (2048, 16384, 256, "tensor", True, "fp16x3")], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor", "tma", "bf16x3"), (2048, 16384, 256, "tensor", "seq",
+                                  "bf16x3"), (2048, 16384, 256, "tensor", "gram", "bf16x3"),
+                                  (1000, 8192, 200, "gaussian", "tma", "bf16x3"),
+                                  (2048, 16384, 256, "tensor", "tma", "fp16x3"),
+                                  (2048, 16384, 200, "tensor", "seq", "fp16x3")], ids=lambda c: "-".join(map(str, c)))
 def test_gpu_triton_split_precisions_over_long_sums(case, monkeypatch):
     """The same bounds on tensor cores (bf16x3 1e-5, fp16x3 2e-6), with sums over n up to 16,384 (long enough for
     the accumulation bias that sank an earlier split, bench/results/subspace_hvp_h100_split.md, to show); P given
-    through the TMA kernel (True) and glm_gram_kernel (False)."""
+    through the TMA kernel (tma; seq: its products added one by one through inline PTX) and glm_gram_kernel."""
     if not backends.availability("triton")[0]:
         pytest.skip(backends.availability("triton")[1])
     from fastattn.ops.subspace_hvp import triton as tri
-    *case, tma, prec = case
-    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"tma": tma})
+    *case, kernel, prec = case
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", _GPU_KERNELS[kernel])
     _check_split(*case, device="cuda", prec=prec, tol=1e-5 if prec == "bf16x3" else 2e-6)
 
 
@@ -162,8 +167,8 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
     (77, 40, 70, "nonconvex", {"gram": "tf32x3", "warps": 4}),   # B^T W B at tf32x3
     (33, 48, 1, "l2", {}),                          # s = 1
     (70, 96, 250, "nonconvex", {"wide": False}),    # four tiles, a dot each (not one [BM, 256] accumulator)
-    (70, 96, 250, "l2", {"unchained": True}),       # the three products as three dots, summed
-    (50, 72, 100, "nonconvex", {"unchained": True, "wide": False}),
+    (70, 96, 250, "l2", {"seq": True}),             # the three products as three dots, each added on its own
+    (50, 72, 100, "nonconvex", {"seq": True, "wide": False}),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import types
 
 import torch
 from torch import Tensor
@@ -65,8 +66,11 @@ def _interpreter_compat() -> None:
     """Bugs of Triton 3.6's interpreter (TRITON_INTERPRET=1: CPU runs and CI) that these kernels hit:
     - loop bounds become ints through ``int(array of shape [1])``, which numpy >= 2.4 rejects: take the element;
     - ``tl.dot`` multiplies bf16 tiles as their raw uint16 storage: widen bf16 operands to fp32 first (exact);
-    - fp32 -> bf16 casts truncate: round to nearest even, as the GPU (and torch) does.
+    - fp32 -> bf16 casts truncate: round to nearest even, as the GPU (and torch) does;
+    - inline PTX is not supported: the kernels' two fp32 instructions (add.rn.f32 and fma.rn.f32, used where Triton
+      must not fold an add into a dot) are evaluated with numpy (the fma through fp64, where x y is exact).
     Compiled kernels are unaffected; the patches are idempotent and touch only the interpreter."""
+
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -107,3 +111,18 @@ def _interpreter_compat() -> None:
 
         cast_impl._fastattn_fix = True
         builder.cast_impl = cast_impl
+
+    original_asm = builder.create_inline_asm
+    if not getattr(original_asm, "_fastattn_fix", False):
+        ops = {"add.rn.f32 $0, $1, $2;": lambda x, y: x + y,
+               "fma.rn.f32 $0, $1, $2, $3;": lambda x, y, z: (x.astype(np.float64) * y + z).astype(np.float32)}
+
+        def create_inline_asm(self, asm, constraints, values, type, is_pure, pack):
+            if asm not in ops or pack != 1:
+                return original_asm(self, asm, constraints, values, type, is_pure, pack)
+            args = np.broadcast_arrays(*(np.asarray(v.data, dtype=np.float32) for v in values))
+            out = interpreter.TensorHandle(np.asarray(ops[asm](*args), dtype=np.float32), tl.float32)
+            return types.SimpleNamespace(get_result=lambda i: out)   # the call's results, as the IR op gives them
+
+        create_inline_asm._fastattn_fix = True
+        builder.create_inline_asm = create_inline_asm

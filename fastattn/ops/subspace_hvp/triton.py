@@ -138,7 +138,9 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 # compile (bench/sm90_compile.py --op glm --precision bf16x3 [--override wide=0 | tma=0 --stages 2]), a k-loop
 # step: wide 558 instructions, 0 spill stores, 4 spill loads, 20 wgmma over 64 of k (fp16x3: 565); a dot per tile
 # 952 instructions, 0 / 5, 80 wgmma; glm_gram_kernel's 128-row loop 585 instructions, 105 / 115, 12 wgmma over
-# 32 of k. Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3).
+# 32 of k. Option "seq" (CONFIG_OVERRIDE): each product a dot from a constant zero, added by inline PTX, so no
+# dot feeds another (a chain gives both warpgroups the whole tile): 573 instructions, 0 / 5, 12 wgmma.
+# Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3).
 TMA_BS = 64
 _TMA_DEFAULTS = dict(BK=64)
 TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
@@ -233,7 +235,7 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     # registers (bench/sm90_compile.py --op glm --precision fp16x3 --override gram=tf32x3)
     meta = dict(LOSS=loss, REG=reg, NQ=NQ, BM=BM, BK=bk, BS=BS,
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
-                UNCHAINED=bool(cfg.get("unchained", False)),
+                SEQ=bool(cfg.get("seq", False)),
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (G,), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)

@@ -250,22 +250,42 @@ def glm_gram_kernel(A, X, Y, Z, P, PH, PL, GP, PG, PAIRS, m, n, s, RA, R, key, s
 
 
 @triton.jit
+def _fadd(x, y):
+    """x + y in fp32 through inline PTX, which Triton cannot fold into a dot's accumulator (interpreter:
+    triton_gate's compat patch)."""
+    return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _ffma(x, y, z):
+    """x y + z in fp32 through inline PTX (see _fadd)."""
+    return tl.inline_asm_elementwise("fma.rn.f32 $0, $1, $2, $3;", "=r,r,r,r", [x, y, z], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, acc, inv, FP16: tl.constexpr,
-                UNCHAINED: tl.constexpr):
+                SEQ: tl.constexpr):
     """acc + a P[q BS : (q + 1) BS, k0 : k0 + BK]^T, P's hi / lo parts read through the descriptors PH_d, PL_d;
     FP16: a came scaled by 1 / inv per row (_pow2_scale), undone here exactly.
-    UNCHAINED: the three products as three dots from a zero the compiler cannot fold (k0 is never negative), summed
-    in fp32. Chained through one accumulator (_split3), Triton 3.6 gives the dots that feed another dot all warps
-    along M: with 64 rows and 8 warps both warpgroups compute the whole tile (sm_90 compile: 20 wgmma a 64-wide
-    k-step where 12 do the work). Unchained, each warpgroup takes half the columns, at the price of three live
-    products (spills)."""
+    Chained through one accumulator (_split3), Triton 3.6 gives the dots that feed another dot all warps along M:
+    with 64 rows and 8 warps both warpgroups compute the whole tile (sm_90 compile: 20 wgmma a 64-wide k-step where
+    12 do the work). SEQ: each product a dot from a constant zero, added to acc on its own by _fadd / _ffma, which
+    Triton cannot fold into a chain: each warpgroup takes half the columns (12 wgmma), one product live at a time
+    (no spills), but each add waits for its wgmma."""
     p_hi = tl.trans(PH_d.load([q * BS, k0]))
     p_lo = tl.trans(PL_d.load([q * BS, k0]))
-    if UNCHAINED:
-        zero = tl.zeros((a_hi.shape[0], p_hi.shape[1]), dtype=tl.float32) + tl.where(k0 < 0, 1.0, 0.0)
-        t = (tl.dot(a_lo, p_hi, zero) + tl.dot(a_hi, p_lo, zero)) + tl.dot(a_hi, p_hi, zero)
-    else:
-        t = _split3(a_hi, a_lo, p_hi, p_lo)
+    if SEQ:
+        if FP16:
+            sc = inv[:, None]
+            acc = _ffma(tl.dot(a_lo, p_hi), sc, acc)
+            acc = _ffma(tl.dot(a_hi, p_lo), sc, acc)
+            return _ffma(tl.dot(a_hi, p_hi), sc, acc)
+        acc = _fadd(acc, tl.dot(a_lo, p_hi))
+        acc = _fadd(acc, tl.dot(a_hi, p_lo))
+        return _fadd(acc, tl.dot(a_hi, p_hi))
+    t = _split3(a_hi, a_lo, p_hi, p_lo)
     if FP16:
         return acc + t * inv[:, None]
     return acc + t
@@ -303,7 +323,7 @@ def _col_inv(PINV, q: tl.constexpr, BS: tl.constexpr, s):
 def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
                    LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                    BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr,
-                   WIDE: tl.constexpr, UNCHAINED: tl.constexpr):
+                   WIDE: tl.constexpr, SEQ: tl.constexpr):
     """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T as three tensor-core products of hi / lo parts, one
     program per block: B = [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j
     of tiles in the epilogue). A [m, n] fp32 and P's parts [s, n] arrive through TMA descriptors (blocks [BM, BK],
@@ -313,7 +333,7 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
     on the k-step's sum), P's rows on the host (PH_d, PL_d hold P * 2^k per row; PINV [s] the inverse factors,
     applied to B's columns after the k-loop). The regulariser blocks read P (fp32) as glm_gram_kernel does.
     WIDE (NQ = 1, 2 or 4): the k-loop keeps B as one [BM, NQ BS] accumulator (one wider dot a product, the P
-    descriptors' blocks [NQ BS, BK]) and splits it into the tiles after the loop. UNCHAINED: _tma_split3."""
+    descriptors' blocks [NQ BS, BK]) and splits it into the tiles after the loop. SEQ: _tma_split3."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     gp = GP + pid.to(tl.int64) * s * s
@@ -338,15 +358,15 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
                     inv = z   # unused without FP16
                     a_hi, a_lo = _hi_lo(a)
                 if WIDE:
-                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, UNCHAINED)
+                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, SEQ)
                 else:
-                    B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, UNCHAINED)
+                    B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, SEQ)
                     if NQ > 1:
-                        B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, UNCHAINED)
+                        B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, SEQ)
                     if NQ > 2:
-                        B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, UNCHAINED)
+                        B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ)
                     if NQ > 3:
-                        B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, UNCHAINED)
+                        B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ)
             if WIDE:
                 B0, B1, B2, B3 = _column_tiles(BW, BM, BS, NQ)
             if FP16:
