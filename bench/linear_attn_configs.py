@@ -52,21 +52,22 @@ VARIANTS = {
     # sm_90 compile (bench/sm90_compile.py --D 128 [--warps 8 --stages 2,3]): spills 372 B a thread with 4 warps,
     # 108 with 8, 32 with 8 and 3 stages
     "w8s3": {"fwd": dict(warps=8, stages=3)},
-    # the forward through TMA descriptors (FWD_TMA; dims with 16-byte rows). sm_90 compile (bench/sm90_compile.py
-    # --D 128 [--tma] [--warps 8]): hot loop 0 STL / 46 LDL a chunk with pointer loads, 4 / 27 with TMA at 4 warps;
-    # 0 / 20 and 0 / 7 at 8 warps
-    "tma": {"tma": True},
-    "tma_w8": {"tma": True, "fwd": dict(warps=8)},
-    # the backward's dq and dk/dv kernels through TMA descriptors (BWD_TMA). sm_90 compile (bench/sm90_compile.py
+    # the forward with pointer loads instead of TMA descriptors (FWD_TMA off: the default before the H100 run of
+    # bench/results/linear_attn_h100_tma.md). sm_90 compile (bench/sm90_compile.py --D 128 [--tma] [--warps 8]):
+    # hot loop 0 STL / 46 LDL a chunk with pointer loads, 4 / 27 with TMA at 4 warps; 0 / 20 and 0 / 7 at 8 warps
+    "pointers": {"tma": False},
+    "pointers_w8": {"tma": False, "fwd": dict(warps=8)},
+    # the backward's dq and dk/dv kernels with pointer loads (BWD_TMA off). sm_90 compile (bench/sm90_compile.py
     # --direction bwd --D 64 [--tma]): dk/dv hot loop 25 STL / 79 LDL a chunk with pointer loads, 10 / 25 with TMA
-    "bwd_tma": {"bwd_tma": True},
+    "bwd_pointers": {"bwd_tma": False},
 }
-FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "tma", "tma_w8")
-BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16", "bwd_tma")
+FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "pointers", "pointers_w8")
+BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16", "bwd_pointers")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
 _base_pps = dict(tri.PROGRAMS_PER_SM)
 _base_alignment = tri._alignment
+_base_tma = (tri.FWD_TMA, tri.BWD_TMA)
 
 
 def _alignment_a16(ts, dim):
@@ -99,7 +100,7 @@ def use(name: str) -> None:
     tri._segments = _segments_ceil if var.get("ceil") else _base_segments
     tri._alignment = _alignment_a16 if var.get("a16") else _base_alignment
     tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
-    tri.FWD_TMA, tri.BWD_TMA = bool(var.get("tma")), bool(var.get("bwd_tma"))
+    tri.FWD_TMA, tri.BWD_TMA = var.get("tma", _base_tma[0]), var.get("bwd_tma", _base_tma[1])
 
 
 def jobs(only=None, dims=None):

@@ -1,17 +1,19 @@
 """Subspace-Hessian microbenchmark: (P g, P H P^T) of a GLM (sigmoid-MSE + nonconvex regulariser), fp32.
 
 Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5) before it is timed:
-  fused-triton        fastattn backend "triton" (B = A P^T stays in registers; tf32x3 dots)
+  fused-triton        fastattn backend "triton" at its default precision (fp16x3: A P^T as three fp16 tensor-core
+                      products of hi/lo parts, 22 bits; with P given and s <= 256 through glm_tma_kernel, TMA
+                      descriptors and the products added one by one ("seq"); else glm_gram_kernel at tf32x3)
   fused-triton-seed   the same with P generated in the kernel from a seed (no P read)
   fused-cuda          fastattn backend "cuda" (SIMT fp32 kernel, B tile in shared memory)
   fused-cuda-seed     the same with P generated in the kernel
   vmap-autodiff       torch.func.vmap over jvp(grad f) (forward-over-reverse), then P (H P^T)
   unfused-torch       B = A @ P.T (fp32 cuBLAS, TF32 off), B^T diag(w) B, B^T l' + regulariser terms
-  fused-triton-bf16x3 A P^T as three bf16 tensor-core products of hi/lo parts (held to 1e-5 like the rest); with
-                      P given and s <= 256 through glm_tma_kernel (TMA descriptors, 64-wide accumulators)
+  fused-triton-tf32x3 glm_gram_kernel at tf32x3 (three TF32 products; the default before fp16x3)
+  fused-triton-bf16x3 bf16 hi/lo parts (~2^-18; held to 1e-5 like the rest), through glm_tma_kernel
   fused-triton-bf16x3-gram  the same through glm_gram_kernel (pointer loads, 128-wide tiles), in the same process
-  fused-triton-fp16x3 glm_tma_kernel on fp16 hi/lo parts scaled by powers of two (22 bits: tf32x3's accuracy)
-  fused-triton-{bf16x3,fp16x3}-seq  glm_tma_kernel with its option seq: no chained dots (12 wgmma a k-step, not 20)
+  fused-triton-{fp16x3,bf16x3}-chained  glm_tma_kernel without seq (the three products chained through one
+                      accumulator: both warpgroups compute two of them whole)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -83,12 +85,12 @@ def paths(glm, x, sketch, P, device, only=None):
     out["vmap-autodiff"] = (lambda: fastattn.subspace_hvp(lambda v: glm(v), x, P), True)
     out["unfused-torch"] = (lambda: reference.glm_explicit(glm, x, P, row_chunk=glm.m), True)
     if device.type == "cuda" and backends.availability("triton")[0]:
-        for prec, strict in (("bf16x3", True), ("fp16x3", True), ("tf32", False)):
+        for prec, strict in (("tf32x3", True), ("bf16x3", True), ("tf32", False)):
             out[f"fused-triton-{prec}"] = (lambda prec=prec: _at_precision(prec, glm, x, P), strict)
         out["fused-triton-bf16x3-seed"] = (lambda: _at_precision("bf16x3", glm, x, sketch), True)
         out["fused-triton-bf16x3-gram"] = (lambda: _at_precision("bf16x3", glm, x, P, tma=False), True)
-        for prec in ("bf16x3", "fp16x3"):
-            out[f"fused-triton-{prec}-seq"] = (lambda prec=prec: _at_precision(prec, glm, x, P, seq=True), True)
+        for prec in ("fp16x3", "bf16x3"):
+            out[f"fused-triton-{prec}-chained"] = (lambda prec=prec: _at_precision(prec, glm, x, P, seq=False), True)
     if only is not None:
         unknown = set(only) - set(out)
         if unknown:

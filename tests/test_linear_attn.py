@@ -199,15 +199,16 @@ TMA_CASES = [  # dims whose rows are 16-byte multiples take the descriptors; D =
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("case", TMA_CASES, ids=str)
-def test_triton_kernels_through_tma_descriptors(case, dtype, monkeypatch):
-    """FWD_TMA and BWD_TMA (q, k, v, do and the direct outputs through TMA descriptors, reads past T and the dim
-    zero-filled, writes there dropped): outputs, every gradient and the final state against fp64, and the
-    descriptors used by the forward, dq and dk/dv kernels exactly when every row and stride is a 16-byte
-    multiple."""
+def test_triton_kernels_with_and_without_tma_descriptors(case, dtype, tma, monkeypatch):
+    """FWD_TMA and BWD_TMA on (the default: q, k, v, do and the direct outputs through TMA descriptors, reads past
+    T and the dim zero-filled, writes there dropped) and off (pointer loads, as on GPUs before sm_90): outputs,
+    every gradient and the final state against fp64, and the descriptors used by the forward, dq and dk/dv kernels
+    exactly when they are on and every row and stride is a 16-byte multiple."""
     from fastattn.ops.linear_attn import triton as tri
-    monkeypatch.setattr(tri, "FWD_TMA", True)
-    monkeypatch.setattr(tri, "BWD_TMA", True)
+    monkeypatch.setattr(tri, "FWD_TMA", tma)
+    monkeypatch.setattr(tri, "BWD_TMA", tma)
     used = {}
     for name in ("fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"):
         def launcher(kernel=getattr(tri._k, name), name=name):
@@ -222,7 +223,7 @@ def test_triton_kernels_through_tma_descriptors(case, dtype, monkeypatch):
     inputs, cot = make_inputs(case, dtype)
     same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
     _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
-    tma = case.D != 130
+    tma = tma and case.D != 130
     assert used["fwd_kernel"][0] == tma and used["bwd_dq_kernel"] == [tma] and used["bwd_dkdv_kernel"] == [tma]
 
 

@@ -67,12 +67,13 @@ def test_long_sequences_with_other_forward_tile_widths(dtype, widest, B, H, Hv, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("warps,B,H,Hv,T,D,Dv", [(4, 1, 9, 3, 65536, 64, 64), (4, 2, 8, 8, 16384, 128, 64),
                                                 (8, 2, 8, 4, 16384, 96, 64)])
-def test_long_sequences_through_tma_descriptors(dtype, warps, B, H, Hv, T, D, Dv, monkeypatch):
-    """The same bounds with the forward's and the backward's loads through TMA descriptors (FWD_TMA, BWD_TMA; the
-    bench variants tma, tma_w8 and bwd_tma; ``warps``: the forward's)."""
+def test_long_sequences_through_pointer_loads(dtype, warps, B, H, Hv, T, D, Dv, monkeypatch):
+    """The same bounds with the forward's and the backward's loads through pointers instead of TMA descriptors
+    (FWD_TMA, BWD_TMA off, as on GPUs before sm_90; the bench variants pointers, pointers_w8 and bwd_pointers;
+    ``warps``: the forward's)."""
     from fastattn.ops.linear_attn import triton as tri
-    monkeypatch.setattr(tri, "FWD_TMA", True)
-    monkeypatch.setattr(tri, "BWD_TMA", True)
+    monkeypatch.setattr(tri, "FWD_TMA", False)
+    monkeypatch.setattr(tri, "BWD_TMA", False)
     base = tri._fwd_config
     monkeypatch.setattr(tri, "_fwd_config", lambda d, dv, w: tri._Config(**{**base(d, dv, w).__dict__,
                                                                                "warps": warps}))

@@ -4,8 +4,8 @@
 glm_gram_kernel: column tiles of BS <= 128 columns of B = A P^T; s <= 256 is one program per block (one or two
 tiles, no redundant work); larger s runs the pairs (a < b) of tiles, recomputing each tile once per partner.
 glm_tma_kernel (bf16x3 / fp16x3 with P given, s <= 256, sm_90+): up to four 64-wide tiles per block, operands
-through TMA descriptors. Each of G <= #SM programs accumulates into its own partial slot, summed here in a fixed
-order: results are deterministic.
+through TMA descriptors, the three split products added one by one (seq). Each of G <= #SM programs accumulates
+into its own partial slot, summed here in a fixed order: results are deterministic.
 """
 from __future__ import annotations
 
@@ -22,16 +22,15 @@ triton, _k, _IMPORT_ERROR = import_kernels(__package__)
 
 BK = 32
 MAX_BS = 128
-# How A P^T is multiplied: "tf32x3" (fp32 accuracy on tensor cores), "ieee" (CUDA cores), "tf32" (fast, ~1e-3), or
-# "bf16x3": A and P split into bf16 hi + lo parts, three bf16 tensor-core products per k-step (triton_kernels.py),
-# its s x s products at tf32x3. H100, m = n = 16384, s = 256: bf16x3 3.40 ms (rel. error 1.4e-6 PHPt, 4.3e-6 Pg),
-# tf32x3 4.07 ms (8.4e-7, 3.4e-7), unfused fp32 torch 3.31 ms (bench/results/subspace_hvp_h100_bf16x3.md).
-# tf32x3 stays the default: bf16x3's P g error was 13x tf32x3's there, and P g's sum cancels as the gradient
-# vanishes, which is where a trust-region method ends.
-# "fp16x3": the same three products on fp16 hi + lo parts (22 bits, tf32x3's accuracy at bf16's tensor-core rate),
-# kept in fp16's range by powers of two per row (glm_tma_kernel only; where it cannot serve, tf32x3). Not timed on
-# a GPU yet.
-INPUT_PRECISION = "tf32x3"
+# How A P^T is multiplied: "tf32x3" (fp32 accuracy on tensor cores), "ieee" (CUDA cores), "tf32" (fast, ~1e-3),
+# "bf16x3" (A and P split into bf16 hi + lo parts, three bf16 tensor-core products a k-step, triton_kernels.py), or
+# "fp16x3" (the same on fp16 hi + lo parts: 22 bits, tf32x3's accuracy at bf16's tensor-core rate, kept in fp16's
+# range by powers of two per row; glm_tma_kernel only, tf32x3 through glm_gram_kernel where it cannot serve).
+# H100, m = n = 16384, s = 256 (bench/results/subspace_hvp_h100_seq.md): fp16x3 1.95 ms (rel. error 4.5e-7 PHPt,
+# 5.3e-7 Pg), bf16x3 1.88 ms (1.4e-6, 4.3e-6), tf32x3 3.51 ms (8.4e-7, 3.4e-7), unfused fp32 torch 3.31 ms.
+# fp16x3 is the default: bf16x3's P g error is 8x larger, and P g's sum cancels as the gradient vanishes, which is
+# where a trust-region method ends.
+INPUT_PRECISION = "fp16x3"
 SPLITS = ("bf16x3", "fp16x3")   # the precisions computed as three products of hi / lo parts
 PRECISIONS = ("tf32x3", "ieee", "tf32", *SPLITS)
 
@@ -138,11 +137,12 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 # compile (bench/sm90_compile.py --op glm --precision bf16x3 [--override wide=0 | tma=0 --stages 2]), a k-loop
 # step: wide 558 instructions, 0 spill stores, 4 spill loads, 20 wgmma over 64 of k (fp16x3: 565); a dot per tile
 # 952 instructions, 0 / 5, 80 wgmma; glm_gram_kernel's 128-row loop 585 instructions, 105 / 115, 12 wgmma over
-# 32 of k. Option "seq" (CONFIG_OVERRIDE): each product a dot from a constant zero, added by inline PTX, so no
-# dot feeds another (a chain gives both warpgroups the whole tile): 573 instructions, 0 / 5, 12 wgmma.
-# Not timed on a GPU yet: bench/gpu_tma.sh (bench/subspace_hvp.py --sweep --sweep-precision fp16x3).
+# 32 of k. "seq" (the default; CONFIG_OVERRIDE seq=False turns it off): each product a dot from a constant
+# zero, added by inline PTX, so no dot feeds another (a chain gives both warpgroups the whole tile): 573
+# instructions, 0 / 5, 12 wgmma. H100, fp16x3 (bench/results/subspace_hvp_h100_seq.md): 1.94 ms with seq, 2.63
+# without; a dot per tile 2.04 / 2.88; BK 32 at 3 stages 2.24 / 3.35; 128 rows (BK 32, 3 stages) 2.15 without.
 TMA_BS = 64
-_TMA_DEFAULTS = dict(BK=64)
+_TMA_DEFAULTS = dict(BK=64, seq=True)
 TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
 
 
@@ -235,7 +235,7 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     # registers (bench/sm90_compile.py --op glm --precision fp16x3 --override gram=tf32x3)
     meta = dict(LOSS=loss, REG=reg, NQ=NQ, BM=BM, BK=bk, BS=BS,
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
-                SEQ=bool(cfg.get("seq", False)),
+                SEQ=bool(cfg["seq"]),
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (G,), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)
