@@ -61,7 +61,8 @@ VARIANTS = {
     # --direction bwd --D 64 [--tma]): dk/dv hot loop 25 STL / 79 LDL a chunk with pointer loads, 10 / 25 with TMA
     "bwd_pointers": {"bwd_tma": False},
 }
-FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "pointers", "pointers_w8")
+FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "pointers",
+                "pointers_w8")
 BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16", "bwd_pointers")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
