@@ -20,7 +20,7 @@ timeout 150 python3 -m pytest -q -m gpu tests/test_subspace_hvp.py tests/test_li
   -k "split_precisions or tma or pointer" -n 4 -p no:cacheprovider > "$LOGS/gpu_tests.log" 2>&1
 el "GPU tests rc=$?"; grep -E "passed|failed|Error" "$LOGS/gpu_tests.log" | tail -8
 timeout "$(( $(left 0) / 2 ))" python3 bench/subspace_hvp.py --out "$OUT" --quick --sweep --sweep-precision fp16x3 \
-  --paths fused-triton,fused-triton-fp16x3-chained,fused-triton-bf16x3,fused-triton-bf16x3-chained,fused-triton-bf16x3-gram,fused-triton-tf32x3,unfused-torch,vmap-autodiff \
+  --paths fused-triton,fused-triton-fp16x3-zacc,fused-triton-fp16x3-chained,fused-triton-bf16x3,fused-triton-bf16x3-chained,fused-triton-bf16x3-gram,fused-triton-tf32x3,unfused-torch,vmap-autodiff \
   > "$LOGS/bench_subspace_hvp.log" 2>&1
 el "subspace_hvp bench rc=$?"; grep -E "fused|unfused|vmap|sweep" "$LOGS/bench_subspace_hvp.log" | tail -20
 timeout "$(left 10)" python3 bench/linear_attn_configs.py --out "$OUT" --variants pointers,pointers_w8,bwd_pointers,w8 \

@@ -14,6 +14,7 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-triton-bf16x3-gram  the same through glm_gram_kernel (pointer loads, 128-wide tiles), in the same process
   fused-triton-{fp16x3,bf16x3}-chained  glm_tma_kernel without seq (the three products chained through one
                       accumulator: both warpgroups compute two of them whole)
+  fused-triton-fp16x3-zacc  the default with z = A x reduced once after the k-loop (option zacc)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -91,6 +92,7 @@ def paths(glm, x, sketch, P, device, only=None):
         out["fused-triton-bf16x3-gram"] = (lambda: _at_precision("bf16x3", glm, x, P, tma=False), True)
         for prec in ("fp16x3", "bf16x3"):
             out[f"fused-triton-{prec}-chained"] = (lambda prec=prec: _at_precision(prec, glm, x, P, seq=False), True)
+        out["fused-triton-fp16x3-zacc"] = (lambda: _at_precision("fp16x3", glm, x, P, zacc=True), True)
     if only is not None:
         unknown = set(only) - set(out)
         if unknown:
@@ -158,6 +160,8 @@ TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd, seq=q) 
     (64, 64, 8, 2, False, True), (64, 32, 8, 3, True, False), (64, 32, 8, 3, True, True),
     (64, 32, 8, 4, True, True), (64, 64, 4, 2, True, False), (64, 32, 4, 3, True, False),
     (128, 32, 8, 3, True, False), (128, 32, 8, 2, False, False), (32, 64, 4, 3, True, False))]
+# zacc: z = A x reduced after the k-loop, not every step (582 -> 546 instructions a step at fp16x3, seq)
+TMA_SWEEP.insert(2, {**TMA_SWEEP[1], "zacc": True})
 
 
 def sweep(m, n, s, device, bm=None, precision="tf32x3") -> list[dict]:
@@ -216,7 +220,7 @@ def markdown(result: dict) -> str:
             ms = f"{r['ms']:.3g}" if "ms" in r else r.get("error", "-")[:60]
             err = f"{r['rel_err_PHPt']:.2e}" if "rel_err_PHPt" in r else "-"
             kernel = "gram" if not r.get("tma") else "tma" + (", a dot per tile" if r.get("wide") is False else "") \
-                + (", seq" if r.get("seq") else "")
+                + (", seq" if r.get("seq") else "") + (", z after the loop" if r.get("zacc") else "")
             lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r.get('precision', 'tf32x3')} | {kernel} | {r['BM']} "
                          f"| {r['BK']} | {r['warps']} | {r['stages']} | {r['zpre']} | {err} | {ms} |")
     lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "

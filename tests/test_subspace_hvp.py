@@ -169,6 +169,8 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
     (70, 96, 250, "nonconvex", {"wide": False}),    # four tiles, a dot each (not one [BM, 256] accumulator)
     (70, 96, 250, "l2", {"seq": True}),             # the three products as three dots, each added on its own
     (50, 72, 100, "nonconvex", {"seq": True, "wide": False}),
+    (70, 200, 64, "nonconvex", {"zacc": True}),     # z summed once after the k-loop
+    (40, 136, 130, "l2", {"zacc": True, "seq": False, "wide": False}),
 ]
 
 

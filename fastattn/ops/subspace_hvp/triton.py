@@ -141,6 +141,8 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 # zero, added by inline PTX, so no dot feeds another (a chain gives both warpgroups the whole tile): 573
 # instructions, 0 / 5, 12 wgmma. H100, fp16x3 (bench/results/subspace_hvp_h100_seq.md): 1.94 ms with seq, 2.63
 # without; a dot per tile 2.04 / 2.88; BK 32 at 3 stages 2.24 / 3.35; 128 rows (BK 32, 3 stages) 2.15 without.
+# Option "zacc" (off until timed): z = A x reduced across the row once after the k-loop instead of every step
+# (local sm_90 compile: 546 instructions a step against 582 at fp16x3, SHFL 32 -> 16, no new spills).
 TMA_BS = 64
 _TMA_DEFAULTS = dict(BK=64, seq=True)
 TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
@@ -235,7 +237,7 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     # registers (bench/sm90_compile.py --op glm --precision fp16x3 --override gram=tf32x3)
     meta = dict(LOSS=loss, REG=reg, NQ=NQ, BM=BM, BK=bk, BS=BS,
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
-                SEQ=bool(cfg["seq"]),
+                SEQ=bool(cfg["seq"]), ZACC=bool(cfg.get("zacc", False)) and not zpre,
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (G,), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)

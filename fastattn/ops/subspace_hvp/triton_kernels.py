@@ -323,7 +323,7 @@ def _col_inv(PINV, q: tl.constexpr, BS: tl.constexpr, s):
 def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
                    LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                    BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr,
-                   WIDE: tl.constexpr, SEQ: tl.constexpr):
+                   WIDE: tl.constexpr, SEQ: tl.constexpr, ZACC: tl.constexpr):
     """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T as three tensor-core products of hi / lo parts, one
     program per block: B = [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j
     of tiles in the epilogue). A [m, n] fp32 and P's parts [s, n] arrive through TMA descriptors (blocks [BM, BK],
@@ -333,7 +333,9 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
     on the k-step's sum), P's rows on the host (PH_d, PL_d hold P * 2^k per row; PINV [s] the inverse factors,
     applied to B's columns after the k-loop). The regulariser blocks read P (fp32) as glm_gram_kernel does.
     WIDE (NQ = 1, 2 or 4): the k-loop keeps B as one [BM, NQ BS] accumulator (one wider dot a product, the P
-    descriptors' blocks [NQ BS, BK]) and splits it into the tiles after the loop. SEQ: _tma_split3."""
+    descriptors' blocks [NQ BS, BK]) and splits it into the tiles after the loop. SEQ: _tma_split3.
+    ZACC (without ZPRE): z = A x summed elementwise over the k-loop ([BM, BK] partial sums) and across the row once
+    after it, so the loop has no cross-thread sums for z."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     gp = GP + pid.to(tl.int64) * s * s
@@ -345,12 +347,17 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
         B3 = tl.zeros((BM, BS), dtype=tl.float32)
         if r < RA:
             z = tl.zeros((BM,), dtype=tl.float32)
+            zt = tl.zeros((BM, BK if ZACC else 16), dtype=tl.float32)   # z's terms, when ZACC
             BW = tl.zeros((BM, NQ * BS if WIDE else 16), dtype=tl.float32)   # B, when WIDE (a placeholder otherwise)
             for k0 in range(0, n, BK):
                 a = A_d.load([r * BM, k0])
                 if not ZPRE:
                     ks = k0 + tl.arange(0, BK)
-                    z += tl.sum(a * tl.load(X + ks, mask=ks < n, other=0.0)[None, :], 1)
+                    ax = a * tl.load(X + ks, mask=ks < n, other=0.0)[None, :]
+                    if ZACC:
+                        zt += ax
+                    else:
+                        z += tl.sum(ax, 1)
                 if FP16:
                     sc, inv = _pow2_scale(a, 1)
                     a_hi, a_lo = _hi_lo16(a * sc[:, None])
@@ -367,6 +374,8 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
                         B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ)
                     if NQ > 3:
                         B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ)
+            if ZACC:
+                z = tl.sum(zt, 1)
             if WIDE:
                 B0, B1, B2, B3 = _column_tiles(BW, BM, BS, NQ)
             if FP16:
