@@ -150,11 +150,11 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
     (128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 16, 8, 4, True), (128, 32, 4, 3, True),
     (128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 2, True))]
 # glm_tma_kernel (bf16x3 / fp16x3, P given, s <= 256); its default first. Local sm_90 compile
-# (bench/sm90_compile.py --op glm --precision bf16x3 --override ...), a 64-wide k-step: 64-row blocks with 8 warps keep the k-loop free of spill
-# stores; 4 warps or 128 rows hold A in registers (no shared-memory round trip, no barriers) but spill 50-110 stores;
-# wide (one accumulator for all tiles) issues 558 instructions against 952 with a dot per tile; seq (each product
-# from a constant zero, added by inline PTX) 12 wgmma instead of 20 (a dot per tile: 48 instead of 80), 573
-# instructions, no spill stores.
+# (bench/sm90_compile.py --op glm --precision bf16x3 --override ...), a 64-wide k-step: 64-row blocks with 8 warps
+# keep the k-loop free of spill stores; 4 warps or 128 rows hold A in registers (no shared-memory round trip, no
+# barriers) but spill 50-110 stores; wide (one accumulator for all tiles) issues 558 instructions against 952 with
+# a dot per tile; seq (each product from a constant zero, added by inline PTX) 12 wgmma instead of 20 (a dot per
+# tile: 48 instead of 80), 573 instructions, no spill stores.
 # zacc: z = A x reduced after the k-loop, not every step (582 -> 546 instructions a step at fp16x3, seq); 16 warps:
 # four warpgroups of 64 x 64 (400 instructions a step, but ptxas serializes the wgmma for want of registers).
 TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd, seq=q, zacc=za)
