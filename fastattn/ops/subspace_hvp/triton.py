@@ -184,18 +184,13 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     dev = A.device
     BS = _tile(s)
     NT = triton.cdiv(s, BS)
-    sms = _num_sms(dev)
     split3 = INPUT_PRECISION == "bf16x3"
     prec = "tf32x3" if INPUT_PRECISION in SPLITS else INPUT_PRECISION   # fp16x3: TMA kernel only
     cfg = {**_BLOCK_DEFAULTS.get(BM, {}), **(_SPLIT3_DEFAULTS if split3 else {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
-    RA = triton.cdiv(m, BM)
-    R = RA + (triton.cdiv(n, BM) if reg != 0 and lam != 0.0 else 0)
-    G = max(1, min(R, sms))
+    RA, R, GP, PG = _slots(m, n, s, BM, reg, lam, dev)
     pairs = _pairs(NT, dev)
-    GP = torch.zeros(G, s, s, dtype=torch.float32, device=dev)
-    PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
     PH = PL = GP
     if P is not None and split3:   # hi and lo bf16 parts of P, once per call (s x n; A is split in the kernel)
         PH, PL, _ = _hi_lo(P)
@@ -207,7 +202,7 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     meta = dict(LOSS=loss, REG=reg, GEN=sketch, HAS_B=NT > 1, BM=BM, BK=bk, BS=BS,
                 PREC=prec, ZPRE=zpre, SPLIT3=split3,
                 num_warps=cfg.get("warps", 8 if BS >= 128 else 4))
-    _launch("glm_gram_kernel", (G, pairs.shape[0]), args, meta, cfg, STAGES)
+    _launch("glm_gram_kernel", (GP.shape[0], pairs.shape[0]), args, meta, cfg, STAGES)
     return _sum_slots(GP, PG, BS)
 
 
@@ -219,11 +214,7 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     cfg = {**_TMA_DEFAULTS, **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
-    RA = triton.cdiv(m, BM)
-    R = RA + (triton.cdiv(n, BM) if reg != 0 and lam != 0.0 else 0)
-    G = max(1, min(R, _num_sms(dev)))
-    GP = torch.zeros(G, s, s, dtype=torch.float32, device=dev)
-    PG = torch.zeros(G, s, dtype=torch.float32, device=dev)
+    RA, R, GP, PG = _slots(m, n, s, BM, reg, lam, dev)
     fp16 = INPUT_PRECISION == "fp16x3"
     PH, PL, pinv = _hi_lo(P, fp16)
     NQ = triton.cdiv(s, BS)
@@ -239,8 +230,18 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
                 SEQ=bool(cfg["seq"]), ZACC=bool(cfg.get("zacc", False)) and not zpre,
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
-    _launch("glm_tma_kernel", (G,), args, meta, cfg, TMA_STAGES)
+    _launch("glm_tma_kernel", (GP.shape[0],), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)
+
+
+def _slots(m: int, n: int, s: int, BM: int, reg: int, lam: float, dev) -> tuple[int, int, Tensor, Tensor]:
+    """(RA, R, GP, PG): RA data blocks of BM rows, R blocks in all (the regulariser's column blocks after them),
+    and the zeroed partial slots [G, s, s] and [G, s] of G = min(R, #SM) programs (_sum_slots adds them up)."""
+    RA = triton.cdiv(m, BM)
+    R = RA + (triton.cdiv(n, BM) if reg != 0 and lam != 0.0 else 0)
+    G = max(1, min(R, _num_sms(dev)))
+    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=dev)
+    return RA, R, zeros(G, s, s), zeros(G, s)
 
 
 def _launch(name: str, grid, args, meta, cfg, depths: tuple[int, ...]) -> None:

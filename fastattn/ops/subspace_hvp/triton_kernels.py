@@ -265,6 +265,18 @@ def _ffma(x, y, z):
 
 
 @triton.jit
+def _acc_add(acc, t, inv, FP16: tl.constexpr, OPAQUE: tl.constexpr):
+    """acc + t, FP16: t's rows times inv (exact powers of two); OPAQUE: through _fadd / _ffma."""
+    if FP16:
+        if OPAQUE:
+            return _ffma(t, inv[:, None], acc)
+        return acc + t * inv[:, None]
+    if OPAQUE:
+        return _fadd(acc, t)
+    return acc + t
+
+
+@triton.jit
 def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, acc, inv, FP16: tl.constexpr,
                 SEQ: tl.constexpr):
     """acc + a P[q BS : (q + 1) BS, k0 : k0 + BK]^T, P's hi / lo parts read through the descriptors PH_d, PL_d;
@@ -277,18 +289,10 @@ def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, a
     p_hi = tl.trans(PH_d.load([q * BS, k0]))
     p_lo = tl.trans(PL_d.load([q * BS, k0]))
     if SEQ:
-        if FP16:
-            sc = inv[:, None]
-            acc = _ffma(tl.dot(a_lo, p_hi), sc, acc)
-            acc = _ffma(tl.dot(a_hi, p_lo), sc, acc)
-            return _ffma(tl.dot(a_hi, p_hi), sc, acc)
-        acc = _fadd(acc, tl.dot(a_lo, p_hi))
-        acc = _fadd(acc, tl.dot(a_hi, p_lo))
-        return _fadd(acc, tl.dot(a_hi, p_hi))
-    t = _split3(a_hi, a_lo, p_hi, p_lo)
-    if FP16:
-        return acc + t * inv[:, None]
-    return acc + t
+        acc = _acc_add(acc, tl.dot(a_lo, p_hi), inv, FP16, True)
+        acc = _acc_add(acc, tl.dot(a_hi, p_lo), inv, FP16, True)
+        return _acc_add(acc, tl.dot(a_hi, p_hi), inv, FP16, True)
+    return _acc_add(acc, _split3(a_hi, a_lo, p_hi, p_lo), inv, FP16, False)
 
 
 @triton.jit
@@ -314,12 +318,6 @@ def _column_tiles(BW, BM: tl.constexpr, BS: tl.constexpr, NQ: tl.constexpr):
 
 
 @triton.jit
-def _col_inv(PINV, q: tl.constexpr, BS: tl.constexpr, s):
-    c, mc = _cols(q, BS, s)
-    return tl.load(PINV + c, mask=mc, other=0.0)
-
-
-@triton.jit
 def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
                    LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                    BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr,
@@ -340,6 +338,10 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
     G = tl.num_programs(0)
     gp = GP + pid.to(tl.int64) * s * s
     pg = PG + pid.to(tl.int64) * s
+    c0, m0 = _cols(0, BS, s)   # B's column tiles: indices into P's rows and the results, and their masks
+    c1, m1 = _cols(1, BS, s)
+    c2, m2 = _cols(2, BS, s)
+    c3, m3 = _cols(3, BS, s)
     for r in range(pid, R, G):
         B0 = tl.zeros((BM, BS), dtype=tl.float32)
         B1 = tl.zeros((BM, BS), dtype=tl.float32)
@@ -379,20 +381,16 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
             if WIDE:
                 B0, B1, B2, B3 = _column_tiles(BW, BM, BS, NQ)
             if FP16:
-                B0 = B0 * _col_inv(PINV, 0, BS, s)[None, :]
-                B1 = B1 * _col_inv(PINV, 1, BS, s)[None, :]
-                B2 = B2 * _col_inv(PINV, 2, BS, s)[None, :]
-                B3 = B3 * _col_inv(PINV, 3, BS, s)[None, :]
+                B0 = B0 * tl.load(PINV + c0, mask=m0, other=0.0)[None, :]
+                B1 = B1 * tl.load(PINV + c1, mask=m1, other=0.0)[None, :]
+                B2 = B2 * tl.load(PINV + c2, mask=m2, other=0.0)[None, :]
+                B3 = B3 * tl.load(PINV + c3, mask=m3, other=0.0)[None, :]
             rows = r * BM + tl.arange(0, BM)
             mr = rows < m
             w1, w2 = _loss_w(z, Z, Y, rows, mr, loss_scale, LOSS, ZPRE)
         else:
             cols = (r - RA) * BM + tl.arange(0, BM)
             mc = cols < n
-            c0, m0 = _cols(0, BS, s)
-            c1, m1 = _cols(1, BS, s)
-            c2, m2 = _cols(2, BS, s)
-            c3, m3 = _cols(3, BS, s)
             B0 = _p_tile(P, cols, c0, mc, m0, sPs, sPn, 0, 1.0, 0)
             if NQ > 1:
                 B1 = _p_tile(P, cols, c1, mc, m1, sPs, sPn, 0, 1.0, 0)
@@ -401,10 +399,6 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
             if NQ > 3:
                 B3 = _p_tile(P, cols, c3, mc, m3, sPs, sPn, 0, 1.0, 0)
             w1, w2 = _reg_w(X, cols, mc, lam, REG)
-        c0, m0 = _cols(0, BS, s)
-        c1, m1 = _cols(1, BS, s)
-        c2, m2 = _cols(2, BS, s)
-        c3, m3 = _cols(3, BS, s)
         _gram(gp, pg, s, B0, B0, w1, w2, c0, c0, m0, m0, True, PREC)
         if NQ > 1:
             _gram(gp, pg, s, B0, B1, w1, w2, c0, c1, m0, m1, False, PREC)
