@@ -167,8 +167,8 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
     (77, 40, 70, "nonconvex", {"gram": "tf32x3", "warps": 4}),   # B^T W B at tf32x3
     (33, 48, 1, "l2", {}),                          # s = 1
     (70, 96, 250, "nonconvex", {"wide": False}),    # four tiles, a dot each (not one [BM, 256] accumulator)
-    (70, 96, 250, "l2", {"seq": True}),             # the three products as three dots, each added on its own
-    (50, 72, 100, "nonconvex", {"seq": True, "wide": False}),
+    (70, 96, 250, "l2", {"seq": False}),            # the three products chained (seq, the default, adds each)
+    (50, 72, 100, "nonconvex", {"seq": False, "wide": False}),
     (70, 200, 64, "nonconvex", {"zacc": True}),     # z summed once after the k-loop
     (40, 136, 130, "l2", {"zacc": True, "seq": False, "wide": False}),
 ]
