@@ -169,8 +169,10 @@ TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, rag
     (70, 96, 250, "nonconvex", {"wide": False}),    # four tiles, a dot each (not one [BM, 256] accumulator)
     (70, 96, 250, "l2", {"seq": False}),            # the three products chained (seq, the default, adds each)
     (50, 72, 100, "nonconvex", {"seq": False, "wide": False}),
-    (70, 200, 64, "nonconvex", {"zacc": True}),     # z summed once after the k-loop
+    (70, 200, 64, "nonconvex", {"zacc": True, "parts": False}),     # z summed once after the k-loop
     (40, 136, 130, "l2", {"zacc": True, "seq": False, "wide": False}),
+    (70, 96, 250, "l2", {"parts": False}),          # fp16x3: A split in the k-loop (A_PARTS off)
+    (150, 200, 256, "nonconvex", {"parts": True, "seq": True, "BM": 64}),   # A's parts, products added one by one
 ]
 
 
@@ -189,8 +191,9 @@ def test_triton_tma_kernel_keeps_1e5_relative(case, prec, tol, monkeypatch):
     monkeypatch.setattr(tri, "CONFIG_OVERRIDE", cfg)
     _check_split(m, n, s, "tensor", "cpu", reg=reg, prec=prec, tol=tol)
     nq = -(-s // min(64, max(16, 1 << (s - 1).bit_length())))
-    assert [(meta["NQ"], meta["FP16"], meta["WIDE"]) for meta in launched] == [
-        (nq, prec == "fp16x3", nq != 3 and cfg.get("wide", True))]
+    wide = nq != 3 and cfg.get("wide", True)
+    assert [(meta["NQ"], meta["FP16"], meta["WIDE"], meta["PARTS"]) for meta in launched] == [
+        (nq, prec == "fp16x3", wide, prec == "fp16x3" and wide and cfg.get("parts", True))]
 
 
 @pytest.mark.parametrize("scales", [((-30, 30), (0, 0)), ((0, 0), (-15, 15)), ((-38, -30), (20, 25))],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 from torch import Tensor
@@ -145,6 +146,11 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 # (local sm_90 compile: 546 instructions a step against 582 at fp16x3, SHFL 32 -> 16, no new spills).
 TMA_BS = 64
 _TMA_DEFAULTS = dict(BK=64, seq=True)
+# PARTS: glm_tma_kernel reads A's fp16 parts, made once per A (a_parts) and kept; a k-step is then three chained
+# products straight from shared memory, 128-row blocks (no warpgroup duplication at 128 rows). A_PARTS = False:
+# A is split in the k-loop on every call (no memory beyond A).
+A_PARTS = True
+_PARTS_DEFAULTS = dict(seq=False)
 TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
 
 
@@ -159,7 +165,7 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     """A [m, n], x [n], y [m] fp32; P [s, n] or None (generated from ``seed``) -> (Pg [s], PHPt [s, s]) fp32."""
     m = A.shape[0]
     if _tma_serves(A, P, s):
-        BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=True))
+        BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=not _parts_serve(s)))
         try:
             return _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM)
         except triton.runtime.errors.OutOfResources:
@@ -206,12 +212,38 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
     return _sum_slots(GP, PG, BS)
 
 
+def _parts_serve(s: int) -> bool:
+    """Whether glm_tma_kernel reads A's prepared parts (PARTS): fp16x3, B one accumulator (s <= 4 TMA_BS columns
+    in 1, 2 or 4 tiles), A_PARTS on (CONFIG_OVERRIDE["parts"] decides where given)."""
+    NQ = triton.cdiv(s, min(TMA_BS, _tile(s)))
+    return bool(INPUT_PRECISION == "fp16x3" and NQ in (1, 2, 4) and CONFIG_OVERRIDE.get("wide", True)
+                and CONFIG_OVERRIDE.get("parts", A_PARTS))
+
+
+_parts_cache: dict = {}
+
+
+def a_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A [m, n] fp32 as glm_tma_kernel's PARTS operands: fp16 (hi, lo) [m, n] of A's rows times 2^k_i (the row max
+    in [2^14, 2^15)) and the inverse factors 2^-k_i [m] (_hi_lo). Made once and kept while the same A is alive
+    and unchanged (its version counter; the RSHTR use: A fixed, x and P new every call); memory: A's size again."""
+    key = (A.data_ptr(), A._version, tuple(A.shape), tuple(A.stride()), A.device)
+    hit = _parts_cache.get("entry")
+    if hit is not None and hit[0]() is A and hit[1] == key:
+        return hit[2]
+    _parts_cache.clear()   # the old parts go before the new ones are made
+    parts = _hi_lo(A, fp16=True)
+    _parts_cache["entry"] = (weakref.ref(A, lambda _: _parts_cache.clear()), key, parts)
+    return parts
+
+
 def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     """glm() through glm_tma_kernel (P given, bf16x3 or fp16x3, s <= 4 TMA_BS) with BM-row blocks."""
     m, n = A.shape
     dev = A.device
     BS = min(TMA_BS, _tile(s))
-    cfg = {**_TMA_DEFAULTS, **CONFIG_OVERRIDE}
+    parts = _parts_serve(s)
+    cfg = {**_TMA_DEFAULTS, **(_PARTS_DEFAULTS if parts else {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))
     RA, R, GP, PG = _slots(m, n, s, BM, reg, lam, dev)
@@ -220,15 +252,24 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
     NQ = triton.cdiv(s, BS)
     wide = bool(cfg.get("wide", True)) and NQ in (1, 2, 4)
     pb = NQ * BS if wide else BS
-    descs = (tma_descriptor(A, [BM, bk]), tma_descriptor(PH, [pb, bk]), tma_descriptor(PL, [pb, bk]))
+    if parts:
+        AH, AL, ainv = a_parts(A)
+        xh, xl, xinv = _hi_lo(x[None, :], fp16=True)
+        XP = torch.zeros(16, xh.stride(0), dtype=torch.float16, device=dev)[:, :n]   # rows x_hi, x_lo, zeros
+        XP[0], XP[1] = xh[0], xl[0]
+        a_descs = (tma_descriptor(AH, [BM, bk]), tma_descriptor(AL, [BM, bk]), tma_descriptor(XP, [16, bk]))
+    else:
+        ainv = xinv = PG
+        a_descs = (tma_descriptor(A, [BM, bk]),) * 3   # AL_d and XP_d unused
+    descs = (tma_descriptor(PH, [pb, bk]), tma_descriptor(PL, [pb, bk]))
     z = A @ x if zpre else PG
-    args = (*descs, pinv if fp16 else PG, x, y, z, P, GP, PG, m, n, s, RA, R, float(lam), float(loss_scale),
-            P.stride(0), P.stride(1))
+    args = (*a_descs, ainv, xinv, *descs, pinv if fp16 else PG, x, y, z, P, GP, PG, m, n, s, RA, R, float(lam),
+            float(loss_scale), P.stride(0), P.stride(1))
     # B^T W B at the k-loop's own split: Triton's tf32x3 there makes ptxas serialize the k-loop's wgmma for want of
     # registers (bench/sm90_compile.py --op glm --precision fp16x3 --override gram=tf32x3)
     meta = dict(LOSS=loss, REG=reg, NQ=NQ, BM=BM, BK=bk, BS=BS,
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
-                SEQ=bool(cfg["seq"]), ZACC=bool(cfg.get("zacc", False)) and not zpre,
+                SEQ=bool(cfg["seq"]), ZACC=bool(cfg.get("zacc", False)) and not zpre and not parts, PARTS=parts,
                 num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (GP.shape[0],), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)

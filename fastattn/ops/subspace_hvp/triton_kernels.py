@@ -318,10 +318,10 @@ def _column_tiles(BW, BM: tl.constexpr, BS: tl.constexpr, NQ: tl.constexpr):
 
 
 @triton.jit
-def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam, loss_scale, sPs, sPn,
-                   LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                   BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr,
-                   WIDE: tl.constexpr, SEQ: tl.constexpr, ZACC: tl.constexpr):
+def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam,
+                   loss_scale, sPs, sPn, LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr,
+                   BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr,
+                   WIDE: tl.constexpr, SEQ: tl.constexpr, ZACC: tl.constexpr, PARTS: tl.constexpr):
     """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T as three tensor-core products of hi / lo parts, one
     program per block: B = [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j
     of tiles in the epilogue). A [m, n] fp32 and P's parts [s, n] arrive through TMA descriptors (blocks [BM, BK],
@@ -333,7 +333,11 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
     WIDE (NQ = 1, 2 or 4): the k-loop keeps B as one [BM, NQ BS] accumulator (one wider dot a product, the P
     descriptors' blocks [NQ BS, BK]) and splits it into the tiles after the loop. SEQ: _tma_split3.
     ZACC (without ZPRE): z = A x summed elementwise over the k-loop ([BM, BK] partial sums) and across the row once
-    after it, so the loop has no cross-thread sums for z."""
+    after it, so the loop has no cross-thread sums for z.
+    PARTS (FP16 and WIDE): A arrives prepared as fp16 parts of its rows times 2^k_i (A_d: hi, AL_d: lo, AINV [m]
+    the inverse factors, one per row for all of n), so a k-step is three chained tensor-core products with no work
+    in registers; z = A x comes from two [BM, 16] products with x's parts (XP_d [16, n]: rows hi, lo of x 2^k,
+    the rest zero; XINV [1] = 2^-k)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     gp = GP + pid.to(tl.int64) * s * s
@@ -349,35 +353,49 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
         B3 = tl.zeros((BM, BS), dtype=tl.float32)
         if r < RA:
             z = tl.zeros((BM,), dtype=tl.float32)
-            zt = tl.zeros((BM, BK if ZACC else 16), dtype=tl.float32)   # z's terms, when ZACC
+            zt = tl.zeros((BM, BK if ZACC else 16), dtype=tl.float32)   # z's terms, when ZACC or PARTS
             BW = tl.zeros((BM, NQ * BS if WIDE else 16), dtype=tl.float32)   # B, when WIDE (a placeholder otherwise)
             for k0 in range(0, n, BK):
-                a = A_d.load([r * BM, k0])
-                if not ZPRE:
-                    ks = k0 + tl.arange(0, BK)
-                    ax = a * tl.load(X + ks, mask=ks < n, other=0.0)[None, :]
-                    if ZACC:
-                        zt += ax
+                if PARTS:
+                    a_hi = A_d.load([r * BM, k0])
+                    a_lo = AL_d.load([r * BM, k0])
+                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, z, False, SEQ)
+                    if not ZPRE:
+                        xp = tl.trans(XP_d.load([0, k0]))
+                        zt = tl.dot(a_lo, xp, tl.dot(a_hi, xp, zt))   # columns: (a_hi + a_lo) x_hi, (..) x_lo
+                else:
+                    a = A_d.load([r * BM, k0])
+                    if not ZPRE:
+                        ks = k0 + tl.arange(0, BK)
+                        ax = a * tl.load(X + ks, mask=ks < n, other=0.0)[None, :]
+                        if ZACC:
+                            zt += ax
+                        else:
+                            z += tl.sum(ax, 1)
+                    if FP16:
+                        sc, inv = _pow2_scale(a, 1)
+                        a_hi, a_lo = _hi_lo16(a * sc[:, None])
                     else:
-                        z += tl.sum(ax, 1)
-                if FP16:
-                    sc, inv = _pow2_scale(a, 1)
-                    a_hi, a_lo = _hi_lo16(a * sc[:, None])
-                else:
-                    inv = z   # unused without FP16
-                    a_hi, a_lo = _hi_lo(a)
-                if WIDE:
-                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, SEQ)
-                else:
-                    B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, SEQ)
-                    if NQ > 1:
-                        B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, SEQ)
-                    if NQ > 2:
-                        B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ)
-                    if NQ > 3:
-                        B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ)
+                        inv = z   # unused without FP16
+                        a_hi, a_lo = _hi_lo(a)
+                    if WIDE:
+                        BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, SEQ)
+                    else:
+                        B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, SEQ)
+                        if NQ > 1:
+                            B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, SEQ)
+                        if NQ > 2:
+                            B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ)
+                        if NQ > 3:
+                            B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ)
+            rows = r * BM + tl.arange(0, BM)
+            mr = rows < m
             if ZACC:
                 z = tl.sum(zt, 1)
+            if PARTS:
+                ainv = tl.load(AINV + rows, mask=mr, other=0.0)
+                BW = BW * ainv[:, None]
+                z = tl.sum(zt, 1) * ainv * tl.load(XINV)
             if WIDE:
                 B0, B1, B2, B3 = _column_tiles(BW, BM, BS, NQ)
             if FP16:
@@ -385,8 +403,6 @@ def glm_tma_kernel(A_d, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, la
                 B1 = B1 * tl.load(PINV + c1, mask=m1, other=0.0)[None, :]
                 B2 = B2 * tl.load(PINV + c2, mask=m2, other=0.0)[None, :]
                 B3 = B3 * tl.load(PINV + c3, mask=m3, other=0.0)[None, :]
-            rows = r * BM + tl.arange(0, BM)
-            mr = rows < m
             w1, w2 = _loss_w(z, Z, Y, rows, mr, loss_scale, LOSS, ZPRE)
         else:
             cols = (r - RA) * BM + tl.arange(0, BM)
