@@ -359,7 +359,12 @@ def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP
                 if PARTS:
                     a_hi = A_d.load([r * BM, k0])
                     a_lo = AL_d.load([r * BM, k0])
-                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, z, False, SEQ)
+                    if SEQ:
+                        BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, z, False, True)
+                    else:   # one chain into B (acc + _split3 is two accumulators: Triton folds only dots from 0)
+                        p_hi = tl.trans(PH_d.load([0, k0]))
+                        p_lo = tl.trans(PL_d.load([0, k0]))
+                        BW = tl.dot(a_hi, p_hi, tl.dot(a_hi, p_lo, tl.dot(a_lo, p_hi, BW)))
                     if not ZPRE:
                         xp = tl.trans(XP_d.load([0, k0]))
                         zt = tl.dot(a_lo, xp, tl.dot(a_hi, xp, zt))   # columns: (a_hi + a_lo) x_hi, (..) x_lo
