@@ -160,7 +160,7 @@ def _check_split(m, n, s, kind, device, reg="nonconvex", prec="bf16x3", tol=1e-5
 
 
 TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, ragged m, n (k-steps) and s
-    (300, 264, 256, "nonconvex", {}),               # 4 full tiles, 64-row blocks, n % BK = 8
+    (300, 264, 256, "nonconvex", {}),               # 4 full tiles, n % BK = 8 (fp16x3: A's parts, 128-row blocks)
     (401, 72, 200, "l2", {"zpre": True, "BM": 128, "BK": 32}),   # last tile 8 wide, margins by GEMV
     (50, 136, 130, "none", {}),                     # 3 tiles, 16-row blocks, no regulariser blocks
     (90, 100, 9, "nonconvex", {"stages": 1}),       # one 16-wide tile; P's bf16 rows padded (n % 8 = 4)
@@ -194,6 +194,36 @@ def test_triton_tma_kernel_keeps_1e5_relative(case, prec, tol, monkeypatch):
     wide = nq != 3 and cfg.get("wide", True)
     assert [(meta["NQ"], meta["FP16"], meta["WIDE"], meta["PARTS"]) for meta in launched] == [
         (nq, prec == "fp16x3", wide, prec == "fp16x3" and wide and cfg.get("parts", True))]
+
+
+def test_triton_a_parts_made_once_per_A(monkeypatch):
+    """fp16x3 makes A's fp16 parts once and reuses them while A is unchanged; an in-place change of A, or another A
+    at the same address, makes them anew. Each result against fp64 Hessians of the A of that moment."""
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    from fastattn.ops.subspace_hvp import triton as tri
+    m, n, s = 130, 72, 40
+    made = []
+    real = tri._hi_lo
+    monkeypatch.setattr(tri, "_hi_lo", lambda t, fp16=False: made.append(tuple(t.shape)) or real(t, fp16))
+    glm64, x64 = make_glm(m, n, "sigmoid_mse", "nonconvex", lam=1e-3, seed=4)
+    P64 = make_sketch("gaussian", s, n, seed=5).materialize(n, F64)
+    glm = glm64.to(torch.float32)
+
+    def check(g):
+        ref = reference.glm_explicit(g.to(F64), x64, P64)
+        Pg, H = fastattn.subspace_hvp(g, x64.float(), P64.float(), backend="triton")
+        for got, want in ((Pg, ref[0]), (H, ref[1])):
+            assert ((got.double() - want).norm() / want.norm()).item() <= 1e-6
+        return made.count((m, n))
+
+    assert [check(glm), check(glm)] == [1, 1]
+    glm.A.mul_(0.5)   # in place: A's version counter moves
+    assert check(glm) == 2
+    with torch.no_grad():
+        glm.A.set_(glm.A.clone())   # same tensor object, new storage
+    assert check(glm) == 3
+    assert check(GLM(glm.A.clone(), glm.y, glm.loss, glm.reg, glm.lam, glm.loss_scale)) == 4
 
 
 @pytest.mark.parametrize("scales", [((-30, 30), (0, 0)), ((0, 0), (-15, 15)), ((-38, -30), (20, 25))],
