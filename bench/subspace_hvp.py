@@ -3,7 +3,7 @@
 Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5) before it is timed:
   fused-triton        fastattn backend "triton" at its default precision (fp16x3: A P^T as three fp16 tensor-core
                       products of hi/lo parts, 22 bits; with P given and s <= 256 through glm_tma_kernel, TMA
-                      descriptors, A's parts made once per A and kept (PARTS); else glm_gram_kernel at tf32x3)
+                      descriptors and the products added one by one ("seq"); else glm_gram_kernel at tf32x3)
   fused-triton-seed   the same with P generated in the kernel from a seed (no P read)
   fused-cuda          fastattn backend "cuda" (SIMT fp32 kernel, B tile in shared memory)
   fused-cuda-seed     the same with P generated in the kernel
@@ -14,10 +14,11 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-triton-bf16x3-gram  the same through glm_gram_kernel (pointer loads, 128-wide tiles), in the same process
   fused-triton-{fp16x3,bf16x3}-chained  glm_tma_kernel without seq (the three products chained through one
                       accumulator: both warpgroups compute two of them whole)
-  fused-triton-fp16x3-split  A split into its fp16 parts inside the k-loop every call (A_PARTS off, seq)
+  fused-triton-fp16x3-split  A split into its fp16 parts inside the k-loop every call (parts off, seq)
   fused-triton-fp16x3-zacc  the same with z = A x reduced once after the k-loop (option zacc)
-  fused-triton-fp16x3-parts64[-chained]  A's prepared parts at 64-row blocks, products added one by one (or chained)
-  fused-triton-fp16x3-parts-cold  the default with A's parts made anew in every call (the first call on an A)
+  fused-triton-fp16x3-parts  A's fp16 parts made once per A and kept (option parts, A_PARTS), 128-row blocks
+  fused-triton-fp16x3-parts64[-chained]  the same at 64-row blocks, products added one by one (or chained)
+  fused-triton-fp16x3-parts-cold  parts made anew in every call (what the first call on an A pays)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -79,10 +80,10 @@ def _at_precision(prec: str, glm, x, P, tma: bool = True, **cfg):
 
 
 def _cold(glm, x, P):
-    """The default path with A's parts made anew in the call (the first call on an A)."""
+    """fp16x3 with A's parts made anew in the call (the first call on an A)."""
     from fastattn.ops.subspace_hvp import triton as tri
     tri._parts_cache.clear()
-    return fastattn.subspace_hvp(glm, x, P, backend="triton")
+    return _at_precision("fp16x3", glm, x, P, parts=True)
 
 
 def paths(glm, x, sketch, P, device, only=None):
@@ -105,8 +106,11 @@ def paths(glm, x, sketch, P, device, only=None):
                 lambda prec=prec: _at_precision(prec, glm, x, P, seq=False, parts=False), True)
         out["fused-triton-fp16x3-zacc"] = (lambda: _at_precision("fp16x3", glm, x, P, zacc=True, parts=False), True)
         out["fused-triton-fp16x3-split"] = (lambda: _at_precision("fp16x3", glm, x, P, parts=False), True)
-        out["fused-triton-fp16x3-parts64"] = (lambda: _at_precision("fp16x3", glm, x, P, BM=64, seq=True), True)
-        out["fused-triton-fp16x3-parts64-chained"] = (lambda: _at_precision("fp16x3", glm, x, P, BM=64), True)
+        out["fused-triton-fp16x3-parts"] = (lambda: _at_precision("fp16x3", glm, x, P, parts=True), True)
+        out["fused-triton-fp16x3-parts64"] = (
+            lambda: _at_precision("fp16x3", glm, x, P, parts=True, BM=64, seq=True), True)
+        out["fused-triton-fp16x3-parts64-chained"] = (
+            lambda: _at_precision("fp16x3", glm, x, P, parts=True, BM=64), True)
         out["fused-triton-fp16x3-parts-cold"] = (lambda: _cold(glm, x, P), True)
     if only is not None:
         unknown = set(only) - set(out)

@@ -160,18 +160,19 @@ def _check_split(m, n, s, kind, device, reg="nonconvex", prec="bf16x3", tol=1e-5
 
 
 TMA_CASES = [  # (m, n, s, reg, CONFIG_OVERRIDE): 1-4 column tiles of <= 64, ragged m, n (k-steps) and s
-    (300, 264, 256, "nonconvex", {}),               # 4 full tiles, n % BK = 8 (fp16x3: A's parts, 128-row blocks)
-    (401, 72, 200, "l2", {"zpre": True, "BM": 128, "BK": 32}),   # last tile 8 wide, margins by GEMV
+    (300, 264, 256, "nonconvex", {}),               # 4 full tiles, 64-row blocks, n % BK = 8
+    (401, 72, 200, "l2", {"zpre": True, "BM": 128, "BK": 32, "parts": True}),   # last tile 8 wide, margins by GEMV
     (50, 136, 130, "none", {}),                     # 3 tiles, 16-row blocks, no regulariser blocks
-    (90, 100, 9, "nonconvex", {"stages": 1}),       # one 16-wide tile; P's bf16 rows padded (n % 8 = 4)
+    (90, 100, 9, "nonconvex", {"stages": 1, "parts": True}),   # one 16-wide tile; P's rows padded (n % 8 = 4)
     (77, 40, 70, "nonconvex", {"gram": "tf32x3", "warps": 4}),   # B^T W B at tf32x3
-    (33, 48, 1, "l2", {}),                          # s = 1
+    (33, 48, 1, "l2", {"parts": True}),             # s = 1
     (70, 96, 250, "nonconvex", {"wide": False}),    # four tiles, a dot each (not one [BM, 256] accumulator)
     (70, 96, 250, "l2", {"seq": False}),            # the three products chained (seq, the default, adds each)
+    (300, 264, 256, "nonconvex", {"parts": True}),   # fp16x3: A's parts made once (PARTS), 128-row blocks
     (50, 72, 100, "nonconvex", {"seq": False, "wide": False}),
     (70, 200, 64, "nonconvex", {"zacc": True, "parts": False}),     # z summed once after the k-loop
     (40, 136, 130, "l2", {"zacc": True, "seq": False, "wide": False}),
-    (70, 96, 250, "l2", {"parts": False}),          # fp16x3: A split in the k-loop (A_PARTS off)
+    (70, 96, 250, "l2", {"parts": True, "seq": False}),
     (150, 200, 256, "nonconvex", {"parts": True, "seq": True, "BM": 64}),   # A's parts, products added one by one
 ]
 
@@ -193,7 +194,7 @@ def test_triton_tma_kernel_keeps_1e5_relative(case, prec, tol, monkeypatch):
     nq = -(-s // min(64, max(16, 1 << (s - 1).bit_length())))
     wide = nq != 3 and cfg.get("wide", True)
     assert [(meta["NQ"], meta["FP16"], meta["WIDE"], meta["PARTS"]) for meta in launched] == [
-        (nq, prec == "fp16x3", wide, prec == "fp16x3" and wide and cfg.get("parts", True))]
+        (nq, prec == "fp16x3", wide, prec == "fp16x3" and wide and cfg.get("parts", tri.A_PARTS))]
 
 
 def test_triton_a_parts_made_once_per_A(monkeypatch):
@@ -203,6 +204,7 @@ def test_triton_a_parts_made_once_per_A(monkeypatch):
         pytest.skip("triton interpreter not available")
     from fastattn.ops.subspace_hvp import triton as tri
     m, n, s = 130, 72, 40
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"parts": True})
     made = []
     real = tri._hi_lo
     monkeypatch.setattr(tri, "_hi_lo", lambda t, fp16=False: made.append(tuple(t.shape)) or real(t, fp16))
@@ -228,14 +230,17 @@ def test_triton_a_parts_made_once_per_A(monkeypatch):
 
 @pytest.mark.parametrize("scales", [((-30, 30), (0, 0)), ((0, 0), (-15, 15)), ((-38, -30), (20, 25))],
                          ids=["A-rows-1e-30..1e30", "P-rows-1e-15..1e15", "A-tiny-P-huge"])
-def test_triton_fp16x3_scales_rows_into_fp16_range(scales):
-    """fp16x3 keeps 3e-6 with rows of A or P spanning 30-60 decades (fp16 alone spans ~12): each A tile's rows and
-    each P row are scaled by powers of two into [2^14, 2^15) before the split. bf16x3 errs by 4e-6 to 1.4e-5 on the
+@pytest.mark.parametrize("parts", [False, True], ids=["split-in-loop", "parts"])
+def test_triton_fp16x3_scales_rows_into_fp16_range(scales, parts, monkeypatch):
+    """fp16x3 keeps 3e-6 with rows of A or P spanning 30-60 decades (fp16 alone spans ~12): each A tile's rows (or
+    with parts each of A's rows) and each P row are scaled by powers of two into [2^14, 2^15) before the split. bf16x3 errs by 4e-6 to 1.4e-5 on the
     same cases, fp32 torch by 2e-7 to 7e-7. (P H P^T's entries grow as P's rows squared, so P's span stays within
     fp32's range; with both spans at once fp32 itself loses 1e-5: torch's fp32 path errs by ~4e-5 on A rows over
     1e-3..1e3 and P rows over 1e-15..1e15.)"""
     if "triton" not in glm_backends():
         pytest.skip("triton interpreter not available")
+    from fastattn.ops.subspace_hvp import triton as tri
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", {"parts": parts})
     _check_split(150, 136, 70, "tensor", "cpu", reg="none", prec="fp16x3", tol=3e-6, row_scales=scales)
 
 

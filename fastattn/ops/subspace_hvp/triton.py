@@ -146,10 +146,12 @@ def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None
 # (local sm_90 compile: 546 instructions a step against 582 at fp16x3, SHFL 32 -> 16, no new spills).
 TMA_BS = 64
 _TMA_DEFAULTS = dict(BK=64, seq=True)
-# PARTS: glm_tma_kernel reads A's fp16 parts, made once per A (a_parts) and kept; a k-step is then three chained
-# products straight from shared memory, 128-row blocks (no warpgroup duplication at 128 rows). A_PARTS = False:
-# A is split in the k-loop on every call (no memory beyond A).
-A_PARTS = True
+# PARTS (A_PARTS, or CONFIG_OVERRIDE["parts"]; off until timed on a GPU): glm_tma_kernel reads A's fp16 parts,
+# made once per A (a_parts) and kept (A's size again in memory); a k-step is then three chained products straight
+# from shared memory, at 128-row blocks (no warpgroup duplication at 128 rows). Local sm_90 compile (fp16x3,
+# bench/sm90_compile.py --op glm --precision fp16x3 --override parts=1): the k-loop 303 instructions a 64-wide
+# step, no spills, 20 wgmma (12 products + z's 8 small ones), against 582 with the split in the loop.
+A_PARTS = False
 _PARTS_DEFAULTS = dict(seq=False)
 TMA_STAGES = (2, 1)   # three stages of BK 64 need 250 KB
 
@@ -214,7 +216,7 @@ def _glm_blocks(A, x, y, P, s, sketch, seed, scale, loss, reg, lam, loss_scale, 
 
 def _parts_serve(s: int) -> bool:
     """Whether glm_tma_kernel reads A's prepared parts (PARTS): fp16x3, B one accumulator (s <= 4 TMA_BS columns
-    in 1, 2 or 4 tiles), A_PARTS on (CONFIG_OVERRIDE["parts"] decides where given)."""
+    in 1, 2 or 4 tiles), A_PARTS (CONFIG_OVERRIDE["parts"] decides where given)."""
     NQ = triton.cdiv(s, min(TMA_BS, _tile(s)))
     return bool(INPUT_PRECISION == "fp16x3" and NQ in (1, 2, 4) and CONFIG_OVERRIDE.get("wide", True)
                 and CONFIG_OVERRIDE.get("parts", A_PARTS))
