@@ -420,16 +420,19 @@ def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP
             if NQ > 3:
                 B3 = _p_tile(P, cols, c3, mc, m3, sPs, sPn, 0, 1.0, 0)
             w1, w2 = _reg_w(X, cols, mc, lam, REG)
-        _gram(gp, pg, s, B0, B0, w1, w2, c0, c0, m0, m0, True, PREC)
+        _gram(gp, pg, s, B0, B0, w1, w2, c0, c0, m0, m0, True, PREC)   # row by row: B0 dies first, then B1, ...
         if NQ > 1:
             _gram(gp, pg, s, B0, B1, w1, w2, c0, c1, m0, m1, False, PREC)
-            _gram(gp, pg, s, B1, B1, w1, w2, c1, c1, m1, m1, True, PREC)
         if NQ > 2:
             _gram(gp, pg, s, B0, B2, w1, w2, c0, c2, m0, m2, False, PREC)
+        if NQ > 3:
+            _gram(gp, pg, s, B0, B3, w1, w2, c0, c3, m0, m3, False, PREC)
+        if NQ > 1:
+            _gram(gp, pg, s, B1, B1, w1, w2, c1, c1, m1, m1, True, PREC)
+        if NQ > 2:
             _gram(gp, pg, s, B1, B2, w1, w2, c1, c2, m1, m2, False, PREC)
             _gram(gp, pg, s, B2, B2, w1, w2, c2, c2, m2, m2, True, PREC)
         if NQ > 3:
-            _gram(gp, pg, s, B0, B3, w1, w2, c0, c3, m0, m3, False, PREC)
             _gram(gp, pg, s, B1, B3, w1, w2, c1, c3, m1, m3, False, PREC)
             _gram(gp, pg, s, B2, B3, w1, w2, c2, c3, m2, m3, False, PREC)
             _gram(gp, pg, s, B3, B3, w1, w2, c3, c3, m3, m3, True, PREC)
