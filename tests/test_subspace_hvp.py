@@ -112,19 +112,27 @@ def test_triton_bf16x3_split_keeps_1e5_relative(case):
     _check_split(*case, device="cpu")
 
 
-_GPU_KERNELS = {"tma": {"tma": True}, "seq": {"tma": True, "seq": True}, "gram": {"tma": False}}
+_GPU_KERNELS = {"chained": {"tma": True, "seq": False, "parts": False},
+                "seq": {"tma": True, "seq": True, "parts": False}, "gram": {"tma": False},
+                "parts": {"tma": True, "parts": True},
+                "parts64": {"tma": True, "parts": True, "BM": 64, "seq": True}}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor", "tma", "bf16x3"), (2048, 16384, 256, "tensor", "seq",
-                                  "bf16x3"), (2048, 16384, 256, "tensor", "gram", "bf16x3"),
-                                  (1000, 8192, 200, "gaussian", "tma", "bf16x3"),
-                                  (2048, 16384, 256, "tensor", "tma", "fp16x3"),
-                                  (2048, 16384, 200, "tensor", "seq", "fp16x3")], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", [(2048, 16384, 256, "tensor", "chained", "bf16x3"),
+                                  (2048, 16384, 256, "tensor", "seq", "bf16x3"),
+                                  (2048, 16384, 256, "tensor", "gram", "bf16x3"),
+                                  (1000, 8192, 200, "gaussian", "chained", "bf16x3"),
+                                  (2048, 16384, 256, "tensor", "chained", "fp16x3"),
+                                  (2048, 16384, 200, "tensor", "seq", "fp16x3"),
+                                  (2000, 16384, 256, "tensor", "parts", "fp16x3"),
+                                  (2048, 16384, 200, "tensor", "parts64", "fp16x3")],
+                         ids=lambda c: "-".join(map(str, c)))
 def test_gpu_triton_split_precisions_over_long_sums(case, monkeypatch):
     """The same bounds on tensor cores (bf16x3 1e-5, fp16x3 2e-6), with sums over n up to 16,384 (long enough for
     the accumulation bias that sank an earlier split, bench/results/subspace_hvp_h100_split.md, to show); P given
-    through the TMA kernel (tma; seq: its products added one by one through inline PTX) and glm_gram_kernel."""
+    through the TMA kernel (chained products; seq: added one by one through inline PTX; parts: A's fp16 parts made
+    ahead, 128- or 64-row blocks) and glm_gram_kernel."""
     if not backends.availability("triton")[0]:
         pytest.skip(backends.availability("triton")[1])
     from fastattn.ops.subspace_hvp import triton as tri
@@ -233,10 +241,10 @@ def test_triton_a_parts_made_once_per_A(monkeypatch):
 @pytest.mark.parametrize("parts", [False, True], ids=["split-in-loop", "parts"])
 def test_triton_fp16x3_scales_rows_into_fp16_range(scales, parts, monkeypatch):
     """fp16x3 keeps 3e-6 with rows of A or P spanning 30-60 decades (fp16 alone spans ~12): each A tile's rows (or
-    with parts each of A's rows) and each P row are scaled by powers of two into [2^14, 2^15) before the split. bf16x3 errs by 4e-6 to 1.4e-5 on the
-    same cases, fp32 torch by 2e-7 to 7e-7. (P H P^T's entries grow as P's rows squared, so P's span stays within
-    fp32's range; with both spans at once fp32 itself loses 1e-5: torch's fp32 path errs by ~4e-5 on A rows over
-    1e-3..1e3 and P rows over 1e-15..1e15.)"""
+    with parts each of A's rows) and each P row are scaled by powers of two into [2^14, 2^15) before the split.
+    bf16x3 errs by 4e-6 to 1.4e-5 on the same cases, fp32 torch by 2e-7 to 7e-7. (P H P^T's entries grow as P's
+    rows squared, so P's span stays within fp32's range; with both spans at once fp32 itself loses 1e-5: torch's
+    fp32 path errs by ~4e-5 on A rows over 1e-3..1e3 and P rows over 1e-15..1e15.)"""
     if "triton" not in glm_backends():
         pytest.skip("triton interpreter not available")
     from fastattn.ops.subspace_hvp import triton as tri
