@@ -19,6 +19,8 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-triton-fp16x3-parts  A's fp16 parts made once per A and kept (option parts, A_PARTS), 128-row blocks
   fused-triton-fp16x3-parts64[-chained]  the same at 64-row blocks, products added one by one (or chained)
   fused-triton-fp16x3-parts-cold  parts made anew in every call (what the first call on an A pays)
+  unfused-cublas-fp16x3  unfused-torch with A P^T as three cuBLAS fp16 products of the same kept parts (the
+                      unfused path at the fused kernel's precision and preparation)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
 Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
@@ -86,6 +88,18 @@ def _cold(glm, x, P):
     return _at_precision("fp16x3", glm, x, P, parts=True)
 
 
+def _unfused_fp16x3(glm, x, P):
+    """unfused-torch with A P^T as three cuBLAS fp16 products (fp32 out) of A's kept parts and P's parts (fp16x3's
+    22 bits, B written to memory), scaled back by the rows' powers of two."""
+    from fastattn.ops.subspace_hvp import triton as tri
+    AH, AL, ainv = tri.a_parts(glm.A)
+    PH, PL, pinv = tri._hi_lo(P, fp16=True)
+    B = torch.mm(AL, PH.T, out_dtype=torch.float32)
+    B += torch.mm(AH, PL.T, out_dtype=torch.float32)
+    B += torch.mm(AH, PH.T, out_dtype=torch.float32)
+    return reference.glm_explicit(glm, x, P, AP=B.mul_(ainv[:, None]).mul_(pinv[None, :]))
+
+
 def paths(glm, x, sketch, P, device, only=None):
     """name -> (callable, held to TOL); ``only``: the names to keep (None: all)."""
     out = {}
@@ -112,6 +126,7 @@ def paths(glm, x, sketch, P, device, only=None):
         out["fused-triton-fp16x3-parts64-chained"] = (
             lambda: _at_precision("fp16x3", glm, x, P, parts=True, BM=64), True)
         out["fused-triton-fp16x3-parts-cold"] = (lambda: _cold(glm, x, P), True)
+        out["unfused-cublas-fp16x3"] = (lambda: _unfused_fp16x3(glm, x, P), True)
     if only is not None:
         unknown = set(only) - set(out)
         if unknown:
@@ -176,25 +191,34 @@ SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=z) for bm, bk, w, st, z in 
 # tile: 48 instead of 80), 573 instructions, no spill stores.
 # zacc: z = A x reduced after the k-loop, not every step (582 -> 546 instructions a step at fp16x3, seq); 16 warps:
 # four warpgroups of 64 x 64 (400 instructions a step, but ptxas serializes the wgmma for want of registers).
-TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd, seq=q, zacc=za)
+TMA_SWEEP = [dict(BM=bm, BK=bk, warps=w, stages=st, zpre=False, wide=wd, seq=q, zacc=za, parts=False)
              for bm, bk, w, st, wd, q, za in (
     (64, 64, 8, 2, True, True, False), (64, 64, 8, 2, True, True, True), (64, 64, 16, 2, True, True, False),
     (64, 64, 8, 2, True, False, False), (64, 64, 8, 2, False, True, False), (64, 64, 8, 2, False, False, False),
     (64, 32, 8, 3, True, True, False), (64, 32, 8, 4, True, True, False), (64, 32, 8, 3, True, False, False),
     (128, 32, 8, 3, True, False, False), (64, 64, 4, 2, True, False, False), (64, 32, 4, 3, True, False, False),
     (128, 32, 8, 2, False, False, False), (32, 64, 4, 3, True, False, False))]
+# glm_tma_kernel with A's fp16 parts made ahead (option parts, fp16x3 only); its default first. Local sm_90 compile
+# (--override parts=1,...): 128 rows, BK 64, chained: the k-loop 271 instructions, 20 wgmma, no spills; BK 32 at 3
+# or 4 stages 227, 10 wgmma; seq at 128 rows spills 95 a step; 64 rows spill-free, seq or chained (494).
+PARTS_SWEEP = [dict(BM=bm, BK=bk, warps=8, stages=st, zpre=z, seq=q, parts=True)
+               for bm, bk, st, q, z in ((128, 64, 2, False, False), (128, 32, 3, False, False),
+                                        (128, 32, 4, False, False), (128, 64, 2, False, True),
+                                        (64, 64, 2, True, False), (64, 64, 2, False, False),
+                                        (64, 32, 3, True, False))]
 
 
 def sweep(m, n, s, device, bm=None, precision="tf32x3") -> list[dict]:
     """fused-triton over the configs (fastattn.ops.subspace_hvp.triton.CONFIG_OVERRIDE) with BM = ``bm`` (None:
     all) at INPUT_PRECISION ``precision``, correctness first: bf16x3 and fp16x3 sweep TMA_SWEEP (glm_tma_kernel,
-    s <= 256), bf16x3 then SWEEP through glm_gram_kernel (fp16x3 has no other kernel); other precisions SWEEP."""
+    s <= 256; fp16x3 PARTS_SWEEP first), bf16x3 then SWEEP through glm_gram_kernel (fp16x3 has no other kernel);
+    other precisions SWEEP."""
     from fastattn.ops.subspace_hvp import triton as tri
     glm, x, sketch, P = problem(m, n, s, device)
     ref = reference.glm_explicit(glm.to(torch.float64), x.double(), P.double(), row_chunk=4096)
     rows = []
     tma = precision in ("bf16x3", "fp16x3") and s <= 4 * tri.TMA_BS
-    configs = [{**c, "tma": True} for c in TMA_SWEEP] if tma else []
+    configs = [{**c, "tma": True} for c in (PARTS_SWEEP if precision == "fp16x3" else []) + TMA_SWEEP] if tma else []
     configs += [{**c, "tma": False} for c in SWEEP] if precision != "fp16x3" else []
     for cfg in (c for c in configs if bm is None or c["BM"] == bm):
         tri.CONFIG_OVERRIDE = cfg
@@ -241,7 +265,8 @@ def markdown(result: dict) -> str:
             ms = f"{r['ms']:.3g}" if "ms" in r else r.get("error", "-")[:60]
             err = f"{r['rel_err_PHPt']:.2e}" if "rel_err_PHPt" in r else "-"
             kernel = "gram" if not r.get("tma") else "tma" + (", a dot per tile" if r.get("wide") is False else "") \
-                + (", seq" if r.get("seq") else "") + (", z after the loop" if r.get("zacc") else "")
+                + (", seq" if r.get("seq") else "") + (", z after the loop" if r.get("zacc") else "") \
+                + (", A's parts" if r.get("parts") else "")
             lines.append(f"| {r['m']} | {r['n']} | {r['s']} | {r.get('precision', 'tf32x3')} | {kernel} | {r['BM']} "
                          f"| {r['BK']} | {r['warps']} | {r['stages']} | {r['zpre']} | {err} | {ms} |")
     lines += ["", "Targets (issue 5): fused >= 10x faster than vmap-autodiff and >= 1.5x faster than unfused-torch at "

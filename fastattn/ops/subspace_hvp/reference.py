@@ -94,13 +94,15 @@ AUTODIFF_MODES = {"hvp": forward_over_reverse, "vjp": vjp_of_grad,
                   "restricted": lambda fun, x, P, chunk_size: restricted(fun, x, P)}
 
 
-def glm_explicit(glm: GLM, x: Tensor, P: Tensor, row_chunk: int = ROW_CHUNK) -> tuple[Tensor, Tensor]:
-    """The GLM closed form in the dtype of the inputs, B = A P^T formed ``row_chunk`` rows at a time."""
+def glm_explicit(glm: GLM, x: Tensor, P: Tensor, row_chunk: int = ROW_CHUNK,
+                 AP: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The GLM closed form in the dtype of the inputs, B = A P^T formed ``row_chunk`` rows at a time (or given
+    whole as ``AP`` [m, s], e.g. formed another way)."""
     lp, lpp, rp, rpp = glm.derivatives(x)
     Pg = P @ rp
     H = (P * rpp) @ P.T
     for r in range(0, glm.m, row_chunk):
-        B = glm.A[r:r + row_chunk] @ P.T                      # [rows, s]
+        B = glm.A[r:r + row_chunk] @ P.T if AP is None else AP[r:r + row_chunk]   # [rows, s]
         Pg = Pg + B.T @ lp[r:r + row_chunk]
         H = H + B.T @ (lpp[r:r + row_chunk, None] * B)
     return Pg, symmetrize(H)
