@@ -149,7 +149,7 @@ _TMA_DEFAULTS = dict(BK=64, seq=True)
 # PARTS (A_PARTS, or CONFIG_OVERRIDE["parts"]; off until timed on a GPU): glm_tma_kernel reads A's fp16 parts,
 # made once per A (a_parts) and kept (A's size again in memory); a k-step is then three chained products straight
 # from shared memory, at 128-row blocks (no warpgroup duplication at 128 rows). Local sm_90 compile (fp16x3,
-# bench/sm90_compile.py --op glm --precision fp16x3 --override parts=1): the k-loop 303 instructions a 64-wide
+# bench/sm90_compile.py --op glm --precision fp16x3 --override parts=1): the k-loop 271 instructions a 64-wide
 # step, no spills, 20 wgmma (12 products + z's 8 small ones), against 582 with the split in the loop.
 A_PARTS = False
 _PARTS_DEFAULTS = dict(seq=False)
