@@ -223,6 +223,7 @@ def _parts_serve(s: int) -> bool:
 
 
 _parts_cache: dict = {}
+PARTS_CHUNK = 1 << 26   # elements of A split at a time by a_parts
 
 
 def a_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,9 +235,14 @@ def a_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if hit is not None and hit[0]() is A and hit[1] == key:
         return hit[2]
     _parts_cache.clear()   # the old parts go before the new ones are made
-    parts = _hi_lo(A, fp16=True)
-    _parts_cache["entry"] = (weakref.ref(A, lambda _: _parts_cache.clear()), key, parts)
-    return parts
+    m, n = A.shape
+    hi, lo = torch.empty(2, m, -(-n // 8) * 8, dtype=torch.float16, device=A.device)[:, :, :n]
+    inv = torch.empty(m, dtype=torch.float32, device=A.device)
+    rows = max(1, PARTS_CHUNK // max(n, 1))   # _hi_lo's fp32 temporaries stay at a few chunks, not a few A's
+    for r in range(0, m, rows):
+        hi[r:r + rows], lo[r:r + rows], inv[r:r + rows] = _hi_lo(A[r:r + rows], fp16=True)
+    _parts_cache["entry"] = (weakref.ref(A, lambda _: _parts_cache.clear()), key, (hi, lo, inv))
+    return hi, lo, inv
 
 
 def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
