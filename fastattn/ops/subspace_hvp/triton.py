@@ -167,9 +167,10 @@ def glm(A: Tensor, x: Tensor, y: Tensor, P: Tensor | None, s: int, sketch: int, 
     """A [m, n], x [n], y [m] fp32; P [s, n] or None (generated from ``seed``) -> (Pg [s], PHPt [s, s]) fp32."""
     m = A.shape[0]
     if _tma_serves(A, P, s):
-        BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=not _parts_serve(s)))
+        parts = _parts_serve(s)
+        BM = CONFIG_OVERRIDE.get("BM", _block_rows(m, _num_sms(A.device), cap64=not parts))
         try:
-            return _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM)
+            return _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM, parts)
         except triton.runtime.errors.OutOfResources:
             if CONFIG_OVERRIDE:   # a configuration asked for (bench sweeps, tests) must not change kernels
                 raise
@@ -245,12 +246,12 @@ def a_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return hi, lo, inv
 
 
-def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM):
-    """glm() through glm_tma_kernel (P given, bf16x3 or fp16x3, s <= 4 TMA_BS) with BM-row blocks."""
+def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM, parts):
+    """glm() through glm_tma_kernel (P given, bf16x3 or fp16x3, s <= 4 TMA_BS) with BM-row blocks; ``parts``: A's
+    kept fp16 parts (_parts_serve)."""
     m, n = A.shape
     dev = A.device
     BS = min(TMA_BS, _tile(s))
-    parts = _parts_serve(s)
     cfg = {**_TMA_DEFAULTS, **(_PARTS_DEFAULTS if parts else {}), **CONFIG_OVERRIDE}
     bk = cfg.get("BK", BK)
     zpre = bool(cfg.get("zpre", False))

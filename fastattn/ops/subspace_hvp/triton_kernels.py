@@ -278,16 +278,19 @@ def _acc_add(acc, t, inv, FP16: tl.constexpr, OPAQUE: tl.constexpr):
 
 @triton.jit
 def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, acc, inv, FP16: tl.constexpr,
-                SEQ: tl.constexpr):
+                SEQ: tl.constexpr, CHAIN: tl.constexpr):
     """acc + a P[q BS : (q + 1) BS, k0 : k0 + BK]^T, P's hi / lo parts read through the descriptors PH_d, PL_d;
     FP16: a came scaled by 1 / inv per row (_pow2_scale), undone here exactly.
     Chained through one accumulator (_split3), Triton 3.6 gives the dots that feed another dot all warps along M:
     with 64 rows and 8 warps both warpgroups compute the whole tile (sm_90 compile: 20 wgmma a 64-wide k-step where
     12 do the work). SEQ: each product a dot from a constant zero, added to acc on its own by _fadd / _ffma, which
     Triton cannot fold into a chain: each warpgroup takes half the columns (12 wgmma), one product live at a time
-    (no spills), but each add waits for its wgmma."""
+    (no spills), but each add waits for its wgmma. CHAIN (no row factor: PARTS): the products chained into acc
+    itself (acc + _split3 holds two accumulators: Triton folds only a dot from zero into a chain)."""
     p_hi = tl.trans(PH_d.load([q * BS, k0]))
     p_lo = tl.trans(PL_d.load([q * BS, k0]))
+    if CHAIN:
+        return tl.dot(a_hi, p_hi, tl.dot(a_hi, p_lo, tl.dot(a_lo, p_hi, acc)))
     if SEQ:
         acc = _acc_add(acc, tl.dot(a_lo, p_hi), inv, FP16, True)
         acc = _acc_add(acc, tl.dot(a_hi, p_lo), inv, FP16, True)
@@ -359,12 +362,7 @@ def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP
                 if PARTS:
                     a_hi = A_d.load([r * BM, k0])
                     a_lo = AL_d.load([r * BM, k0])
-                    if SEQ:
-                        BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, z, False, True)
-                    else:   # one chain into B (acc + _split3 is two accumulators: Triton folds only dots from 0)
-                        p_hi = tl.trans(PH_d.load([0, k0]))
-                        p_lo = tl.trans(PL_d.load([0, k0]))
-                        BW = tl.dot(a_hi, p_hi, tl.dot(a_hi, p_lo, tl.dot(a_lo, p_hi, BW)))
+                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, z, False, SEQ, not SEQ)
                     if not ZPRE:
                         xp = tl.trans(XP_d.load([0, k0]))
                         zt = tl.dot(a_lo, xp, tl.dot(a_hi, xp, zt))   # columns: (a_hi + a_lo) x_hi, (..) x_lo
@@ -384,15 +382,15 @@ def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP
                         inv = z   # unused without FP16
                         a_hi, a_lo = _hi_lo(a)
                     if WIDE:
-                        BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, SEQ)
+                        BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, SEQ, False)
                     else:
-                        B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, SEQ)
+                        B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, SEQ, False)
                         if NQ > 1:
-                            B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, SEQ)
+                            B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, SEQ, False)
                         if NQ > 2:
-                            B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ)
+                            B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ, False)
                         if NQ > 3:
-                            B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ)
+                            B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ, False)
             rows = r * BM + tl.arange(0, BM)
             mr = rows < m
             if ZACC:
