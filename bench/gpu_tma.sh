@@ -5,9 +5,11 @@
 #   build (sm_90, in the background) | bench/subspace_hvp.py: the parts paths against the default (A split in the
 #       k-loop), cuBLAS fp16x3 on the same parts, cuBLAS fp32 and vmap, in one process
 #   ->  every GPU test (pytest -m gpu tests, 4 workers)
+#   ->  bench/linear_attn_configs.py: q/k windows (WINDOWS, thirteenth session) against the default at D = 9, 37, 182
 #   ->  bench/subspace_hvp.py --sweep --sweep-precision fp16x3 (PARTS_SWEEP first) with the time left
 # Usage (repository root on the GPU machine): OUT=dir [CALL_LIMIT=570] bash bench/gpu_tma.sh
-# Returns under $OUT: subspace_hvp_h*.{json,md} (the paths), sweep/subspace_hvp_h*.{json,md}, logs.tgz.
+# Returns under $OUT: subspace_hvp_h*.{json,md} (the paths), windows/linear_attn_configs.{json,md},
+# sweep/subspace_hvp_h*.{json,md}, logs.tgz.
 set -uo pipefail
 LOGS=/tmp/gpu_tma_logs
 source "$(dirname "$0")/gpu_common.sh"
@@ -23,6 +25,10 @@ el "subspace_hvp bench rc=$?"; grep -E "fused|unfused|vmap" "$LOGS/bench_subspac
 wait $build; el "build rc=$?"; tail -1 "$LOGS/build.log"
 timeout 240 python3 -m pytest -q -m gpu tests -n 4 -p no:cacheprovider > "$LOGS/gpu_tests.log" 2>&1
 el "GPU tests rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests.log" | tail -12
+mkdir -p "$OUT/windows"
+timeout 170 python3 bench/linear_attn_configs.py --variants windows,windows_pointers --dims 9,37,182 \
+  --out "$OUT/windows" > "$LOGS/bench_windows.log" 2>&1
+el "windows rc=$?"; grep -E "^\| |compiled" "$LOGS/bench_windows.log" | cut -c1-220 | tail -12
 mkdir -p "$OUT/sweep"
 timeout "$(left 10)" python3 bench/subspace_hvp.py --out "$OUT/sweep" --quick --sweep --sweep-precision fp16x3 \
   --paths fused-triton,unfused-torch > "$LOGS/bench_sweep.log" 2>&1

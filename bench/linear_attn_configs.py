@@ -28,9 +28,10 @@ from linear_attn import _inputs, environment  # noqa: E402
 
 FWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 8, 65536, 64), (1, 9, 65536, 64), (16, 8, 4096, 9),
               (16, 8, 4096, 32), (16, 8, 4096, 128), (4, 8, 16384, 128), (1, 8, 65536, 128), (16, 8, 4096, 256),
-              (16, 8, 4096, 182), (16, 8, 4096, 56), (16, 8, 4096, 96)]
+              (16, 8, 4096, 182), (16, 8, 4096, 56), (16, 8, 4096, 96), (16, 8, 4096, 37), (1, 8, 65536, 9),
+              (1, 8, 65536, 182)]
 BWD_SHAPES = [(16, 8, 4096, 64), (4, 8, 16384, 64), (1, 9, 65536, 64), (16, 8, 4096, 128), (16, 8, 4096, 9),
-              (16, 8, 4096, 56)]
+              (16, 8, 4096, 56), (16, 8, 4096, 182), (16, 8, 4096, 37)]
 # name -> overrides: "fwd" / "bwd" config fields, "cps" forced chunks per segment, "ceil" the earlier split rule
 # (segments rounded up: a partial last wave), "pps" PROGRAMS_PER_SM entries, "a16" the alignment rule of 76938f0
 # (per side, 16 elements or nothing: D = 56 or 182 loaded q and k rows element by element)
@@ -60,15 +61,24 @@ VARIANTS = {
     # the backward's dq and dk/dv kernels with pointer loads (BWD_TMA off). sm_90 compile (bench/sm90_compile.py
     # --direction bwd --D 64 [--tma]): dk/dv hot loop 25 STL / 79 LDL a chunk with pointer loads, 10 / 25 with TMA
     "bwd_pointers": {"bwd_tma": False},
+    # q/k windows for ragged D in "bthd" memory (WINDOWS, off by default until timed): 16-byte aligned loads where
+    # a head's rows start off a 16-byte boundary (D = 9, 182, 37). sm_90 compile (bench/sm90_compile.py --D 9,182
+    # [--windows] [--tma]), forward: D = 9 q/k by 16-byte async copies instead of 2-byte loads, spills 0 instead of
+    # 44 / 24 B, 919 instructions a chunk instead of 1,017; D = 182 16-byte copies instead of 4-byte ones, spills
+    # 352 / 308 B instead of 704 / 664, 1,883 instructions instead of 2,500; with TMA, bulk copies
+    "windows": {"windows": True},
+    "windows_pointers": {"windows": True, "tma": False, "bwd_tma": False},
 }
 FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "pointers",
-                "pointers_w8")
-BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16", "bwd_pointers")
+                "pointers_w8", "windows", "windows_pointers")
+BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16", "bwd_pointers", "windows",
+                "windows_pointers")
 
 _base_fwd, _base_cfg, _base_segments = tri._fwd_config, tri._config, tri._segments
 _base_pps = dict(tri.PROGRAMS_PER_SM)
 _base_alignment = tri._alignment
 _base_tma = (tri.FWD_TMA, tri.BWD_TMA)
+_base_windows = tri.WINDOWS
 
 
 def _alignment_a16(ts, dim):
@@ -102,6 +112,7 @@ def use(name: str) -> None:
     tri._alignment = _alignment_a16 if var.get("a16") else _base_alignment
     tri.PROGRAMS_PER_SM.update({**_base_pps, **var.get("pps", {})})
     tri.FWD_TMA, tri.BWD_TMA = var.get("tma", _base_tma[0]), var.get("bwd_tma", _base_tma[1])
+    tri.WINDOWS = var.get("windows", _base_windows)
 
 
 def jobs(only=None, dims=None):

@@ -3,6 +3,7 @@ registers, spills and shared memory (ptxas -v), and the widths of the global loa
 PTX. A static look at vectorisation and register pressure between GPU calls; it does not time anything.
 
     python bench/sm90_compile.py --D 9,64,182 --direction fwd      # linear attention, B=16, H=8, T=4096, Dv=64
+    python bench/sm90_compile.py --D 9,182 --windows --tma         # q/k windows for ragged D, TMA loads
     python bench/sm90_compile.py --op glm --precision bf16x3       # subspace-HVP GLM kernel, m = n = 16384, s = 256
 
 Launches are captured from the real host code (the grid planned for 132 SMs), then compiled as a launch on an
@@ -182,6 +183,7 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=None, help="warps per program instead of the planned")
     p.add_argument("--widest", type=int, default=None, help="linear_attn: the forward's FWD_MAX_BK (64, 128, 256)")
     p.add_argument("--tma", action="store_true", help="linear_attn: loads through TMA descriptors (FWD_TMA, BWD_TMA)")
+    p.add_argument("--windows", action="store_true", help="linear_attn: q/k windows for ragged D (WINDOWS)")
     p.add_argument("--override", default=None,
                    help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8,gram=bf16x3,tma=0")
     p.add_argument("--histogram", type=int, default=0, help="print the N most frequent SASS opcodes of each loop")
@@ -191,6 +193,7 @@ def main() -> int:
     if a.widest:
         tri.FWD_MAX_BK = a.widest
     tri.FWD_TMA = tri.BWD_TMA = a.tma
+    tri.WINDOWS = a.windows
     warps = {"num_warps": a.warps} if a.warps else {}
     if a.op == "glm":
         from fastattn.ops.subspace_hvp import triton as hvp
@@ -213,7 +216,7 @@ def main() -> int:
                 [{**meta, **warps}]
             for mt in metas:
                 _report(f"D={D} {name}", kernel, args, mt, a.ptxas,
-                        ("BK", "BV", "EXACT", "AK", "AV", "MODE", "TMA", "num_warps", "num_stages"),
+                        ("BK", "BV", "EXACT", "AK", "AV", "WIN", "MODE", "TMA", "num_warps", "num_stages"),
                         a.histogram)
     return 0
 

@@ -7,7 +7,7 @@ import torch
 import fastattn
 from fastattn.ops.linear_attn.reference import linear_attention_chunked, linear_attention_recurrent
 
-from .linear_attn_cases import CASES, Case, cpu_backends, make_inputs, run_fastattn, run_reference
+from .linear_attn_cases import CASES, Case, cpu_backends, make_inputs, run_fastattn, run_reference, spy_launches
 from .tolerances import assert_close
 
 BACKENDS = cpu_backends()
@@ -209,22 +209,73 @@ def test_triton_kernels_with_and_without_tma_descriptors(case, dtype, tma, monke
     from fastattn.ops.linear_attn import triton as tri
     monkeypatch.setattr(tri, "FWD_TMA", tma)
     monkeypatch.setattr(tri, "BWD_TMA", tma)
-    used = {}
-    for name in ("fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"):
-        def launcher(kernel=getattr(tri._k, name), name=name):
-            class Launcher:
-                def __getitem__(self, grid):
-                    def launch(*args, **meta):
-                        used.setdefault(name, []).append(meta["TMA"])
-                        return kernel[grid](*args, **meta)
-                    return launch
-            return Launcher()
-        monkeypatch.setattr(tri._k, name, launcher())
+    seen = spy_launches(monkeypatch, tri._k, ("fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"))
     inputs, cot = make_inputs(case, dtype)
     same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
     _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
+    used = {name: [meta["TMA"] for meta in metas] for name, metas in seen.items()}
     tma = tma and case.D != 130
     assert used["fwd_kernel"][0] == tma and used["bwd_dq_kernel"] == [tma] and used["bwd_dkdv_kernel"] == [tma]
+
+
+WINDOW_CASES = [  # "bthd" memory (or HF's view of it), ragged D, H * D a multiple of 8
+    Case("win_D9_mask_state", B=2, H=8, Hv=8, T=70, D=9, Dv=16, layout="bthd", mask=True, state=True),
+    Case("win_D182_gqa_Dv80", H=4, Hv=2, T=70, D=182, Dv=80, layout="bthd", state=True),
+    Case("win_D37_hf_view_unnormalized", B=2, H=8, Hv=8, T=70, D=37, Dv=24, hf_view=True, normalize=False),
+    Case("win_D9_noncausal_mask", H=8, Hv=4, T=40, D=9, Dv=8, causal=False, layout="bthd", mask=True),
+]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_triton_kernels_through_q_k_windows(case, dtype, tma, monkeypatch):
+    """WINDOWS on: every q-side kernel reads q/k of a ragged D through 16-byte aligned windows (WIN = 8 elements
+    in bf16, 4 in fp32; through TMA descriptors over [B, T, H * D] when tma, pointers otherwise) and stores dq/dk
+    through pointers masked to the head. Outputs, every gradient and the final state against fp64: a neighbour
+    head's features leaking into a window, or a shifted feature, would break them."""
+    from fastattn.ops.linear_attn import triton as tri
+    monkeypatch.setattr(tri, "WINDOWS", True)
+    monkeypatch.setattr(tri, "FWD_TMA", tma)
+    monkeypatch.setattr(tri, "BWD_TMA", tma)
+    seen = spy_launches(monkeypatch, tri._k, ("chunk_state_kernel", "fwd_kernel", "bwd_dq_kernel",
+                                              "bwd_dkdv_kernel"))
+    inputs, cot = make_inputs(case, dtype)
+    same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
+    _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
+    win = 16 // inputs["q"].element_size()
+    assert {meta["WIN"] for metas in seen.values() for meta in metas} == {win}
+    assert len(seen["chunk_state_kernel"]) >= 2          # the interpreter splits T: segment states ran too
+    tmas = [meta["TMA"] for meta in seen["fwd_kernel"] if meta["MODE"] != 2]   # MODE 2 (the backward's c): never
+    tmas += [meta["TMA"] for name in ("bwd_dq_kernel", "bwd_dkdv_kernel") for meta in seen[name]]
+    assert set(tmas) == {tma}
+
+
+def test_window_rule():
+    """_kside takes windows only for a ragged D in memory with the heads side by side, 16-byte aligned bases,
+    batch and token strides and rows of H * D features, and only where the window's extra columns add no K tile.
+    AK is _alignment's either way. (WINDOWS is off by default until timed.)"""
+    pytest.importorskip("triton")
+    from fastattn.ops.linear_attn import triton as tri
+
+    def bthd(D, H=8, B=2, T=5, dtype=torch.bfloat16):
+        return torch.empty(B, T, H, D, dtype=dtype).transpose(1, 2)
+    assert tri.WINDOWS is False and tri._kside((bthd(9),), 9, 16) == dict(AK=1, WIN=0)
+    tri_windows, tri.WINDOWS = tri.WINDOWS, True
+    try:
+        assert tri._kside((bthd(9), bthd(9)), 9, 16) == dict(AK=1, WIN=8)
+        assert tri._kside((bthd(9, dtype=torch.float32),), 9, 16) == dict(AK=1, WIN=4)
+        assert tri._kside((bthd(182, H=4),), 182, 128) == dict(AK=2, WIN=8)       # AK: D's own alignment
+        assert tri._kside((bthd(182, H=4),), 182, 64) == dict(AK=2, WIN=8)        # 189 columns: still 3 tiles
+        assert tri._kside((bthd(58),), 58, 64) == dict(AK=2, WIN=0)               # 65 columns: a second tile
+        assert tri._kside((bthd(64),), 64, 64) == dict(AK=16, WIN=0)              # aligned already
+        assert tri._kside((bthd(9, H=3),), 9, 16) == dict(AK=1, WIN=0)            # rows of 27 features
+        assert tri._kside((torch.empty(2, 8, 5, 9, dtype=torch.bfloat16),), 9, 16) == dict(AK=1, WIN=0)  # "bhtd"
+        shifted = torch.empty(2 * 5 * 72 + 1, dtype=torch.bfloat16)[1:].view(2, 5, 8, 9).transpose(1, 2)
+        assert tri._kside((bthd(9), shifted), 9, 16) == dict(AK=1, WIN=0)         # a base 2 bytes off
+    finally:
+        tri.WINDOWS = tri_windows
 
 
 def test_split_t_rule_on_a_gpu_sized_grid(monkeypatch):

@@ -80,6 +80,25 @@ def test_long_sequences_through_pointer_loads(dtype, warps, B, H, Hv, T, D, Dv, 
     _check_long("triton", dtype, B, H, Hv, T, D, Dv)
 
 
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("B,H,Hv,T,D,Dv", [(1, 8, 8, 65536, 9, 64), (2, 8, 4, 16384, 37, 64),
+                                          (2, 4, 4, 16384, 182, 64)])
+def test_long_sequences_through_q_k_windows(dtype, tma, B, H, Hv, T, D, Dv, monkeypatch):
+    """The same bounds with q/k windows for ragged D (WINDOWS on; "bthd" memory, H * D a multiple of 8), their
+    loads through TMA descriptors over [B, T, H * D] or pointers; the launches must have taken the windows."""
+    from fastattn.ops.linear_attn import triton as tri
+    from .linear_attn_cases import spy_launches
+    monkeypatch.setattr(tri, "WINDOWS", True)
+    monkeypatch.setattr(tri, "FWD_TMA", tma)
+    monkeypatch.setattr(tri, "BWD_TMA", tma)
+    seen = spy_launches(monkeypatch, tri._k, ("fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel"))
+    _check_long("triton", dtype, B, H, Hv, T, D, Dv)
+    win = 16 // torch.empty(0, dtype=dtype).element_size()
+    assert {meta["WIN"] for metas in seen.values() for meta in metas} == {win}
+
+
 def _check_long(backend, dtype, B, H, Hv, T, D, Dv):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.rand(B, T, H, D, device="cuda", generator=g, dtype=dtype).transpose(1, 2)

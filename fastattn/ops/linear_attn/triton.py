@@ -56,6 +56,10 @@ FWD_WARPS = {256: 8}
 # forward + backward 1.07-1.15x (D = 64, 128).
 FWD_TMA = True
 BWD_TMA = True
+# q/k windows for ragged D in "bthd" memory (``_kside``, triton_kernels' module docstring): 16-byte aligned loads
+# (vectors, async copies, or TMA when FWD_TMA / BWD_TMA) where a head's rows start off a 16-byte boundary, as at
+# D = 9 and 182 (0.32 and 0.18 of the HBM floor on the H100 with element-wise loads). Off until timed on a GPU.
+WINDOWS = False
 
 _SPLIT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # triton_kernels.SPLIT_*
 _F32 = torch.float32
@@ -87,12 +91,26 @@ def _fwd_config(D: int, Dv: int, widest: int) -> _Config:
     return _Config(BK=BK, BV=cfg.BV, warps=FWD_WARPS.get(BK, cfg.warps), stages=FWD_STAGES[BK])
 
 
-def _descriptors(wanted: bool, tensors: tuple[Tensor, ...], widths: tuple[int, ...]) -> tuple[bool, tuple]:
+def _descriptors(wanted: bool, tensors: tuple[Tensor, ...], widths: tuple[int, ...], win: int = 0,
+                 outputs: tuple[int, ...] = ()) -> tuple[bool, tuple]:
     """(True, TMA descriptors over the [B, H, T, dim] tensors with blocks [1, 1, BT, width]) when ``wanted`` and
-    they can take them (``tma_ready``); else (False, the tensors)."""
-    if not (wanted and tma_ready(*tensors)):
+    they can take them (``tma_ready``); else (False, the tensors). With windows (``win``, see ``_kside``), q and k
+    (tensors 0 and 1) get descriptors over their [B, T, H * D] rows (blocks [1, BT, width]), and the q-side
+    outputs (the indices in ``outputs``: dq, dk) stay tensors."""
+    if not wanted:
         return False, tensors
-    return True, tuple(tma_descriptor(t, [1, 1, BT, w]) for t, w in zip(tensors, widths))
+    if not win:
+        if not tma_ready(*tensors):
+            return False, tensors
+        return True, tuple(tma_descriptor(t, [1, 1, BT, w]) for t, w in zip(tensors, widths))
+    rows = [t.as_strided((t.shape[0], t.shape[2], t.shape[1] * t.shape[3]), (t.stride(0), t.stride(2), 1))
+            for t in tensors[:2]]
+    rest = [t for i, t in enumerate(tensors) if i >= 2 and i not in outputs]
+    if not tma_ready(*rows, *rest):
+        return False, tensors
+    return True, tuple(tma_descriptor(rows[i], [1, BT, w]) if i < 2 else
+                       t if i in outputs else tma_descriptor(t, [1, 1, BT, w])
+                       for i, (t, w) in enumerate(zip(tensors, widths)))
 
 
 def _exact(D: int, Dv: int, cfg: _Config) -> int:
@@ -146,6 +164,21 @@ def _alignment(ts: tuple[Tensor, ...], dim: int) -> int:
     return a
 
 
+def _kside(ts: tuple[Tensor, ...], D: int, BK: int) -> dict:
+    """The q-side launch arguments: AK (``_alignment``) and WIN (``triton_kernels._kwin``). WIN = 16 bytes in
+    elements when the q/k rows of a ragged D are read as 16-byte aligned windows: WINDOWS is on, D is not a
+    multiple of WIN, every tensor of ``ts`` has its heads side by side (head stride D, feature stride 1, as in
+    "bthd" memory), 16-byte aligned bases, batch and token strides and rows of H * D features, and the window's
+    up to WIN - 1 extra columns need no extra K tile of width BK. AK is _alignment's either way; with windows it is
+    D's own alignment (< WIN), the strides' being WIN."""
+    t0 = ts[0]
+    H, win = t0.shape[1], 16 // t0.element_size()
+    windows = (WINDOWS and D % win and triton.cdiv(D + win - 1, BK) == triton.cdiv(D, BK) and (H * D) % win == 0
+               and all(t.stride(3) == 1 and t.stride(1) == D and t.stride(0) % win == 0 and t.stride(2) % win == 0
+                       and t.stride(2) >= H * D and t.data_ptr() % 16 == 0 for t in ts))
+    return dict(AK=_alignment(ts, D), WIN=win if windows else 0)
+
+
 def _mask_args(key_mask: Tensor | None, dummy: Tensor):
     """(mask [B, T] as uint8, its strides, present?); the bool storage is reused, no copy."""
     if key_mask is None:
@@ -168,7 +201,7 @@ def _segment_src(hs: Tensor, hz: Tensor | None, dummy: Tensor):
 
 
 def _segment_states(y, w, GW, mask_args, den, aw, init, init_z, out, out_z, NS, CPS, H, reverse, exclusive,
-                    split, align: dict):
+                    split, AV: int):
     """Run chunk_state_kernel + state_scan_kernel. Returns (hs, hz): the state entering each segment (exclusive)
     or the raw sums; out / out_z get init + all sums. aw: per-token weights for hz (None: ones)."""
     B, _, T, D = y.shape
@@ -183,7 +216,8 @@ def _segment_states(y, w, GW, mask_args, den, aw, init, init_z, out, out_z, NS, 
         y, w, mask, den if den is not None else hs, aw if aw is not None else hs, hs, hz if aug else hs,
         *y.stride(), *w.stride(), smb, smt, T, CPS, NS, H, GW,
         D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, HAS_MASK=has_mask,
-        HAS_DEN=den is not None, AUG=aug, SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, **align)
+        HAS_DEN=den is not None, AUG=aug, SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, AV=AV,
+        **_kside((y,), D, cfg.BK))
     sS = init.stride() if init is not None else (0,) * 4
     sz = init_z.stride() if init_z is not None else (0,) * 3
     _k.state_scan_kernel[(NK * NV * B * H,)](
@@ -223,19 +257,20 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
     cfg = _fwd_config(D, Dv, FWD_MAX_BK)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
     CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "fwd")
-    split, align = _SPLIT[q.dtype], dict(AK=_alignment((q, k), D), AV=_alignment((v, o), Dv))
+    split, AV = _SPLIT[q.dtype], _alignment((v, o), Dv)
+    kside = _kside((q, k), D, cfg.BK)
     mask_args = _mask_args(key_mask, q)
     if causal and NS == 1:
         ptrs, strides, (has_h, has_z) = _state_src(S0, z0, q)
     else:
         hs, hz = _segment_states(k, v, H // Hv, mask_args, None, None, S0, z0, S, z, NS, CPS, H,
-                                 reverse=False, exclusive=causal, split=split, align=align)
+                                 reverse=False, exclusive=causal, split=split, AV=AV)
         ptrs, strides, (has_h, has_z) = _segment_src(hs, hz, q) if causal else _state_src(S, z, q)
     mode = 0 if NK == 1 else 1
     part = torch.empty(NK, B * H, T, Dv, dtype=_F32, device=dev) if mode else S
     dpart = torch.empty(NK, B * H, T, dtype=_F32, device=dev) if mode and normalize else S
     mask, smb, smt, _ = mask_args
-    tma, tensors = _descriptors(FWD_TMA, (q, k, v, o), (cfg.BK, cfg.BK, cfg.BV, cfg.BV))
+    tma, tensors = _descriptors(FWD_TMA, (q, k, v, o), (cfg.BK, cfg.BK, cfg.BV, cfg.BV), kside["WIN"])
     _k.fwd_kernel[(NK * NV * NS * B * H,)](
         *tensors, mask, *ptrs, den if normalize else S, part, dpart, S, z if normalize else S,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), smb, smt, *strides,
@@ -243,7 +278,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None, z0: Tensor | Non
         D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal,
         NORMALIZE=normalize, HAS_MASK=key_mask is not None, HAS_H=has_h, HAS_Z=has_z,
         STORE_FINAL=causal and NS == 1, MODE=mode,
-        SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, TMA=tma, **align)
+        SPLIT=split, num_warps=cfg.warps, num_stages=cfg.stages, TMA=tma, AV=AV, **kside)
     if mode:
         _sum_partials(part, dpart if normalize else None, o, NK, H, eps, den)
     return o, S, z, den
@@ -269,13 +304,14 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
     cfg = _config(D, Dv)
     NK, NV = triton.cdiv(D, cfg.BK), triton.cdiv(Dv, cfg.BV)
     CPS, NS = _segments(triton.cdiv(T, BT), B * H * NK * NV, dev, "bwd")
-    split, align = _SPLIT[q.dtype], dict(AK=_alignment((q, k, dq, dk), D), AV=_alignment((v, do, dv), Dv))
+    split, AV = _SPLIT[q.dtype], _alignment((v, do, dv), Dv)
+    kside = _kside((q, k, dq, dk), D, cfg.BK)
     mask_args = _mask_args(key_mask, q)
     mask, smb, smt, _ = mask_args
     den = den.contiguous() if normalize else None  # [B, H, T] fp32, as forward made it
     grid = (NK * NV * NS * B * H,)
     common = dict(D_=D, DV_=Dv, EXACT=_exact(D, Dv, cfg), BT=BT, BK=cfg.BK, BV=cfg.BV, CAUSAL=causal,
-                  NORMALIZE=normalize, HAS_MASK=key_mask is not None, SPLIT=split, **align)
+                  NORMALIZE=normalize, HAS_MASK=key_mask is not None, SPLIT=split, AV=AV, **kside)
 
     # forward states entering each segment (S_prev, z_prev), or the totals for the non-causal form
     if causal and NS == 1:
@@ -284,7 +320,7 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
         S_tot = torch.empty(B, H, D, Dv, dtype=_F32, device=dev)
         z_tot = torch.empty(B, H, D, dtype=_F32, device=dev) if normalize else None
         hs, hz = _segment_states(k, v, G, mask_args, None, None, S0, z0, S_tot, z_tot, NS, CPS, H,
-                                 reverse=False, exclusive=causal, split=split, align=align)
+                                 reverse=False, exclusive=causal, split=split, AV=AV)
         ptrs, strides, (has_h, has_z) = _segment_src(hs, hz, q) if causal else _state_src(S_tot, z_tot, q)
 
     # c_t = -(q_t . u_t) / den_t from the fp32 numerator (fused into the dq kernel when both dims fit one tile)
@@ -302,7 +338,8 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
         c.div_(den.view(B * H, T).square()).neg_()
 
     part = torch.empty(NV, B * H, T, D, dtype=_F32, device=dev) if NV > 1 else dq
-    tma, (tq, tk, tv, tdo, tdq) = _descriptors(BWD_TMA, (q, k, v, do, dq), (cfg.BK, cfg.BK, cfg.BV, cfg.BV, cfg.BK))
+    tma, (tq, tk, tv, tdo, tdq) = _descriptors(BWD_TMA, (q, k, v, do, dq), (cfg.BK, cfg.BK, cfg.BV, cfg.BV, cfg.BK),
+                                               kside["WIN"], outputs=(4,))
     _k.bwd_dq_kernel[grid](
         tq, tk, tv, tdo, mask, den if normalize else q, c if normalize else q, *ptrs, tdq, part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), smb, smt, *strides,
@@ -316,12 +353,13 @@ def backward(do: Tensor, dS: Tensor | None, dz: Tensor | None, q: Tensor, k: Ten
         ptrs, strides, (has_h, has_z) = _state_src(dS, dz, q)
     else:
         hs, hz = _segment_states(q, do, 1, _mask_args(None, q), den, c, dS, dz, dS0, dz0, NS, CPS, H,
-                                 reverse=True, exclusive=causal, split=split, align=align)
+                                 reverse=True, exclusive=causal, split=split, AV=AV)
         ptrs, strides, (has_h, has_z) = _segment_src(hs, hz, q) if causal else _state_src(dS0, dz0, q)
     kpart = torch.empty(NV, B * H, T, D, dtype=_F32, device=dev) if NV > 1 else dk
     dv_direct = NK == 1 and G == 1
     vpart = dv if dv_direct else torch.empty(NK * G, B * Hv, T, Dv, dtype=_F32, device=dev)
-    tma, tensors = _descriptors(BWD_TMA, (q, k, v, do, dk, dv), (cfg.BK, cfg.BK, cfg.BV, cfg.BV, cfg.BK, cfg.BV))
+    tma, tensors = _descriptors(BWD_TMA, (q, k, v, do, dk, dv), (cfg.BK, cfg.BK, cfg.BV, cfg.BV, cfg.BK, cfg.BV),
+                                kside["WIN"], outputs=(4,))
     _k.bwd_dkdv_kernel[grid](
         *tensors[:4], mask, den if normalize else q, c if normalize else q, *ptrs, *tensors[4:], kpart, vpart,
         dS0, dz0 if normalize else dS0,

@@ -4,6 +4,13 @@ Names inside the kernels: T tokens, D (= K) the query/key feature dim, DV the va
 the feature tiles (powers of two in 16..64, the forward's BK up to 128, or 256 as an option; tails are masked,
 inputs are never padded). Every kernel works on one (batch, head) pair at a time and reads q/k/v/do through their
 strides, so "bhtd" and "bthd" memory both work.
+Windows (WIN > 0, "bthd" memory with a ragged D, e.g. 9 or 182): the heads of a token lie side by side in one row
+of H * D features, so a head's q/k row starts at h * D, rarely on a 16-byte boundary, and loads of it cannot be
+vectors or async copies. With WIN (16 bytes in elements) a program reads the 16-byte aligned window starting at
+c0 = h * D rounded down to WIN, i.e. off = h * D - c0 < WIN columns early, and zeroes what is not its head's:
+feature f sits at window column f + off (``_kwin``). q/k windows load through pointers or TMA descriptors over
+[B, T, H * D]; dq/dk are stored through pointers, masked to the head. The host takes windows only where they add
+no feature tile (D + WIN - 1 fits the tiles D needs).
 D and DV are runtime arguments, only the tiles are compile-time: a model whose layers all have different feature
 dims compiles one kernel per tile bucket and alignment (AK, AV: 16, 8, 4, 2 or 1 elements), not one per layer.
 EXACT (D == BK, DV == BV, or both, e.g. 64 x 64) compiles those dims in, as constants (``_dims``): with runtime
@@ -112,12 +119,22 @@ def _slice(ptr, i_b, i_h, sb, sh, st, A: tl.constexpr):
 
 
 @triton.jit
-def _slices(q, k, v, x, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sxb, sxh, sxt,
-            AK: tl.constexpr, AV: tl.constexpr):
-    """``_slice`` of q and k (alignment AK), v (its value head i_h // G) and x (o or do; AV): (q, sqt, k, skt, v,
+def _kslice(ptr, i_b, i_h, c0, sb, sh, st, AK: tl.constexpr, WIN: tl.constexpr):
+    """``_slice`` of a q-side tensor (q, k, dq, dk): at head i_h, or with WIN at its window's first column c0 (a
+    multiple of WIN, as are the batch and token strides: the host checked; AK then is D's own alignment)."""
+    if WIN:
+        return _slice(ptr, i_b, c0, sb, 1, st, WIN)
+    else:
+        return _slice(ptr, i_b, i_h, sb, sh, st, AK)
+
+
+@triton.jit
+def _slices(q, k, v, x, i_b, i_h, c0, G, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sxb, sxh, sxt,
+            AK: tl.constexpr, AV: tl.constexpr, WIN: tl.constexpr):
+    """``_kslice`` of q and k, ``_slice`` of v (its value head i_h // G) and x (o or do; AV): (q, sqt, k, skt, v,
     svt, x, sxt)."""
-    q, sqt = _slice(q, i_b, i_h, sqb, sqh, sqt, AK)
-    k, skt = _slice(k, i_b, i_h, skb, skh, skt, AK)
+    q, sqt = _kslice(q, i_b, i_h, c0, sqb, sqh, sqt, AK, WIN)
+    k, skt = _kslice(k, i_b, i_h, c0, skb, skh, skt, AK, WIN)
     v, svt = _slice(v, i_b, i_h // G, svb, svh, svt, AV)
     x, sxt = _slice(x, i_b, i_h, sxb, sxh, sxt, AV)
     return q, sqt, k, skt, v, svt, x, sxt
@@ -152,6 +169,52 @@ def _put(x, val, i_b, i_h, n, i_c, o_t, o_c, s_t, s_c, m_t, m_c, BT: tl.constexp
     else:
         tl.store(x + o_t[:, None] * s_t + o_c[None, :] * s_c, val.to(x.dtype.element_ty),
                  mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _kwin(o_k, m_k, i_h, H, D, WIN: tl.constexpr):
+    """(o_k, m_k, o_j, c0, lim): a program's q-side columns. Without WIN the feature indices o_k of its K tile
+    are the columns o_j. With WIN (see the module docstring) o_j are window columns from c0 (a multiple of WIN),
+    o_k = o_j - off the features they hold (some < 0 or >= D: another head's, masked off by m_k), and lim the
+    columns left in the row after c0 (H * D is a multiple of WIN). off is a multiple of D's alignment AK (stated
+    in ``_dims``), so the masks of stores to the head come in AK-wide runs: D = 182 stores pairs."""
+    if WIN:
+        c0 = (i_h * D // WIN) * WIN
+        o_j = o_k
+        o_k = o_j - (i_h * D - c0)
+        return o_k, (o_k >= 0) & (o_k < D), o_j, c0, ((H * D - c0) // WIN) * WIN
+    else:
+        return o_k, m_k, o_k, 0, D
+
+
+@triton.jit
+def _getk(x, i_b, i_h, c0, n, i_k, o_t, o_j, lim, s_t, s_d, m_t, m_k, BT: tl.constexpr, BK: tl.constexpr,
+          TMA: tl.constexpr, MASKED: tl.constexpr, WIN: tl.constexpr):
+    """``_get`` of a q-side tile (q or k), zero outside its head's features m_k. With WIN: the window's columns
+    o_j, through a TMA descriptor over [B, T, H * D] (loads start at c0 + i_k * BK, 16-byte aligned) or the
+    pointer from ``_kslice`` (masked only to the row, o_j < lim, so that the loads stay vectors)."""
+    if WIN:
+        if TMA:
+            t = x.load([i_b, n * BT, c0 + i_k * BK]).reshape(BT, BK)
+            if MASKED:
+                t = tl.where(m_t[:, None], t, 0.0)
+        else:
+            t = _tile(x, o_t, o_j, s_t, s_d, m_t, o_j < lim)
+        t = tl.where(m_k[None, :], t, 0.0)
+    else:
+        t = _get(x, i_b, i_h, n, i_k, o_t, o_j, s_t, s_d, m_t, m_k, BT, BK, TMA, MASKED)
+    return t
+
+
+@triton.jit
+def _putk(x, val, i_b, i_h, n, i_k, o_t, o_j, s_t, s_d, m_t, m_k, BT: tl.constexpr, BK: tl.constexpr,
+          TMA: tl.constexpr, WIN: tl.constexpr):
+    """``_put`` of a q-side tile (dq or dk) to its head's features; with WIN through the pointer from
+    ``_kslice`` (a descriptor would write the whole window)."""
+    if WIN:
+        _put(x, val, i_b, i_h, n, i_k, o_t, o_j, s_t, s_d, m_t, m_k, BT, BK, False)
+    else:
+        _put(x, val, i_b, i_h, n, i_k, o_t, o_j, s_t, s_d, m_t, m_k, BT, BK, TMA)
 
 
 @triton.jit
@@ -218,16 +281,18 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
                        T, CPS, NS, H, GW,
                        D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_DEN: tl.constexpr, AUG: tl.constexpr,
-                       SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr):
+                       SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr, WIN: tl.constexpr):
     """Per-segment state sums: hs[bh, s] = sum_{t in s} y_t^T w_t / den_t  [D, DV] and hz[bh, s] = sum a_t y_t [D].
 
     Forward states: y = k (key-masked), w = v (head h // GW), a = 1. Reverse (backward) states: y = q, w = do
-    scaled by 1/den, a = c. AUG: 0 no hz, 1 a = 1, 2 a = aw[bh, t]. Grid: NK * NV * NS * B * H.
+    scaled by 1/den, a = c. AUG: 0 no hz, 1 a = 1, 2 a = aw[bh, t]. WIN: y through windows (``_kwin``).
+    Grid: NK * NV * NS * B * H.
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
-    y, syt = _slice(y, i_b, i_h, syb, syh, syt, AK)
+    o_k, m_k, o_j, c0, lim = _kwin(o_k, m_k, i_h, H, D, WIN)
+    y, syt = _kslice(y, i_b, i_h, c0, syb, syh, syt, AK, WIN)
     w, swt = _slice(w, i_b, i_h // GW, swb, swh, swt, AV)
     NT = tl.cdiv(T, BT)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
@@ -236,7 +301,7 @@ def chunk_state_kernel(y, w, kmask, den, aw, hs, hz,
         o_t = n * BT + tl.arange(0, BT)
         m_t = o_t < T
         m_y = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-        b_y = _tile(y, o_t, o_k, syt, syd, m_y, m_k)
+        b_y = _getk(y, i_b, i_h, c0, n, i_k, o_t, o_j, lim, syt, syd, m_y, m_k, BT, BK, False, False, WIN)
         b_w = _tile(w, o_t, o_v, swt, swd, m_t, m_v)
         if HAS_DEN:
             inv = 1.0 / tl.load(den + i_bh.to(tl.int64) * T + o_t, mask=m_t, other=1.0)
@@ -307,11 +372,12 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
                D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr, MODE: tl.constexpr,
-               SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr):
+               SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr, WIN: tl.constexpr):
     """Forward over one segment: num_t = q_t S_t (S_t the prefix state, or the total when non-causal), computed
     per chunk as Q S_prev + tril(Q K^T) V, with den_t = q_t . z_t the same way (z next to S, in fp32).
     TMA: q, k, v and x (MODE 0) are TMA descriptors over [B, H, T, dim] (blocks [1, 1, BT, tile]; reads past T or
-    the dim are zeros, writes there are dropped): no pointer tensors in registers.
+    the dim are zeros, writes there are dropped): no pointer tensors in registers. WIN: q and k through windows
+    (``_kwin``; with TMA their descriptors are over [B, T, H * D]).
 
     MODE 0 (one K tile): x = o, o = num / (den + eps); den + eps stored to den [B*H, T] fp32.
     MODE 1: num and den partials of this K tile to part [NK, B*H, T, DV] and dpart [NK, B*H, T].
@@ -322,9 +388,10 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
+    o_k, m_k, o_j, c0, lim = _kwin(o_k, m_k, i_h, H, D, WIN)
     if not TMA:
-        q, sqt, k, skt, v, svt, x, sxt = _slices(q, k, v, x, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt,
-                                                 svb, svh, svt, sxb, sxh, sxt, AK, AV)
+        q, sqt, k, skt, v, svt, x, sxt = _slices(q, k, v, x, i_b, i_h, c0, G, sqb, sqh, sqt, skb, skh, skt,
+                                                 svb, svh, svt, sxb, sxh, sxt, AK, AV, WIN)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -336,13 +403,13 @@ def fwd_kernel(q, k, v, x, kmask, h0, z0, den, part, dpart, s_out, z_out,
     for n in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NT)):
         o_t = n * BT + tl.arange(0, BT)
         m_t = o_t < T
-        b_q = _get(q, i_b, i_h, n, i_k, o_t, o_k, sqt, sqd, m_t, m_k, BT, BK, TMA, False)
+        b_q = _getk(q, i_b, i_h, c0, n, i_k, o_t, o_j, lim, sqt, sqd, m_t, m_k, BT, BK, TMA, False, WIN)
         b_num = _dot_xf(b_q, b_S, SPLIT)
         if NORMALIZE:
             b_den = tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)
         if CAUSAL:
             m_key = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-            b_k = _get(k, i_b, i_h, n, i_k, o_t, o_k, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK)
+            b_k = _getk(k, i_b, i_h, c0, n, i_k, o_t, o_j, lim, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK, WIN)
             b_v = _get(v, i_b, i_h // G, n, i_v, o_t, o_v, svt, svd, m_t, m_v, BT, BV, TMA, False)
             b_a = tl.where(o_t[:, None] >= o_t[None, :], _dot_xx(b_q, tl.trans(b_k), SPLIT), 0.0)
             b_num += _dot_fx(b_a, b_v, SPLIT)
@@ -382,22 +449,24 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
                   D_, DV_, EXACT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_H: tl.constexpr, HAS_Z: tl.constexpr, FUSE_C: tl.constexpr, DIRECT: tl.constexpr,
-                  SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr):
+                  SPLIT: tl.constexpr, AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr, WIN: tl.constexpr):
     """dq_t = u_t + c_t z_t with u_t = S_t g_t, g_t = do_t / den_t (unnormalized: g = do, no c term).
 
     Per chunk: U = (DO S_prev^T + tril(DO V^T) K) / den, z_t = z_prev + tril(1) K (fp32, exact products).
     FUSE_C (one K and one V tile): c_t = -(q_t . u_t) / den_t is computed here from the fp32 u and stored to
     cbuf [B*H, T]; otherwise cbuf is read. DIRECT (one V tile): dq is written, else fp32 partials over the V
     tiles to part [NV, B*H, T, D] (the c z_t term only in tile 0). TMA: q, k, v, do and dq are descriptors
-    (``_get``). Grid: NK * NV * NS * B * H.
+    (``_get``). WIN: q, k through windows, dq a pointer (``_getk``, ``_putk``). Grid: NK * NV * NS * B * H.
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
+    o_k, m_k, o_j, c0, lim = _kwin(o_k, m_k, i_h, H, D, WIN)
     if not TMA:
-        q, sqt, k, skt, v, svt, do, sdt = _slices(q, k, v, do, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt,
-                                                  svb, svh, svt, sdb, sdh, sdt, AK, AV)
-        dq, sxt = _slice(dq, i_b, i_h, sxb, sxh, sxt, AK)
+        q, sqt, k, skt, v, svt, do, sdt = _slices(q, k, v, do, i_b, i_h, c0, G, sqb, sqh, sqt, skb, skh, skt,
+                                                  svb, svh, svt, sdb, sdh, sdt, AK, AV, WIN)
+    if not TMA or WIN:
+        dq, sxt = _kslice(dq, i_b, i_h, c0, sxb, sxh, sxt, AK, WIN)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -415,7 +484,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
         b_u = _dot_xf(b_do, tl.trans(b_S), SPLIT)
         if CAUSAL:
             m_key = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-            b_k = _get(k, i_b, i_h, n, i_k, o_t, o_k, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK)
+            b_k = _getk(k, i_b, i_h, c0, n, i_k, o_t, o_j, lim, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK, WIN)
             b_v = _get(v, i_b, i_h // G, n, i_v, o_t, o_v, svt, svd, m_t, m_v, BT, BV, TMA, False)
             b_a = tl.where(causal, _dot_xx(b_do, tl.trans(b_v), SPLIT), 0.0)
             b_u += _dot_fx(b_a, b_k, SPLIT)
@@ -423,7 +492,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
             inv = 1.0 / tl.load(den + rows, mask=m_t, other=1.0)
             b_u = b_u * inv[:, None]
             if FUSE_C:
-                b_q = _get(q, i_b, i_h, n, i_k, o_t, o_k, sqt, sqd, m_t, m_k, BT, BK, TMA, False)
+                b_q = _getk(q, i_b, i_h, c0, n, i_k, o_t, o_j, lim, sqt, sqd, m_t, m_k, BT, BK, TMA, False, WIN)
                 b_c = -tl.sum(b_q.to(tl.float32) * b_u, 1) * inv
                 tl.store(cbuf + rows, b_c, mask=m_t)
             else:
@@ -439,7 +508,7 @@ def bwd_dq_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dq, part,
             if NORMALIZE:
                 b_z += tl.sum(b_k.to(tl.float32), 0)
         if DIRECT:
-            _put(dq, b_u, i_b, i_h, n, i_k, o_t, o_k, sxt, sxd, m_t, m_k, BT, BK, TMA)
+            _putk(dq, b_u, i_b, i_h, n, i_k, o_t, o_j, sxt, sxd, m_t, m_k, BT, BK, TMA, WIN)
         else:
             prow = (i_v.to(tl.int64) * BH) * T + rows
             tl.store(part + prow[:, None] * D + o_k[None, :], b_u, mask=m_t[:, None] & m_k[None, :])
@@ -455,7 +524,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
                     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
                     HAS_H: tl.constexpr, HAS_Z: tl.constexpr, STORE_FINAL: tl.constexpr,
                     DK_DIRECT: tl.constexpr, DV_DIRECT: tl.constexpr, SPLIT: tl.constexpr,
-                    AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr):
+                    AK: tl.constexpr, AV: tl.constexpr, TMA: tl.constexpr, WIN: tl.constexpr):
     """dk_s = R_s v_s + r_s (0 for masked keys), dv_s = R_s^T k_s, with the reverse sums
     R_s = dS + sum_{t>=s} q_t^T g_t and r_s = dz + sum_{t>=s} c_t q_t (all t when non-causal).
 
@@ -463,16 +532,19 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
     + r_next. (h0, z0): the reverse state entering each segment from the right. dk: direct with one V tile, else
     partials [NV, B*H, T, D]. dv: direct with one K tile and no GQA, else partials [NK * G, B*Hv, T, DV] summed
     over K tiles and the query heads of each value head. STORE_FINAL: segment 0 writes (R_1, r_1) = (dS0, dz0).
-    TMA: q, k, v, do, dk and dv are descriptors (``_get``). Grid: NK * NV * NS * B * H.
+    TMA: q, k, v, do, dk and dv are descriptors (``_get``). WIN: q, k through windows, dk a pointer (``_getk``,
+    ``_putk``). Grid: NK * NV * NS * B * H.
     """
     D, DV, NK, NV = _dims(D_, DV_, BK, BV, EXACT, AK, AV)
     i_kv, i_s, i_bh, BH = _split_pid(NK * NV, NS)
     i_k, i_v, i_b, i_h, o_k, o_v, m_k, m_v = _program_tiles(i_kv, i_bh, NV, H, D, DV, BK, BV)
+    o_k, m_k, o_j, c0, lim = _kwin(o_k, m_k, i_h, H, D, WIN)
     if not TMA:
-        q, sqt, k, skt, v, svt, do, sdt = _slices(q, k, v, do, i_b, i_h, G, sqb, sqh, sqt, skb, skh, skt,
-                                                  svb, svh, svt, sdb, sdh, sdt, AK, AV)
-        dk, sxt = _slice(dk, i_b, i_h, sxb, sxh, sxt, AK)
+        q, sqt, k, skt, v, svt, do, sdt = _slices(q, k, v, do, i_b, i_h, c0, G, sqb, sqh, sqt, skb, skh, skt,
+                                                  svb, svh, svt, sdb, sdh, sdt, AK, AV, WIN)
         dv, sat = _slice(dv, i_b, i_h // G, sab, sah, sat, AV)
+    if not TMA or WIN:
+        dk, sxt = _kslice(dk, i_b, i_h, c0, sxb, sxh, sxt, AK, WIN)
     b_R = tl.zeros([BK, BV], dtype=tl.float32)
     b_r = tl.zeros([BK], dtype=tl.float32)
     if HAS_H:
@@ -489,8 +561,8 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
         m_t = o_t < T
         rows = i_bh.to(tl.int64) * T + o_t
         m_key = _key_rows(kmask, i_b, smb, smt, o_t, m_t, HAS_MASK)
-        b_q = _get(q, i_b, i_h, n, i_k, o_t, o_k, sqt, sqd, m_t, m_k, BT, BK, TMA, False)
-        b_k = _get(k, i_b, i_h, n, i_k, o_t, o_k, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK)
+        b_q = _getk(q, i_b, i_h, c0, n, i_k, o_t, o_j, lim, sqt, sqd, m_t, m_k, BT, BK, TMA, False, WIN)
+        b_k = _getk(k, i_b, i_h, c0, n, i_k, o_t, o_j, lim, skt, skd, m_key, m_k, BT, BK, TMA, HAS_MASK, WIN)
         b_v = _get(v, i_b, i_h // G, n, i_v, o_t, o_v, svt, svd, m_t, m_v, BT, BV, TMA, False)
         b_do = _get(do, i_b, i_h, n, i_v, o_t, o_v, sdt, sdd, m_t, m_v, BT, BV, TMA, False)
         if NORMALIZE:
@@ -522,7 +594,7 @@ def bwd_dkdv_kernel(q, k, v, do, kmask, den, cbuf, h0, z0, dk, dv, kpart, vpart,
             b_dk += tl.where(i_v == 0, b_r, 0.0)[None, :]
         b_dk = tl.where(m_key[:, None], b_dk, 0.0)
         if DK_DIRECT:
-            _put(dk, b_dk, i_b, i_h, n, i_k, o_t, o_k, sxt, sxd, m_t, m_k, BT, BK, TMA)
+            _putk(dk, b_dk, i_b, i_h, n, i_k, o_t, o_j, sxt, sxd, m_t, m_k, BT, BK, TMA, WIN)
         else:
             prow = (i_v.to(tl.int64) * BH) * T + rows
             tl.store(kpart + prow[:, None] * D + o_k[None, :], b_dk, mask=m_t[:, None] & m_k[None, :])
