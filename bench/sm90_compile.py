@@ -86,14 +86,14 @@ def launches(direction: str, B: int, H: int, T: int, D: int, Dv: int, layout: st
     return _captured(tri._k, call)
 
 
-def glm_launches(m: int, n: int, s: int, precision: str, generated: bool) -> list[tuple]:
+def glm_launches(m: int, n: int, s: int, precision: str, generated: bool, sketch: str = "gaussian") -> list[tuple]:
     """The GLM kernel's launch for one subspace-HVP call (sigmoid-MSE + nonconvex regulariser; P given [s, n] or
     generated from a seed), as glm() plans it; only its first stage depth is captured (glm() tries fewer on
-    OutOfResources)."""
-    from fastattn.ops.subspace_hvp import LOSSES, REGULARISERS
+    OutOfResources). A given P is Gaussian or Rademacher (``sketch``: fp16x3 then skips the a_hi p_lo product)."""
+    from fastattn.ops.subspace_hvp import LOSSES, REGULARISERS, make_sketch
     from fastattn.ops.subspace_hvp import triton as hvp
     A, x, y = torch.zeros(m, n), torch.zeros(n), torch.zeros(m)
-    P = None if generated else torch.zeros(s, n)
+    P = None if generated else make_sketch(sketch, s, n, seed=0).materialize(n)
     with hvp.input_precision(precision):
         return _captured(hvp._k, lambda: hvp.glm(A, x, y, P, s, 1 if generated else 0, 0, 1.0,
                                                 LOSSES["sigmoid_mse"].code, REGULARISERS["nonconvex"].code, 1e-3,
@@ -186,6 +186,8 @@ def main() -> int:
     p.add_argument("--windows", action="store_true", help="linear_attn: q/k windows for ragged D (WINDOWS)")
     p.add_argument("--override", default=None,
                    help="glm: CONFIG_OVERRIDE entries, e.g. BM=64,BK=32,warps=8,gram=bf16x3,tma=0")
+    p.add_argument("--sketch", choices=("gaussian", "rademacher"), default="gaussian",
+                   help="glm: the kind of the given P (rademacher: P's fp16 lo parts are zero, PLO off)")
     p.add_argument("--histogram", type=int, default=0, help="print the N most frequent SASS opcodes of each loop")
     p.add_argument("--ptxas", default=str(_TOOLS / "ptxas"))
     a = p.parse_args()
@@ -203,11 +205,11 @@ def main() -> int:
                                    for k, v in (kv.split("=") for kv in a.override.split(","))}
         m, n, s = (int(x) for x in (a.shape or "16384,16384,256").split(","))
         for generated in (False, True):
-            for name, kernel, args, meta in glm_launches(m, n, s, a.precision, generated):
+            for name, kernel, args, meta in glm_launches(m, n, s, a.precision, generated, a.sketch):
                 for st in [int(x) for x in a.stages.split(",")] if a.stages else [meta["num_stages"]]:
                     _report(f"{a.precision} P {'generated' if generated else 'given'} {name}", kernel, args,
                             {**meta, **warps, "num_stages": st}, a.ptxas,
-                            ("BM", "BK", "BS", "ZPRE", "num_warps", "num_stages"), a.histogram)
+                            ("BM", "BK", "BS", "ZPRE", "PLO", "num_warps", "num_stages"), a.histogram)
         return 0
     B, H, T = (int(x) for x in (a.shape or "16,8,4096").split(","))
     for D in (int(d) for d in a.D.split(",")):

@@ -20,9 +20,12 @@ Paths, each checked against an fp64 reference (relative Frobenius error <= 1e-5)
   fused-triton-fp16x3-parts64[-chained]  the same at 64-row blocks, products added one by one (or chained)
   fused-triton-fp16x3-parts-cold  parts made anew in every call (what the first call on an A pays)
   unfused-cublas-fp16x3  unfused-torch with A P^T as three cuBLAS fp16 products of the same kept parts (the
-                      unfused path at the fused kernel's precision and preparation)
+                      unfused path at the fused kernel's precision and preparation; two where P's lo parts are 0)
+  fused-triton-fp16x3[-parts]-plo  the three products a k-step even where P's lo parts are all zero (--sketch
+                      rademacher: what skipping the a_hi p_lo product gains, PLO)
   fused-triton-tf32   informational: plain TF32 dots (faster, ~1e-3 error; not held to 1e-5)
-Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md). Timing:
+Shapes: m = n = 16384, s = 256 and m = 4096, n = 65536, s = 128 (shared/anchors.md); P Gaussian (make_sketch, unit
+scale), or Rademacher with --sketch rademacher (every path the same P). Timing:
 triton.testing.do_bench median (L2 flushed). CPU runs use small shapes and the cpu/torch backends.
 
     python bench/subspace_hvp.py --out bench/results        # writes subspace_hvp_<device>.json and .md
@@ -53,13 +56,16 @@ CPU_SHAPES = [(2048, 2048, 64), (512, 8192, 32)]
 TOL = 1e-5
 
 
+SKETCH = "gaussian"   # --sketch: P's kind for every path (make_sketch's "unit" scale; "rademacher": +-1/sqrt(n))
+
+
 def problem(m: int, n: int, s: int, device, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     A = (torch.randn(m, n, generator=g) / n ** 0.5).to(device)
     y = torch.rand(m, generator=g).to(device)
     x = torch.randn(n, generator=g).to(device)
     glm = GLM(A, y, "sigmoid_mse", "nonconvex", lam=1e-3)
-    sketch = make_sketch("gaussian", s, n, seed=seed + 1)
+    sketch = make_sketch(SKETCH, s, n, seed=seed + 1)
     P = sketch.materialize(n, torch.float32, device)
     return glm, x, sketch, P
 
@@ -90,12 +96,14 @@ def _cold(glm, x, P):
 
 def _unfused_fp16x3(glm, x, P):
     """unfused-torch with A P^T as three cuBLAS fp16 products (fp32 out) of A's kept parts and P's parts (fp16x3's
-    22 bits, B written to memory), scaled back by the rows' powers of two."""
+    22 bits, B written to memory), scaled back by the rows' factors; two products where P's lo parts are all zero
+    (a Rademacher P), as the fused kernel does."""
     from fastattn.ops.subspace_hvp import triton as tri
     AH, AL, ainv = tri.a_parts(glm.A)
-    PH, PL, pinv = tri._hi_lo(P, fp16=True)
+    PH, PL, pinv = tri._hi_lo(P, fp16=True, flat_rows=True)
     B = torch.mm(AL, PH.T, out_dtype=torch.float32)
-    B += torch.mm(AH, PL.T, out_dtype=torch.float32)
+    if PL.any():
+        B += torch.mm(AH, PL.T, out_dtype=torch.float32)
     B += torch.mm(AH, PH.T, out_dtype=torch.float32)
     return reference.glm_explicit(glm, x, P, AP=B.mul_(ainv[:, None]).mul_(pinv[None, :]))
 
@@ -126,6 +134,14 @@ def paths(glm, x, sketch, P, device, only=None):
         out["fused-triton-fp16x3-parts64-chained"] = (
             lambda: _at_precision("fp16x3", glm, x, P, parts=True, BM=64), True)
         out["fused-triton-fp16x3-parts-cold"] = (lambda: _cold(glm, x, P), True)
+        out["fused-triton-fp16x3-plo"] = (lambda: _at_precision("fp16x3", glm, x, P, plo=True), True)
+        # 3 load stages: with P's lo parts zero (not loaded) they fit in shared memory (local sm_90 compile: 148 KB
+        # at 64 rows, 203 KB with A's parts at 128 rows; 250 KB with lo parts)
+        out["fused-triton-fp16x3-s3"] = (lambda: _at_precision("fp16x3", glm, x, P, stages=3), True)
+        out["fused-triton-fp16x3-parts-s3"] = (lambda: _at_precision("fp16x3", glm, x, P, parts=True, stages=3),
+                                               True)
+        out["fused-triton-fp16x3-parts-plo"] = (lambda: _at_precision("fp16x3", glm, x, P, parts=True, plo=True),
+                                                True)
         out["unfused-cublas-fp16x3"] = (lambda: _unfused_fp16x3(glm, x, P), True)
     if only is not None:
         unknown = set(only) - set(out)
@@ -242,7 +258,8 @@ def markdown(result: dict) -> str:
     env = result["env"]
     lines = ["# Subspace Hessian of a GLM (sigmoid-MSE + nonconvex regulariser), fp32", "",
              f"Device: {env.get('gpu') or env.get('cpu')}; torch {env['torch']}, triton {env.get('triton')}, "
-             f"commit {env['commit']}. Median of triton.testing.do_bench (L2 flushed) on GPU.", "",
+             f"commit {env['commit']}. Median of triton.testing.do_bench (L2 flushed) on GPU. P: "
+             f"{result.get('sketch', 'gaussian')}.", "",
              f"Correctness first: relative Frobenius error of P H P^T and P g against an fp64 reference must be "
              f"<= {TOL:g} (paths marked informational are timed regardless).", "",
              "| m | n | s | path | rel err PHPt | rel err Pg | correct | ms | A P^T TFLOP/s | x vs vmap | "
@@ -281,19 +298,24 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time fused-triton over the SWEEP configs (GPU)")
     ap.add_argument("--sweep-bm", type=int, default=None, help="--sweep: only the configs with this BM")
     ap.add_argument("--sweep-precision", default="tf32x3", help="--sweep: the triton INPUT_PRECISION (e.g. bf16x3)")
+    ap.add_argument("--sketch", choices=("gaussian", "rademacher"), default="gaussian",
+                    help="P's kind for every path (rademacher: P's fp16 lo parts are zero, two products a k-step)")
     ap.add_argument("--paths", default=None, type=lambda v: v.split(","),
                     help="comma-separated paths to run, in this order (default: all; the ratios need vmap-autodiff "
                          "and unfused-torch)")
     args = ap.parse_args()
+    global SKETCH
+    SKETCH = args.sketch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     if args.quick:
         shapes = shapes[:1]
-    result = {"env": environment(device), "shapes": [bench_shape(*sh, device, args.paths) for sh in shapes]}
+    result = {"env": environment(device), "sketch": SKETCH,
+              "shapes": [bench_shape(*sh, device, args.paths) for sh in shapes]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = device_tag(result["env"])
+    tag = device_tag(result["env"]) + ("" if SKETCH == "gaussian" else f"_{SKETCH}")
 
     def save():   # before the sweep too, so that a run cut short in the sweep keeps the paths' table
         (out / f"subspace_hvp_{tag}.json").write_text(json.dumps(result, indent=1))

@@ -157,20 +157,3 @@ def cpu_backends() -> list[str]:
         names.append("triton")
     return names
 
-
-def spy_launches(monkeypatch, module, names) -> dict[str, list[dict]]:
-    """Wrap the kernels ``names`` of ``module`` (e.g. fastattn.ops.linear_attn.triton_kernels) so that every launch
-    records its keyword (compile-time) arguments: {name: [meta of each launch]}."""
-    seen: dict[str, list[dict]] = {}
-    for name in names:
-        class Launcher:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                def launch(*args, **meta):
-                    seen.setdefault(self.name, []).append(meta)
-                    return self.kernel[grid](*args, **meta)
-                return launch
-        monkeypatch.setattr(module, name, Launcher(getattr(module, name), name))
-    return seen

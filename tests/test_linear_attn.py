@@ -7,7 +7,8 @@ import torch
 import fastattn
 from fastattn.ops.linear_attn.reference import linear_attention_chunked, linear_attention_recurrent
 
-from .linear_attn_cases import CASES, Case, cpu_backends, make_inputs, run_fastattn, run_reference, spy_launches
+from .launches import spy_launches
+from .linear_attn_cases import CASES, Case, cpu_backends, make_inputs, run_fastattn, run_reference
 from .tolerances import assert_close
 
 BACKENDS = cpu_backends()

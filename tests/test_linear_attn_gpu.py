@@ -89,7 +89,7 @@ def test_long_sequences_through_q_k_windows(dtype, tma, B, H, Hv, T, D, Dv, monk
     """The same bounds with q/k windows for ragged D (WINDOWS on; "bthd" memory, H * D a multiple of 8), their
     loads through TMA descriptors over [B, T, H * D] or pointers; the launches must have taken the windows."""
     from fastattn.ops.linear_attn import triton as tri
-    from .linear_attn_cases import spy_launches
+    from .launches import spy_launches
     monkeypatch.setattr(tri, "WINDOWS", True)
     monkeypatch.setattr(tri, "FWD_TMA", tma)
     monkeypatch.setattr(tri, "BWD_TMA", tma)

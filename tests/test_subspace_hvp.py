@@ -11,6 +11,7 @@ from fastattn import backends
 from fastattn.ops.subspace_hvp import GLM, LOSSES, REGULARISERS, Sketch, make_sketch
 from fastattn.ops.subspace_hvp import reference
 
+from .launches import spy_launches
 from .tolerances import assert_close
 
 F64 = torch.float64
@@ -151,7 +152,8 @@ def _check_split(m, n, s, kind, device, reg="nonconvex", prec="bf16x3", tol=1e-5
         (alo, ahi), (plo, phi) = row_scales
         glm64 = GLM(glm64.A * 10 ** (alo + (ahi - alo) * torch.rand(m, 1, generator=g, dtype=F64)), glm64.y,
                     glm64.loss, glm64.reg, glm64.lam, loss_scale=glm64.loss_scale)
-    sk = make_sketch("gaussian" if kind.startswith("tensor") else kind, s, n, seed=5)
+    sk = make_sketch("rademacher" if kind == "tensor_rad" else "gaussian" if kind.startswith("tensor") else kind,
+                     s, n, seed=5)
     P64 = sk.materialize(n, F64)
     if row_scales is not None:
         P64 = P64 * 10 ** (plo + (phi - plo) * torch.rand(s, 1, generator=g, dtype=F64))
@@ -201,8 +203,42 @@ def test_triton_tma_kernel_keeps_1e5_relative(case, prec, tol, monkeypatch):
     _check_split(m, n, s, "tensor", "cpu", reg=reg, prec=prec, tol=tol)
     nq = -(-s // min(64, max(16, 1 << (s - 1).bit_length())))
     wide = nq != 3 and cfg.get("wide", True)
-    assert [(meta["NQ"], meta["FP16"], meta["WIDE"], meta["PARTS"]) for meta in launched] == [
-        (nq, prec == "fp16x3", wide, prec == "fp16x3" and wide and cfg.get("parts", tri.A_PARTS))]
+    assert [(meta["NQ"], meta["FP16"], meta["WIDE"], meta["PARTS"], meta["PLO"]) for meta in launched] == [
+        (nq, prec == "fp16x3", wide, prec == "fp16x3" and wide and cfg.get("parts", tri.A_PARTS), True)]
+
+
+@pytest.mark.parametrize("prec,tol", [("bf16x3", 1e-5), ("fp16x3", 1e-6)])
+@pytest.mark.parametrize("cfg", [{}, {"parts": True}, {"parts": True, "seq": True, "BM": 64}, {"seq": False},
+                                 {"wide": False}, {"plo": True}], ids=str)
+def test_triton_tma_kernel_two_products_for_a_rademacher_P(cfg, prec, tol, monkeypatch):
+    """A Rademacher P (+-1/sqrt(n) here, not a power of two) given to fp16x3 has fp16 parts with zero lo parts
+    (each row +-2^14 times its magnitude, _hi_lo's flat_rows), so glm_tma_kernel skips the a_hi p_lo product
+    (PLO False) in every k-step form (chained, seq, a dot per tile, A's kept parts); bf16x3's bf16 parts of the
+    same P have lo parts and keep three products, as does plo=True. Results against fp64 Hessians either way."""
+    if "triton" not in glm_backends():
+        pytest.skip("triton interpreter not available")
+    from fastattn.ops.subspace_hvp import triton as tri
+    launched = _record_launches(monkeypatch, tri, "glm_tma_kernel")
+    monkeypatch.setattr(tri, "CONFIG_OVERRIDE", cfg)
+    _check_split(150, 136, 100, "tensor_rad", "cpu", prec=prec, tol=tol)
+    assert [meta["PLO"] for meta in launched] == [prec == "bf16x3" or bool(cfg.get("plo"))]
+
+
+def test_hi_lo_flat_rows_are_exact_with_zero_lo_parts():
+    """fp16 parts with flat_rows: a row of one magnitude c (any c, here 1/sqrt(200) and 3e-20) becomes +-2^14 with
+    the inverse factor c 2^-14, hi * inv == P exactly and lo == 0; other rows (Gaussian, zero) keep the power-of-two
+    factors and the same parts as without flat_rows."""
+    from fastattn.ops.subspace_hvp import triton as tri
+    g = torch.Generator().manual_seed(0)
+    signs = torch.where(torch.rand(4, 37, generator=g) < 0.5, -1.0, 1.0)
+    P = torch.cat([signs[:2] * 200 ** -0.5, signs[2:] * 3e-20, torch.randn(2, 37, generator=g),
+                   torch.zeros(1, 37)])
+    hi, lo, inv = tri._hi_lo(P, fp16=True, flat_rows=True)
+    assert torch.equal(hi[:4].float() * inv[:4, None], P[:4]) and not lo[:4].any()
+    assert torch.equal(hi[:4].float().abs(), torch.full((4, 37), 2.0 ** 14))
+    hi0, lo0, inv0 = tri._hi_lo(P, fp16=True)
+    assert torch.equal(hi[4:], hi0[4:]) and torch.equal(lo[4:], lo0[4:]) and torch.equal(inv[4:], inv0[4:])
+    assert lo0[:2].any()    # without flat_rows, 1/sqrt(200) 2^k is not an fp16 number
 
 
 def test_triton_a_parts_made_once_per_A(monkeypatch):
@@ -216,7 +252,7 @@ def test_triton_a_parts_made_once_per_A(monkeypatch):
     monkeypatch.setattr(tri, "PARTS_CHUNK", 1000)   # A split 13 rows at a time
     made = []
     real = tri._hi_lo
-    monkeypatch.setattr(tri, "_hi_lo", lambda t, fp16=False: made.append(tuple(t.shape)) or real(t, fp16))
+    monkeypatch.setattr(tri, "_hi_lo", lambda t, fp16=False, **kw: made.append(tuple(t.shape)) or real(t, fp16, **kw))
     glm64, x64 = make_glm(m, n, "sigmoid_mse", "nonconvex", lam=1e-3, seed=4)
     P64 = make_sketch("gaussian", s, n, seed=5).materialize(n, F64)
     glm = glm64.to(torch.float32)
@@ -301,16 +337,7 @@ def test_triton_tma_kernel_out_of_shared_memory_falls_back_to_glm_gram_kernel(mo
 
 def _record_launches(monkeypatch, tri, name) -> list[dict]:
     """The meta-parameters of every launch of triton_kernels.<name>, which still runs."""
-    kernel, launched = getattr(tri._k, name), []
-
-    class Launcher:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launched.append(meta)
-                return kernel[grid](*args, **meta)
-            return launch
-    monkeypatch.setattr(tri._k, name, Launcher())
-    return launched
+    return spy_launches(monkeypatch, tri._k, (name,))[name]
 
 
 def test_triton_glm_falls_back_to_64_row_blocks_out_of_shared_memory(monkeypatch):

@@ -114,17 +114,24 @@ _SPLIT3_DEFAULTS = dict(BK=32)
 _stage_choice: dict[tuple, int] = {}
 
 
-def _hi_lo(P: Tensor, fp16: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+def _hi_lo(P: Tensor, fp16: bool = False, flat_rows: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """fp32 P [s, n] as (hi, lo) [s, n] bf16 parts, hi + lo = P to ~2^-18 relative (the kernels' SPLIT3 operands),
     and None; or, ``fp16``, fp16 parts of P's rows times 2^k_j (the row max in [2^14, 2^15)), to ~2^-22, and the
-    inverse factors 2^-k_j [s]. Rows start at multiples of 8 elements (16 bytes, as TMA descriptors need), the
-    padding zero."""
+    inverse factors 2^-k_j [s]. ``flat_rows`` (fp16): a row whose entries share one magnitude c (a Rademacher
+    sketch's, whatever its scale) becomes +-2^14 with the inverse factor c 2^-14, exactly, so its lo part is zero.
+    Rows start at multiples of 8 elements (16 bytes, as TMA descriptors need), the padding zero."""
     s, n = P.shape
     inv = None
     if fp16:
-        k = (15 - torch.frexp(P.abs().amax(1)).exponent).clamp(-126, 126)   # frexp: max in [2^(e-1), 2^e)
-        P = torch.ldexp(P, k[:, None].float())
+        amax = P.abs().amax(1)
+        k = (15 - torch.frexp(amax).exponent).clamp(-126, 126)   # frexp: max in [2^(e-1), 2^e)
         inv = torch.ldexp(torch.ones_like(P[:, 0]), -k.float())
+        if flat_rows:
+            flat = (P.abs().amin(1) == amax) & (amax > 0)
+            P = torch.where(flat[:, None], torch.sign(P) * 2.0 ** 14, torch.ldexp(P, k[:, None].float()))
+            inv = torch.where(flat, amax * 2.0 ** -14, inv)
+        else:
+            P = torch.ldexp(P, k[:, None].float())
     hi, lo = torch.zeros(2, s, -(-n // 8) * 8, dtype=torch.float16 if fp16 else torch.bfloat16,
                          device=P.device)[:, :, :n]
     hi.copy_(P)
@@ -248,7 +255,8 @@ def a_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM, parts):
     """glm() through glm_tma_kernel (P given, bf16x3 or fp16x3, s <= 4 TMA_BS) with BM-row blocks; ``parts``: A's
-    kept fp16 parts (_parts_serve)."""
+    kept fp16 parts (_parts_serve). P's parts are made per call; checking whether their lo parts are all zero
+    (PLO) waits for the GPU once."""
     m, n = A.shape
     dev = A.device
     BS = min(TMA_BS, _tile(s))
@@ -257,7 +265,9 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM, parts):
     zpre = bool(cfg.get("zpre", False))
     RA, R, GP, PG = _slots(m, n, s, BM, reg, lam, dev)
     fp16 = INPUT_PRECISION == "fp16x3"
-    PH, PL, pinv = _hi_lo(P, fp16)
+    PH, PL, pinv = _hi_lo(P, fp16, flat_rows=fp16)
+    # P's lo parts all zero (e.g. a Rademacher sketch): two products a k-step; CONFIG_OVERRIDE plo=True keeps three
+    plo = bool(cfg.get("plo", False)) or bool(PL.any())
     NQ = triton.cdiv(s, BS)
     wide = bool(cfg.get("wide", True)) and NQ in (1, 2, 4)
     pb = NQ * BS if wide else BS
@@ -279,7 +289,7 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM, parts):
     meta = dict(LOSS=loss, REG=reg, NQ=NQ, BM=BM, BK=bk, BS=BS,
                 PREC=cfg.get("gram", INPUT_PRECISION), ZPRE=zpre, FP16=fp16, WIDE=wide,
                 SEQ=bool(cfg["seq"]), ZACC=bool(cfg.get("zacc", False)) and not zpre and not parts, PARTS=parts,
-                num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
+                PLO=plo, num_warps=cfg.get("warps", 8 if BM >= 64 else 4))
     _launch("glm_tma_kernel", (GP.shape[0],), args, meta, cfg, TMA_STAGES)
     return _sum_slots(GP, PG, BS)
 

@@ -278,7 +278,7 @@ def _acc_add(acc, t, inv, FP16: tl.constexpr, OPAQUE: tl.constexpr):
 
 @triton.jit
 def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, acc, inv, FP16: tl.constexpr,
-                SEQ: tl.constexpr, CHAIN: tl.constexpr):
+                SEQ: tl.constexpr, CHAIN: tl.constexpr, PLO: tl.constexpr):
     """acc + a P[q BS : (q + 1) BS, k0 : k0 + BK]^T, P's hi / lo parts read through the descriptors PH_d, PL_d;
     FP16: a came scaled by 1 / inv per row (_pow2_scale), undone here exactly.
     Chained through one accumulator (_split3), Triton 3.6 gives the dots that feed another dot all warps along M:
@@ -286,16 +286,24 @@ def _tma_split3(a_hi, a_lo, PH_d, PL_d, q: tl.constexpr, BS: tl.constexpr, k0, a
     12 do the work). SEQ: each product a dot from a constant zero, added to acc on its own by _fadd / _ffma, which
     Triton cannot fold into a chain: each warpgroup takes half the columns (12 wgmma), one product live at a time
     (no spills), but each add waits for its wgmma. CHAIN (no row factor: PARTS): the products chained into acc
-    itself (acc + _split3 holds two accumulators: Triton folds only a dot from zero into a chain)."""
+    itself (acc + _split3 holds two accumulators: Triton folds only a dot from zero into a chain).
+    PLO False: P's lo parts are all zero (P exact in the parts' format up to a factor per row, e.g. a Rademacher
+    sketch; the host checked), so the a_hi p_lo product is skipped: two products a step instead of three."""
     p_hi = tl.trans(PH_d.load([q * BS, k0]))
-    p_lo = tl.trans(PL_d.load([q * BS, k0]))
     if CHAIN:
-        return tl.dot(a_hi, p_hi, tl.dot(a_hi, p_lo, tl.dot(a_lo, p_hi, acc)))
+        if PLO:
+            acc = tl.dot(a_hi, tl.trans(PL_d.load([q * BS, k0])), tl.dot(a_lo, p_hi, acc))
+        else:
+            acc = tl.dot(a_lo, p_hi, acc)
+        return tl.dot(a_hi, p_hi, acc)
     if SEQ:
         acc = _acc_add(acc, tl.dot(a_lo, p_hi), inv, FP16, True)
-        acc = _acc_add(acc, tl.dot(a_hi, p_lo), inv, FP16, True)
+        if PLO:
+            acc = _acc_add(acc, tl.dot(a_hi, tl.trans(PL_d.load([q * BS, k0]))), inv, FP16, True)
         return _acc_add(acc, tl.dot(a_hi, p_hi), inv, FP16, True)
-    return _acc_add(acc, _split3(a_hi, a_lo, p_hi, p_lo), inv, FP16, False)
+    if PLO:
+        return _acc_add(acc, _split3(a_hi, a_lo, p_hi, tl.trans(PL_d.load([q * BS, k0]))), inv, FP16, False)
+    return _acc_add(acc, tl.dot(a_hi, p_hi, tl.dot(a_lo, p_hi)), inv, FP16, False)
 
 
 @triton.jit
@@ -324,7 +332,8 @@ def _column_tiles(BW, BM: tl.constexpr, BS: tl.constexpr, NQ: tl.constexpr):
 def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP, PG, m, n, s, RA, R, lam,
                    loss_scale, sPs, sPn, LOSS: tl.constexpr, REG: tl.constexpr, NQ: tl.constexpr, BM: tl.constexpr,
                    BK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, ZPRE: tl.constexpr, FP16: tl.constexpr,
-                   WIDE: tl.constexpr, SEQ: tl.constexpr, ZACC: tl.constexpr, PARTS: tl.constexpr):
+                   WIDE: tl.constexpr, SEQ: tl.constexpr, ZACC: tl.constexpr, PARTS: tl.constexpr,
+                   PLO: tl.constexpr):
     """glm_gram_kernel's blocks for s <= 4 BS with P given, A P^T as three tensor-core products of hi / lo parts, one
     program per block: B = [B0 | B1 | B2 | B3] (NQ column tiles of BS, each its own accumulator; all pairs i <= j
     of tiles in the epilogue). A [m, n] fp32 and P's parts [s, n] arrive through TMA descriptors (blocks [BM, BK],
@@ -340,7 +349,7 @@ def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP
     PARTS (FP16 and WIDE): A arrives prepared as fp16 parts of its rows times 2^k_i (A_d: hi, AL_d: lo, AINV [m]
     the inverse factors, one per row for all of n), so a k-step is three chained tensor-core products with no work
     in registers; z = A x comes from two [BM, 16] products with x's parts (XP_d [16, n]: rows hi, lo of x 2^k,
-    the rest zero; XINV [1] = 2^-k)."""
+    the rest zero; XINV [1] = 2^-k). PLO False: P's lo parts are zero, two products a k-step (_tma_split3)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     gp = GP + pid.to(tl.int64) * s * s
@@ -362,7 +371,7 @@ def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP
                 if PARTS:
                     a_hi = A_d.load([r * BM, k0])
                     a_lo = AL_d.load([r * BM, k0])
-                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, z, False, SEQ, not SEQ)
+                    BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, z, False, SEQ, not SEQ, PLO)
                     if not ZPRE:
                         xp = tl.trans(XP_d.load([0, k0]))
                         zt = tl.dot(a_lo, xp, tl.dot(a_hi, xp, zt))   # columns: (a_hi + a_lo) x_hi, (..) x_lo
@@ -382,15 +391,15 @@ def glm_tma_kernel(A_d, AL_d, XP_d, AINV, XINV, PH_d, PL_d, PINV, X, Y, Z, P, GP
                         inv = z   # unused without FP16
                         a_hi, a_lo = _hi_lo(a)
                     if WIDE:
-                        BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, SEQ, False)
+                        BW = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, NQ * BS, k0, BW, inv, FP16, SEQ, False, PLO)
                     else:
-                        B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, SEQ, False)
+                        B0 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 0, BS, k0, B0, inv, FP16, SEQ, False, PLO)
                         if NQ > 1:
-                            B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, SEQ, False)
+                            B1 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 1, BS, k0, B1, inv, FP16, SEQ, False, PLO)
                         if NQ > 2:
-                            B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ, False)
+                            B2 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 2, BS, k0, B2, inv, FP16, SEQ, False, PLO)
                         if NQ > 3:
-                            B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ, False)
+                            B3 = _tma_split3(a_hi, a_lo, PH_d, PL_d, 3, BS, k0, B3, inv, FP16, SEQ, False, PLO)
             rows = r * BM + tl.arange(0, BM)
             mr = rows < m
             if ZACC:
