@@ -127,13 +127,15 @@ _GPU_KERNELS = {"chained": {"tma": True, "seq": False, "parts": False},
                                   (2048, 16384, 256, "tensor", "chained", "fp16x3"),
                                   (2048, 16384, 200, "tensor", "seq", "fp16x3"),
                                   (2000, 16384, 256, "tensor", "parts", "fp16x3"),
-                                  (2048, 16384, 200, "tensor", "parts64", "fp16x3")],
+                                  (2048, 16384, 200, "tensor", "parts64", "fp16x3"),
+                                  (2048, 16384, 256, "tensor_rad", "seq", "fp16x3"),
+                                  (2000, 16384, 200, "tensor_rad", "parts", "fp16x3")],
                          ids=lambda c: "-".join(map(str, c)))
 def test_gpu_triton_split_precisions_over_long_sums(case, monkeypatch):
     """The same bounds on tensor cores (bf16x3 1e-5, fp16x3 2e-6), with sums over n up to 16,384 (long enough for
     the accumulation bias that sank an earlier split, bench/results/subspace_hvp_h100_split.md, to show); P given
     through the TMA kernel (chained products; seq: added one by one through inline PTX; parts: A's fp16 parts made
-    ahead, 128- or 64-row blocks) and glm_gram_kernel."""
+    ahead, 128- or 64-row blocks) and glm_gram_kernel; tensor_rad: a Rademacher P, two products a k-step (PLO)."""
     if not backends.availability("triton")[0]:
         pytest.skip(backends.availability("triton")[1])
     from fastattn.ops.subspace_hvp import triton as tri
