@@ -66,11 +66,17 @@ VARIANTS = {
     # [--windows] [--tma]), forward: D = 9 q/k by 16-byte async copies instead of 2-byte loads, spills 0 instead of
     # 44 / 24 B, 919 instructions a chunk instead of 1,017; D = 182 16-byte copies instead of 4-byte ones, spills
     # 352 / 308 B instead of 704 / 664, 1,883 instructions instead of 2,500; with TMA, bulk copies
+    # 32-wide value tiles: two programs per (b, h) re-read q and k (adjacent in the grid, so mostly from L2) but
+    # hold half the state. sm_90 compile (16 x 8 x 4k, TMA): D = 128, 4 warps: no spills, 954-1,558 instructions a
+    # chunk against 148 / 140 B and 1,143-1,865 with 64; D = 182 / 256 in one 256-wide tile (no fp32 partials) at
+    # 8 warps: 80 / 64 B (D = 182, windows) and 468 / 524 B against 320 / 268 and 260 / 216 with two 128-wide tiles
+    "bv32": {"fwd": dict(BV=32)},
+    "bk256bv32w8": {"fwd": dict(BK=256, BV=32, warps=8)},
     "windows": {"windows": True},
     "windows_pointers": {"windows": True, "tma": False, "bwd_tma": False},
 }
 FWD_VARIANTS = ("default", "s2", "s3", "bk64", "ceil", "before", "a16", "w8", "w8s3", "cps32", "pointers",
-                "pointers_w8", "windows", "windows_pointers")
+                "pointers_w8", "windows", "windows_pointers", "bv32", "bk256bv32w8")
 BWD_VARIANTS = ("default", "bwd_ceil", "bwd_pps1", "bwd_cps16", "before", "a16", "bwd_pointers", "windows",
                 "windows_pointers")
 

@@ -253,6 +253,28 @@ def test_triton_kernels_through_q_k_windows(case, dtype, tma, monkeypatch):
     assert set(tmas) == {tma}
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case,widest,windows", [(next(c for c in CASES if c.name == "exact_64_gqa_mask_state"), 128,
+                                                   False), (WINDOW_CASES[1], 256, True)], ids=str)
+def test_triton_forward_with_32_wide_value_tiles(case, widest, windows, dtype, monkeypatch):
+    """The forward with BV = 32 (the bench variants bv32 and bk256bv32w8: two value tiles per (b, h), each program
+    re-reading q and k), here D = Dv = 64 with GQA, mask and state, and D = 182 in one 256-wide tile through
+    windows: outputs, every gradient and the final state against fp64."""
+    from fastattn.ops.linear_attn import triton as tri
+    base = tri._fwd_config
+    monkeypatch.setattr(tri, "FWD_MAX_BK", widest)
+    monkeypatch.setattr(tri, "WINDOWS", windows)
+    monkeypatch.setattr(tri, "_fwd_config", lambda D, Dv, w: tri._Config(**{**base(D, Dv, w).__dict__, "BV": 32}))
+    seen = spy_launches(monkeypatch, tri._k, ("fwd_kernel",))
+    inputs, cot = make_inputs(case, dtype)
+    same = run_fastattn(case, inputs, cot, "torch") if dtype != torch.float32 else None
+    _compare(run_fastattn(case, inputs, cot, "triton"), run_reference(case, inputs, cot), dtype, same)
+    fwd = [meta for meta in seen["fwd_kernel"] if meta["MODE"] != 2]
+    assert [(meta["BK"], meta["BV"], meta["MODE"], meta["WIN"]) for meta in fwd] == [
+        (64 if widest == 128 else 256, 32, 0, 16 // inputs["q"].element_size() if windows else 0)]
+
+
 def test_window_rule():
     """_kside takes windows only for a ragged D in memory with the heads side by side, 16-byte aligned bases,
     batch and token strides and rows of H * D features, and only where the window's extra columns add no K tile.
