@@ -256,7 +256,7 @@ def a_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM, parts):
     """glm() through glm_tma_kernel (P given, bf16x3 or fp16x3, s <= 4 TMA_BS) with BM-row blocks; ``parts``: A's
     kept fp16 parts (_parts_serve). P's parts are made per call; checking whether their lo parts are all zero
-    (PLO) waits for the GPU once."""
+    (PLO) waits for the GPU once (not during a CUDA graph capture, which keeps the three products)."""
     m, n = A.shape
     dev = A.device
     BS = min(TMA_BS, _tile(s))
@@ -266,8 +266,9 @@ def _glm_tma(A, x, y, P, s, loss, reg, lam, loss_scale, BM, parts):
     RA, R, GP, PG = _slots(m, n, s, BM, reg, lam, dev)
     fp16 = INPUT_PRECISION == "fp16x3"
     PH, PL, pinv = _hi_lo(P, fp16, flat_rows=fp16)
-    # P's lo parts all zero (e.g. a Rademacher sketch): two products a k-step; CONFIG_OVERRIDE plo=True keeps three
-    plo = bool(cfg.get("plo", False)) or bool(PL.any())
+    # P's lo parts all zero (e.g. a Rademacher sketch): two products a k-step; CONFIG_OVERRIDE plo=True keeps three,
+    # as does a CUDA graph capture (the check waits for the GPU)
+    plo = bool(cfg.get("plo", False)) or (P.is_cuda and torch.cuda.is_current_stream_capturing()) or bool(PL.any())
     NQ = triton.cdiv(s, BS)
     wide = bool(cfg.get("wide", True)) and NQ in (1, 2, 4)
     pb = NQ * BS if wide else BS
