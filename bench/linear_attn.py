@@ -1,7 +1,8 @@
 """Linear-attention microbenchmark: every available fastattn backend and the baselines, in one process.
 
 CPU:  compares the C++ `cpu` backend with the `torch` chunked fallback (fwd and fwd+bwd, fp32).
-GPU:  `cuda` and `triton` backends, fla `chunk_linear_attn` (normalize True/False, when importable) and torch SDPA
+GPU:  `cuda` and `triton` backends (and `cuda-mma`: the cuda backend with FASTATTN_CUDA_MMA=1, its bf16 forward
+      chunk pass on tensor cores), fla `chunk_linear_attn` (normalize True/False, when importable) and torch SDPA
       causal (head dim 64) over the shapes of the H200 issue, plus the decode step. Correctness against an fp64
       reference is checked before anything is timed.
 
@@ -12,6 +13,7 @@ Results: bench/results/linear_attn_<device>.json and .md (GPU, versions, commit,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -191,6 +193,23 @@ def _rel_err(got, ref) -> float:
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
+@contextlib.contextmanager
+def _cuda_mma(on: bool):
+    """FASTATTN_CUDA_MMA=1 inside (the cuda backend's bf16 forward chunk pass on tensor cores, read at every call):
+    the pseudo-backend "cuda-mma" of the grid."""
+    saved = os.environ.get("FASTATTN_CUDA_MMA")
+    if on:
+        os.environ["FASTATTN_CUDA_MMA"] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if saved is None:
+                os.environ.pop("FASTATTN_CUDA_MMA")
+            else:
+                os.environ["FASTATTN_CUDA_MMA"] = saved
+
+
 def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool, probes: dict | None = None) -> list[dict]:
     """Correctness (against fp64) then timing of our backends and fla at one shape; bf16, "bthd" memory."""
     q, k, v, do = _inputs(B, H, T, D, Dv, dtype)
@@ -229,12 +248,14 @@ def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool, probes: 
         rows.append(row)
 
     for name in ours:
-        err = None
-        if check:
-            err = _rel_err(fastattn.linear_attention(q, k, v, layout="bthd", backend=name)[0], ref)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        record(name, True, lambda: fastattn.linear_attention(q, k, v, layout="bthd", backend=name),
-               (leaves, lambda: fastattn.linear_attention(*leaves, layout="bthd", backend=name)[0]), err)
+        backend = "cuda" if name == "cuda-mma" else name
+        with _cuda_mma(name == "cuda-mma"):
+            err = None
+            if check:
+                err = _rel_err(fastattn.linear_attention(q, k, v, layout="bthd", backend=backend)[0], ref)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            record(name, True, lambda: fastattn.linear_attention(q, k, v, layout="bthd", backend=backend),
+                   (leaves, lambda: fastattn.linear_attention(*leaves, layout="bthd", backend=backend)[0]), err)
     if fla_fn is not None:
         for normalize in (True, False):
             # no probe file (no --prepare run): everything is tried; with one, what it did not pass is skipped
@@ -540,7 +561,9 @@ def bench_gpu(args, save) -> dict:
     """The GPU grid; calls save(result) after every T so that a run cut short keeps its table."""
     dtype = torch.bfloat16
     every = [n for n in ("cuda", "triton") if backends.availability(n)[0] and backends.has_backend("linear_attn", n)]
-    ours = [n for n in every if args.backends is None or n in args.backends.split(",")]   # decode: every one
+    # decode: every one; sequences also "cuda-mma" (the cuda backend with FASTATTN_CUDA_MMA=1)
+    ours = [n for n in every + (["cuda-mma"] if "cuda" in every else [])
+            if args.backends is None or n in args.backends.split(",")]
     bw = hbm_bandwidth("cuda")
     result = {"hbm_bytes_per_s": bw, "dtype": "bf16", "rows": [], "sdpa": [], "decode": []}
     if "triton" in ours and args.sweep:

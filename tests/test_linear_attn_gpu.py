@@ -99,6 +99,38 @@ def test_long_sequences_through_q_k_windows(dtype, tma, B, H, Hv, T, D, Dv, monk
     assert {meta["WIN"] for metas in seen.values() for meta in metas} == {win}
 
 
+def _cuda_mma_kernels(run) -> set[str]:
+    """Names of the CUDA kernels that ``run()`` launches with FASTATTN_CUDA_MMA=1 (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "la_fwd_chunk" in e.name}
+
+
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs the cuda backend on a GPU")
+@pytest.mark.parametrize("case", [c for c in CASES if c.T >= 63], ids=str)
+def test_cuda_tensor_core_forward_small_cases(case, monkeypatch):
+    """FASTATTN_CUDA_MMA=1: the cuda backend's bf16 forward chunk pass on tensor cores (la_fwd_chunk_mma_kernel;
+    WMMA, the fp32 state and scores as bf16 hi + lo) against fp64 by the low-precision rule, every gradient and the
+    final state included; the profiler must show the tensor-core kernel and not the FMA one."""
+    monkeypatch.setenv("FASTATTN_CUDA_MMA", "1")
+    inputs, cot = make_inputs(case, torch.bfloat16, device="cuda")
+    same = run_fastattn(case, inputs, cot, "torch")
+    got = {}
+    names = _cuda_mma_kernels(lambda: got.update(run_fastattn(case, inputs, cot, "cuda")))
+    _compare(got, run_reference(case, inputs, cot), torch.bfloat16, same)
+    assert any("mma" in n for n in names) and not any("mma" not in n for n in names), names
+
+
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs the cuda backend on a GPU")
+@pytest.mark.parametrize("B,H,Hv,T,D,Dv", [(1, 9, 3, 65536, 64, 64), (2, 8, 8, 16384, 37, 64),
+                                          (1, 4, 2, 65536, 130, 48), (1, 2, 2, 16384, 300, 80)])
+def test_cuda_tensor_core_forward_long_sequences(B, H, Hv, T, D, Dv, monkeypatch):
+    """The long-sequence bounds (5e-3 relative in bf16) with the tensor-core forward chunk pass."""
+    monkeypatch.setenv("FASTATTN_CUDA_MMA", "1")
+    _check_long("cuda", torch.bfloat16, B, H, Hv, T, D, Dv)
+
+
 def _check_long(backend, dtype, B, H, Hv, T, D, Dv):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.rand(B, T, H, D, device="cuda", generator=g, dtype=dtype).transpose(1, 2)

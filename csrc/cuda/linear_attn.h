@@ -36,6 +36,8 @@ struct LaFwdParams {
   bool normalize = true;
   float eps = 1e-6f;
   int num_sms = 0;                    // multiprocessor count of the device (sizes the split over T)
+  bool tensor_cores = false;          // bf16: the chunk pass on tensor cores (sm_80+, opt-in, see the glue)
+  int max_smem_bytes = 0;             // the device's opt-in shared memory per block (bounds the tensor-core pass)
   LaView q, k, v;                     // inputs
   LaView S0, z0;                      // [B, H, D, Dv], [B, H, D] fp32, optional
   LaView key_mask;                    // [B, T] bool, optional

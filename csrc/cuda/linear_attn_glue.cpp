@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -76,6 +77,15 @@ LaDtype la_dtype(at::ScalarType s) {
 }
 
 int num_sms(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.get_device())->multiProcessorCount; }
+
+// FASTATTN_CUDA_MMA=1 (read at every call): bf16 forwards run their chunk pass on tensor cores where the GPU has
+// bf16 WMMA (sm_80+). Off by default until timed and tested on a GPU.
+void set_tensor_cores(LaFwdParams& p, const at::Tensor& q) {
+  const char* env = std::getenv("FASTATTN_CUDA_MMA");
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
+  p.tensor_cores = env != nullptr && std::string(env) == "1" && prop->major >= 8;
+  p.max_smem_bytes = static_cast<int>(prop->sharedMemPerBlockOptin);
+}
 
 void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "fastattn CUDA linear_attn: ", name,
@@ -148,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attn_fwd_cuda(
   p.normalize = normalize;
   p.eps = static_cast<float>(eps);
   p.num_sms = num_sms(q);
+  set_tensor_cores(p, q);
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v);
   p.S0 = view_of(S0);
   p.z0 = normalize ? view_of(z0) : LaView{};
