@@ -1,0 +1,258 @@
+// The forward chunk pass of linear attention on tensor cores (bf16 inputs), included by linear_attn.cu. Besides
+// the CUDA compile it builds on the host with tests/cuda_emu/ (WMMA and the thread block emulated by g++), whose
+// test runs it against an fp64 reference.
+#pragma once
+
+#include <cuda_bf16.h>
+#ifndef FASTATTN_CUDA_EMU
+#include <mma.h>
+#endif
+
+#include <cstddef>
+#include <cstdint>
+
+#include "linear_attn_common.cuh"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+// Pass 3 of the forward on tensor cores (bf16 inputs; opt-in: LaFwdParams::tensor_cores). The same math and
+// block layout as la_fwd_chunk_kernel, with every block product a WMMA (16 x 16 x 16 bf16 fragments, fp32
+// accumulators) on bf16 tiles in shared memory: A = Q K^T and the update K^T V are exact bf16 products; the fp32
+// operands (the state S for O += Q S, the masked scores A for O += A V) are split into bf16 hi + lo parts (two
+// products, ~16 bits), as the Triton kernels do. The 8 warps share the C x 64 outputs (A and O: warp w owns 16-row
+// tile row w / 2 and 16-column tiles 2 (w % 2), 2 (w % 2) + 1) and the DK x 64 state update (tile t to warp t % 8).
+// Shared memory (bytes): S fp32 Dp x 68, z Dp, the DK-row slice of S as bf16 hi / lo (DK x 72 each), Q and K
+// C x (DK + 8), V C x 72, A (and then O) fp32 C x 68, A's bf16 hi / lo C x 72, three per-token vectors.
+constexpr int kLdH = kBV + 8;   // bf16 row pitch: a multiple of 8 elements (WMMA), staggered banks
+constexpr int kLdF = kBV + 4;   // fp32 row pitch: a multiple of 4 elements (WMMA)
+
+struct MmaSmem {
+  size_t S, z, Shi, Slo, Q, K, V, A, Ahi, Alo, keep, qz, rs, total;
+};
+__host__ __device__ __forceinline__ size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+__host__ __device__ __forceinline__ MmaSmem mma_smem(int Dp, int DK) {
+  MmaSmem L{};
+  size_t o = 0;
+  const size_t h = sizeof(__nv_bfloat16), f = sizeof(float);
+  L.S = o;    o = align128(o + static_cast<size_t>(Dp) * kLdF * f);
+  L.z = o;    o = align128(o + static_cast<size_t>(Dp) * f);
+  L.Shi = o;  o = align128(o + static_cast<size_t>(DK) * kLdH * h);
+  L.Slo = o;  o = align128(o + static_cast<size_t>(DK) * kLdH * h);
+  L.Q = o;    o = align128(o + static_cast<size_t>(kC) * (DK + 8) * h);
+  L.K = o;    o = align128(o + static_cast<size_t>(kC) * (DK + 8) * h);
+  L.V = o;    o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.A = o;    o = align128(o + static_cast<size_t>(kC) * kLdF * f);
+  L.Ahi = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.Alo = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.keep = o; o = align128(o + kC * f);
+  L.qz = o;   o = align128(o + kC * f);
+  L.rs = o;   o = align128(o + kC * f);
+  L.total = o;
+  return L;
+}
+
+// Copies a ROWS x COLS tile of a strided bf16 matrix into bf16 shared memory with row pitch ld, zeros outside
+// nrows x ncols and in rows with keep[r] == 0 (keep: shared memory or nullptr).
+template <int ROWS, int COLS>
+__device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* __restrict__ dst, int ld,
+                                               const __nv_bfloat16* __restrict__ src, int64_t row_stride,
+                                               int64_t col_stride, int nrows, int ncols, const float* keep) {
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
+    const int r = idx / COLS, c = idx % COLS;
+    const bool in = r < nrows && c < ncols && (keep == nullptr || keep[r] != 0.f);
+    dst[r * ld + c] = in ? src[r * row_stride + c * col_stride] : __float2bfloat16_rn(0.f);
+  }
+}
+
+// (hi, lo) bf16 parts of x: hi + lo holds ~16 bits of x.
+__device__ __forceinline__ void split_bf16(float x, __nv_bfloat16* hi, __nv_bfloat16* lo) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(x);
+  *hi = h;
+  *lo = __float2bfloat16_rn(x - __bfloat162float(h));
+}
+
+template <int DK>
+__global__ void __launch_bounds__(kThreads, 1) la_fwd_chunk_mma_kernel(const ChunkArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 WMMA needs sm_80+; the host never launches this kernel on older GPUs
+#else
+  namespace wmma = nvcuda::wmma;
+  using bf16 = __nv_bfloat16;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
+  using FragAT = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
+  using FragBT = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  constexpr int LDQ = DK + 8;
+  constexpr int kWarps = kThreads / 32;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const MmaSmem L = mma_smem(a.Dp, DK);
+  float* __restrict__ S_s = reinterpret_cast<float*>(smem_raw + L.S);
+  float* __restrict__ z_s = reinterpret_cast<float*>(smem_raw + L.z);
+  bf16* __restrict__ Shi = reinterpret_cast<bf16*>(smem_raw + L.Shi);
+  bf16* __restrict__ Slo = reinterpret_cast<bf16*>(smem_raw + L.Slo);
+  bf16* __restrict__ Q_s = reinterpret_cast<bf16*>(smem_raw + L.Q);
+  bf16* __restrict__ K_s = reinterpret_cast<bf16*>(smem_raw + L.K);
+  bf16* __restrict__ V_s = reinterpret_cast<bf16*>(smem_raw + L.V);
+  float* __restrict__ A_s = reinterpret_cast<float*>(smem_raw + L.A);
+  bf16* __restrict__ Ahi = reinterpret_cast<bf16*>(smem_raw + L.Ahi);
+  bf16* __restrict__ Alo = reinterpret_cast<bf16*>(smem_raw + L.Alo);
+  float* __restrict__ keep_s = reinterpret_cast<float*>(smem_raw + L.keep);
+  float* __restrict__ qz_s = reinterpret_cast<float*>(smem_raw + L.qz);
+  float* __restrict__ rs_s = reinterpret_cast<float*>(smem_raw + L.rs);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tr = warp >> 1, tc = (warp & 1) * 2;   // this warp's output tiles: row tr, columns tc and tc + 1
+  const int64_t bh = blockIdx.x;
+  const int seg = blockIdx.y, vt = blockIdx.z;
+  const int64_t b = bh / a.H, h = bh % a.H, hv = h / a.G;
+  const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), Dp = a.Dp;
+  const int v0 = vt * kBV, nv = imin(kBV, Dv - v0);
+  const int64_t T = a.T;
+
+  // Entering state, zero outside [0, D) x [0, Dv): the padded rows and columns stay zero through the updates.
+  const float* st = a.ws + (bh * (a.NS + 1) + (a.causal ? seg : a.NS)) * a.slot;
+  for (int idx = tid; idx < Dp * kBV; idx += kThreads) {
+    const int d = idx / kBV, e = idx % kBV;
+    S_s[d * kLdF + e] = (d < D && e < nv) ? st[static_cast<int64_t>(d) * Dv + v0 + e] : 0.f;
+  }
+  for (int d = tid; d < Dp; d += kThreads) z_s[d] = (a.normalize && d < D) ? st[static_cast<int64_t>(D) * Dv + d] : 0.f;
+
+  const bf16* qb = static_cast<const bf16*>(a.q.data) + b * a.q.s[0] + h * a.q.s[1];
+  const bf16* kb = static_cast<const bf16*>(a.k.data) + b * a.k.s[0] + h * a.k.s[1];
+  const bf16* vb = static_cast<const bf16*>(a.v.data) + b * a.v.s[0] + hv * a.v.s[1] + v0 * a.v.s[3];
+  bf16* ob = static_cast<bf16*>(a.out.data) + b * a.out.s[0] + h * a.out.s[1] + v0 * a.out.s[3];
+  const unsigned char* mb =
+      a.key_mask.data ? static_cast<const unsigned char*>(a.key_mask.data) + b * a.key_mask.s[0] : nullptr;
+  float* denb = (a.normalize && vt == 0) ? static_cast<float*>(a.den.data) + b * a.den.s[0] + h * a.den.s[1]
+                                         : nullptr;
+
+  for (int c = 0; c < a.cps; ++c) {
+    const int64_t t0 = (static_cast<int64_t>(seg) * a.cps + c) * kC;
+    if (t0 >= T) break;
+    const int nt = static_cast<int>(lmin(kC, T - t0));
+    __syncthreads();  // the previous chunk is done with keep_s, V_s, A_s and the per-token vectors
+    if (tid < kC)
+      keep_s[tid] = (tid < nt && (mb == nullptr || mb[(t0 + tid) * a.key_mask.s[1]] != 0)) ? 1.f : 0.f;
+    __syncthreads();
+    if (a.causal) load_tile_bf16<kC, kBV>(V_s, kLdH, vb + t0 * a.v.s[2], a.v.s[2], a.v.s[3], nt, nv, keep_s);
+
+    FragC accA[2], accO[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::fill_fragment(accA[j], 0.f);
+      wmma::fill_fragment(accO[j], 0.f);
+    }
+    float qz = 0.f;   // q_t . z_enter for t = tid (tid < C)
+    for (int d0 = 0; d0 < D; d0 += DK) {
+      const int nd = imin(DK, D - d0);
+      __syncthreads();  // the previous sub-tile's Q_s, K_s, Shi, Slo reads and state update are done
+      load_tile_bf16<kC, DK>(Q_s, LDQ, qb + t0 * a.q.s[2] + d0 * a.q.s[3], a.q.s[2], a.q.s[3], nt, nd, nullptr);
+      if (a.causal)
+        load_tile_bf16<kC, DK>(K_s, LDQ, kb + t0 * a.k.s[2] + d0 * a.k.s[3], a.k.s[2], a.k.s[3], nt, nd, keep_s);
+      for (int idx = tid; idx < DK * kBV; idx += kThreads) {   // S rows [d0, d0 + DK) entering this chunk
+        const int d = idx / kBV, e = idx % kBV;
+        split_bf16(S_s[(d0 + d) * kLdF + e], Shi + d * kLdH + e, Slo + d * kLdH + e);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < DK; kk += 16) {
+        FragA fq;
+        wmma::load_matrix_sync(fq, Q_s + tr * 16 * LDQ + kk, LDQ);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n0 = (tc + j) * 16;
+          if (a.causal) {   // A[t][s] += sum_d Q[t][d] K[s][d]: K_s read as the column-major K^T
+            FragBT fk;
+            wmma::load_matrix_sync(fk, K_s + n0 * LDQ + kk, LDQ);
+            wmma::mma_sync(accA[j], fq, fk, accA[j]);
+          }
+          FragB fs;   // O[t][e] += sum_d Q[t][d] (S_hi + S_lo)[d0 + d][e]
+          wmma::load_matrix_sync(fs, Shi + kk * kLdH + n0, kLdH);
+          wmma::mma_sync(accO[j], fq, fs, accO[j]);
+          wmma::load_matrix_sync(fs, Slo + kk * kLdH + n0, kLdH);
+          wmma::mma_sync(accO[j], fq, fs, accO[j]);
+        }
+      }
+      if (a.normalize && tid < kC) {
+        for (int d = 0; d < DK; ++d) qz = fmaf(__bfloat162float(Q_s[tid * LDQ + d]), z_s[d0 + d], qz);
+      }
+      if (a.causal) {
+        __syncthreads();  // z_s rows [d0, d0 + DK) are read (qz) before their update
+        // S[d0 + d][e] += sum_t K[t][d] V[t][e]: K_s read as the column-major K^T, the fp32 tile updated in place
+        for (int t = warp; t < (DK / 16) * (kBV / 16); t += kWarps) {
+          const int m0 = (t / (kBV / 16)) * 16, n0 = (t % (kBV / 16)) * 16;
+          FragC fsum;
+          wmma::load_matrix_sync(fsum, S_s + (d0 + m0) * kLdF + n0, kLdF, wmma::mem_row_major);
+#pragma unroll
+          for (int kk = 0; kk < kC; kk += 16) {
+            FragAT fkt;
+            FragB fv;
+            wmma::load_matrix_sync(fkt, K_s + kk * LDQ + m0, LDQ);
+            wmma::load_matrix_sync(fv, V_s + kk * kLdH + n0, kLdH);
+            wmma::mma_sync(fsum, fkt, fv, fsum);
+          }
+          wmma::store_matrix_sync(S_s + (d0 + m0) * kLdF + n0, fsum, kLdF, wmma::mem_row_major);
+        }
+        if (a.normalize && tid < DK) {
+          float s = 0.f;
+          for (int t = 0; t < kC; ++t) s += __bfloat162float(K_s[t * LDQ + tid]);
+          z_s[d0 + tid] += s;
+        }
+      }
+    }
+    if (tid < kC) qz_s[tid] = qz;
+
+    if (a.causal) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(A_s + tr * 16 * kLdF + (tc + j) * 16, accA[j], kLdF, wmma::mem_row_major);
+      __syncthreads();
+      for (int idx = tid; idx < kC * kC; idx += kThreads) {   // tril(A) as bf16 hi + lo
+        const int t = idx / kC, s2 = idx % kC;
+        split_bf16(s2 <= t ? A_s[t * kLdF + s2] : 0.f, Ahi + t * kLdH + s2, Alo + t * kLdH + s2);
+      }
+      if (tid < kC) {
+        float r = 0.f;
+        for (int s2 = 0; s2 <= tid; ++s2) r += A_s[tid * kLdF + s2];
+        rs_s[tid] = r;   // sum_{s<=t} q_t . k_s
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kC; kk += 16) {   // O[t][e] += sum_s (A_hi + A_lo)[t][s] V[s][e]
+        FragA fh, fl;
+        wmma::load_matrix_sync(fh, Ahi + tr * 16 * kLdH + kk, kLdH);
+        wmma::load_matrix_sync(fl, Alo + tr * 16 * kLdH + kk, kLdH);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          FragB fv;
+          wmma::load_matrix_sync(fv, V_s + kk * kLdH + (tc + j) * 16, kLdH);
+          wmma::mma_sync(accO[j], fh, fv, accO[j]);
+          wmma::mma_sync(accO[j], fl, fv, accO[j]);
+        }
+      }
+      __syncthreads();  // A_s is read (row sums) before O overwrites it
+    } else if (tid < kC) {
+      rs_s[tid] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(A_s + tr * 16 * kLdF + (tc + j) * 16, accO[j], kLdF, wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = tid; idx < kC * kBV; idx += kThreads) {
+      const int t = idx / kBV, e = idx % kBV;
+      if (t >= nt || e >= nv) continue;
+      const float x = A_s[t * kLdF + e];
+      ob[(t0 + t) * a.out.s[2] + e * a.out.s[3]] =
+          __float2bfloat16_rn(a.normalize ? x / (qz_s[t] + rs_s[t] + a.eps) : x);
+    }
+    if (denb != nullptr && tid < nt) denb[(t0 + tid) * a.den.s[2]] = qz_s[tid] + rs_s[tid] + a.eps;
+  }
+#endif
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,86 @@
+// Runs la_fwd_chunk_mma_kernel (csrc/cuda/linear_attn_mma.cuh) on the host through emu.h, for
+// tests/test_cuda_emu.py. argv[1]: the problem (int64 header B, H, Hv, T, D, Dv, NS, cps, causal, normalize,
+// has_mask, bthd; float32 eps; q, k, v as bf16 bits in "bhtd" or "bthd" memory; the key mask [B, T] as bytes when
+// has_mask; the state slots [B*H][NS + 1][D*Dv + D] fp32, slot j the state entering segment j, slot NS the total).
+// argv[2]: o [B, H, T, Dv] as bf16 bits, then den [B, H, T] fp32.
+#define FASTATTN_CUDA_EMU 1
+#include "emu.h"
+#include "linear_attn_mma.cuh"
+
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+namespace fastattn {
+namespace cuda {
+namespace {
+alignas(128) unsigned char smem_raw[1 << 18];   // the block's dynamic shared memory (blocks run one at a time)
+}  // namespace
+}  // namespace cuda
+}  // namespace fastattn
+
+using namespace fastattn::cuda;
+
+template <typename T>
+std::vector<T> take(std::ifstream& in, size_t n) {
+  std::vector<T> v(n);
+  in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * sizeof(T)));
+  return v;
+}
+
+template <int DK>
+int run(ChunkArgs a, int64_t BH) {
+  if (mma_smem(a.Dp, DK).total > sizeof(smem_raw)) return 3;
+  emu::launch(dim3(static_cast<unsigned>(BH), static_cast<unsigned>(a.NS), static_cast<unsigned>(a.nvt)), kThreads,
+              [&] { la_fwd_chunk_mma_kernel<DK>(a); });
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 3) return 2;
+  std::ifstream in(argv[1], std::ios::binary);
+  const std::vector<int64_t> h = take<int64_t>(in, 12);
+  const int64_t B = h[0], H = h[1], Hv = h[2], T = h[3], D = h[4], Dv = h[5];
+  const int NS = static_cast<int>(h[6]), cps = static_cast<int>(h[7]);
+  const bool causal = h[8] != 0, normalize = h[9] != 0, has_mask = h[10] != 0, bthd = h[11] != 0;
+  const float eps = take<float>(in, 1)[0];
+  std::vector<__nv_bfloat16> q = take<__nv_bfloat16>(in, B * H * T * D), k = take<__nv_bfloat16>(in, B * H * T * D);
+  std::vector<__nv_bfloat16> v = take<__nv_bfloat16>(in, B * Hv * T * Dv);
+  std::vector<unsigned char> mask = has_mask ? take<unsigned char>(in, B * T) : std::vector<unsigned char>();
+  const int64_t slot = D * Dv + D;
+  std::vector<float> ws = take<float>(in, B * H * (NS + 1) * slot);
+  if (!in) return 4;
+
+  std::vector<__nv_bfloat16> o(B * H * T * Dv, __float2bfloat16_rn(0.f));
+  std::vector<float> den(B * H * T, 0.f);
+  auto view = [&](void* data, int64_t heads, int64_t dim) {   // [B, heads, T, dim] in this memory order
+    LaView w;
+    w.data = data;
+    const int64_t s[4] = {heads * T * dim, bthd ? dim : T * dim, bthd ? heads * dim : dim, 1};
+    for (int i = 0; i < 4; ++i) w.s[i] = s[i];
+    return w;
+  };
+  ChunkArgs a{};
+  a.H = H; a.G = H / Hv; a.Hv = Hv; a.T = T; a.D = D; a.Dv = Dv;
+  a.NS = NS; a.cps = cps; a.nvt = static_cast<int>((Dv + kBV - 1) / kBV);
+  a.causal = causal; a.normalize = normalize; a.eps = eps;
+  a.q = view(q.data(), H, D); a.k = view(k.data(), H, D); a.v = view(v.data(), Hv, Dv);
+  if (has_mask) {
+    a.key_mask.data = mask.data();
+    a.key_mask.s[0] = T; a.key_mask.s[1] = 1;
+  }
+  a.out.data = o.data();
+  a.out.s[0] = H * T * Dv; a.out.s[1] = T * Dv; a.out.s[2] = Dv; a.out.s[3] = 1;
+  a.den.data = den.data();
+  a.den.s[0] = H * T; a.den.s[1] = T; a.den.s[2] = 1;
+  a.ws = ws.data();
+  a.slot = slot;
+  const int DK = D <= 16 ? 16 : D <= 32 ? 32 : 64;   // feature_subtile of the smallest tile holding D
+  a.Dp = static_cast<int>((D + DK - 1) / DK * DK);
+  const int rc = DK == 16 ? run<16>(a, B * H) : DK == 32 ? run<32>(a, B * H) : run<64>(a, B * H);
+  if (rc != 0) return rc;
+  std::ofstream out(argv[2], std::ios::binary);
+  out.write(reinterpret_cast<const char*>(o.data()), static_cast<std::streamsize>(o.size() * sizeof(o[0])));
+  out.write(reinterpret_cast<const char*>(den.data()), static_cast<std::streamsize>(den.size() * sizeof(float)));
+  return out ? 0 : 5;
+}
