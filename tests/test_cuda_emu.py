@@ -63,11 +63,12 @@ def _entering_states(k, v, S0, z0, mask, NS, cps, causal, normalize):
     return slots.float()
 
 
-CASES = [   # (B, H, Hv, T, D, Dv, NS, cps, causal, normalize, mask, bthd, state)
+CASES = [   # (B, H, Hv, T, D, Dv, NS, cps, causal, normalize, mask, bthd, state); vector loads where rows allow
     (2, 3, 1, 150, 37, 40, 2, 2, True, True, True, True, True),        # GQA, 3 chunks in 2 segments, DK 64
     (1, 2, 2, 70, 9, 80, 1, 2, True, False, False, False, False),     # DK 16, two value tiles
     (1, 2, 1, 64, 130, 16, 1, 1, False, True, True, True, False),     # non-causal, three 64-wide sub-tiles
     (1, 1, 1, 100, 32, 64, 2, 1, True, True, False, False, True),      # DK 32 exactly, a segment a chunk
+    (2, 2, 2, 130, 64, 64, 1, 3, True, True, True, False, True),       # 16-byte loads and stores throughout
 ]
 
 

@@ -53,12 +53,25 @@ __host__ __device__ __forceinline__ MmaSmem mma_smem(int Dp, int DK) {
   return L;
 }
 
-// Copies a ROWS x COLS tile of a strided bf16 matrix into bf16 shared memory with row pitch ld, zeros outside
-// nrows x ncols and in rows with keep[r] == 0 (keep: shared memory or nullptr).
+// Copies a ROWS x COLS tile of a strided bf16 matrix into bf16 shared memory with row pitch ld (a multiple of 8),
+// zeros outside nrows x ncols and in rows with keep[r] == 0 (keep: shared memory or nullptr). Rows of contiguous,
+// 16-byte aligned elements with ncols a multiple of 8 move 8 elements (16 bytes) a load.
 template <int ROWS, int COLS>
 __device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* __restrict__ dst, int ld,
                                                const __nv_bfloat16* __restrict__ src, int64_t row_stride,
                                                int64_t col_stride, int nrows, int ncols, const float* keep) {
+  constexpr int kVec = 8;
+  if (col_stride == 1 && ncols % kVec == 0 && row_stride % kVec == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    for (int idx = threadIdx.x; idx < ROWS * COLS / kVec; idx += kThreads) {
+      const int r = idx / (COLS / kVec), c = idx % (COLS / kVec) * kVec;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (r < nrows && c < ncols && (keep == nullptr || keep[r] != 0.f))
+        x = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = x;
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
     const int r = idx / COLS, c = idx % COLS;
     const bool in = r < nrows && c < ncols && (keep == nullptr || keep[r] != 0.f);
@@ -128,6 +141,8 @@ __global__ void __launch_bounds__(kThreads, 1) la_fwd_chunk_mma_kernel(const Chu
       a.key_mask.data ? static_cast<const unsigned char*>(a.key_mask.data) + b * a.key_mask.s[0] : nullptr;
   float* denb = (a.normalize && vt == 0) ? static_cast<float*>(a.den.data) + b * a.den.s[0] + h * a.den.s[1]
                                          : nullptr;
+  const bool vec_out = a.out.s[3] == 1 && nv % 8 == 0 && a.out.s[2] % 8 == 0 &&
+                       reinterpret_cast<uintptr_t>(ob) % 16 == 0;
 
   for (int c = 0; c < a.cps; ++c) {
     const int64_t t0 = (static_cast<int64_t>(seg) * a.cps + c) * kC;
@@ -241,12 +256,27 @@ __global__ void __launch_bounds__(kThreads, 1) la_fwd_chunk_mma_kernel(const Chu
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(A_s + tr * 16 * kLdF + (tc + j) * 16, accO[j], kLdF, wmma::mem_row_major);
     __syncthreads();
-    for (int idx = tid; idx < kC * kBV; idx += kThreads) {
-      const int t = idx / kBV, e = idx % kBV;
-      if (t >= nt || e >= nv) continue;
-      const float x = A_s[t * kLdF + e];
-      ob[(t0 + t) * a.out.s[2] + e * a.out.s[3]] =
-          __float2bfloat16_rn(a.normalize ? x / (qz_s[t] + rs_s[t] + a.eps) : x);
+    if (vec_out) {   // 8 outputs (16 bytes) a store
+      for (int idx = tid; idx < kC * kBV / 8; idx += kThreads) {
+        const int t = idx / (kBV / 8), e = idx % (kBV / 8) * 8;
+        if (t >= nt || e >= nv) continue;
+        const float dn = qz_s[t] + rs_s[t] + a.eps;
+        alignas(16) __nv_bfloat16 pack[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float x = A_s[t * kLdF + e + i];
+          pack[i] = __float2bfloat16_rn(a.normalize ? x / dn : x);
+        }
+        *reinterpret_cast<uint4*>(ob + (t0 + t) * a.out.s[2] + e) = *reinterpret_cast<const uint4*>(pack);
+      }
+    } else {
+      for (int idx = tid; idx < kC * kBV; idx += kThreads) {
+        const int t = idx / kBV, e = idx % kBV;
+        if (t >= nt || e >= nv) continue;
+        const float x = A_s[t * kLdF + e];
+        ob[(t0 + t) * a.out.s[2] + e * a.out.s[3]] =
+            __float2bfloat16_rn(a.normalize ? x / (qz_s[t] + rs_s[t] + a.eps) : x);
+      }
     }
     if (denb != nullptr && tid < nt) denb[(t0 + tid) * a.den.s[2]] = qz_s[tid] + rs_s[tid] + a.eps;
   }
