@@ -1,6 +1,7 @@
-"""The CUDA tensor-core forward chunk pass (csrc/cuda/linear_attn_mma.cuh, opt-in FASTATTN_CUDA_MMA=1) run on the
-host: g++ compiles the kernel's own source against tests/cuda_emu/emu.h (the thread block as std::threads at a
-barrier, WMMA fragments as whole tiles), and its o and den are checked against the fp64 recurrence. This covers
+"""The CUDA tensor-core forward (csrc/cuda/linear_attn_mma.cuh, opt-in FASTATTN_CUDA_MMA=1: segment sums, then the
+chunk pass) run on the host: g++ compiles the kernels' own source against tests/cuda_emu/emu.h (the thread block
+as std::threads at a barrier, WMMA fragments as whole tiles), and o, den and the final state are checked against
+the fp64 recurrence. This covers
 the kernel's indexing, masks, synchronisation and arithmetic on a machine without a GPU; the GPU tests
 (tests/test_linear_attn_gpu.py) cover the hardware."""
 from __future__ import annotations
@@ -43,26 +44,6 @@ def harness(tmp_path_factory) -> Path:
     return exe
 
 
-def _entering_states(k, v, S0, z0, mask, NS, cps, causal, normalize):
-    """[B, H, NS + 1, D * Dv + D] fp32 state slots as the forward's scan leaves them: slot j the state entering
-    segment j (S0 plus every earlier key), slot NS the total (non-causal: the sum over all keys)."""
-    B, H, T, D = k.shape
-    Dv = v.shape[3]
-    k = k * mask[:, None, :, None] if mask is not None else k
-    v = v.repeat_interleave(H // v.shape[1], dim=1)
-    slots = torch.zeros(B, H, NS + 1, D * Dv + D, dtype=torch.float64)
-    for j in range(NS + 1):
-        upto = min(T, j * cps * C) if j < NS else T
-        S = torch.einsum("bhtd,bhte->bhde", k[:, :, :upto], v[:, :, :upto])
-        z = k[:, :, :upto].sum(2)
-        if causal:
-            S = S + (S0 if S0 is not None else 0)
-            z = z + (z0 if z0 is not None else 0)
-        slots[:, :, j, : D * Dv] = S.reshape(B, H, D * Dv)
-        slots[:, :, j, D * Dv:] = z if normalize else 0
-    return slots.float()
-
-
 CASES = [   # (B, H, Hv, T, D, Dv, NS, cps, causal, normalize, mask, bthd, state); vector loads where rows allow
     (2, 3, 1, 150, 37, 40, 2, 2, True, True, True, True, True),        # GQA, 3 chunks in 2 segments, DK 64
     (1, 2, 2, 70, 9, 80, 1, 2, True, False, False, False, False),     # DK 16, two value tiles
@@ -87,8 +68,11 @@ def test_tensor_core_forward_chunk_pass_on_the_host(harness, tmp_path, case):
     S0 = torch.rand(B, H, D, Dv, generator=g, dtype=torch.float64) if state else None
     z0 = torch.rand(B, H, D, generator=g, dtype=torch.float64) if state else None
     eps = 1e-6
-    slots = _entering_states(*(t.double() for t in (k, v)), S0, z0, mask.double() if has_mask else None, NS, cps,
-                             causal, normalize)
+    init = torch.zeros(B * H, D * Dv + D)
+    if state and causal:
+        init[:, : D * Dv] = S0.reshape(B * H, D * Dv).float()
+        if normalize:
+            init[:, D * Dv:] = z0.reshape(B * H, D).float()
 
     def mem(t):   # bf16 bits in the case's memory order
         return (t.transpose(1, 2) if bthd else t).contiguous().view(torch.int16).numpy()
@@ -99,14 +83,16 @@ def test_tensor_core_forward_chunk_pass_on_the_host(harness, tmp_path, case):
             f.write(mem(t).tobytes())
         if has_mask:
             f.write(mask.numpy().astype(np.uint8).tobytes())
-        f.write(slots.numpy().tobytes())
+        f.write(init.numpy().tobytes())
     subprocess.run([str(harness), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=300)
     raw = (tmp_path / "out.bin").read_bytes()
     n_o = B * H * T * Dv
     o = torch.from_numpy(np.frombuffer(raw[: 2 * n_o], np.int16).copy()).view(torch.bfloat16).view(B, H, T, Dv)
-    den = torch.from_numpy(np.frombuffer(raw[2 * n_o:], np.float32).copy()).view(B, H, T)
+    rest = np.frombuffer(raw[2 * n_o:], np.float32)
+    den = torch.from_numpy(rest[: B * H * T].copy()).view(B, H, T)
+    final = torch.from_numpy(rest[B * H * T:].copy()).view(B, H, D * Dv + D)
 
-    o_ref, _, _, den_ref = linear_attention_recurrent(
+    o_ref, S_ref, z_ref, den_ref = linear_attention_recurrent(
         q.double(), k.double(), v.double(), S0 if causal else None, z0 if causal and normalize else None,
         mask, causal, normalize, eps)
     err = ((o.double() - o_ref).norm() / o_ref.norm()).item()
@@ -115,7 +101,12 @@ def test_tensor_core_forward_chunk_pass_on_the_host(harness, tmp_path, case):
     # the state's lo parts dropped (Q S at bf16) gives 6e-4 to 9e-4
     err16 = ((o.double() - o_ref.to(torch.bfloat16).double()).norm() / o_ref.norm()).item()
     assert err16 <= 2.5e-4, f"o against bf16(o_ref): relative error {err16:.2e}"
+    # the final state: the segment sums (la_seg_sum_mma_kernel) and their prefix, fp32 sums of exact products
+    err_S = ((final[..., : D * Dv].double() - S_ref.reshape(B, H, D * Dv)).norm() / S_ref.norm()).item()
+    assert err_S <= 1e-6, f"final S: relative error {err_S:.2e}"
     if normalize:
+        err_z = ((final[..., D * Dv:].double() - z_ref).norm() / z_ref.norm()).item()
+        assert err_z <= 1e-6, f"final z: relative error {err_z:.2e}"
         err_den = ((den.double() - den_ref).norm() / den_ref.norm()).item()
         assert err_den <= 1e-5, f"den: relative error {err_den:.2e}"
     else:

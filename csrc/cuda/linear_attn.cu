@@ -889,7 +889,8 @@ float* at_offset(void* base, size_t off) {
 
 template <typename scalar_t, int DK>
 cudaError_t launch_seg_sum(const LaSizes& n, const Plan& p, LaView x, LaView y, int64_t ygroup, LaView mask,
-                           LaView den, const float* wz, bool with_z, float* ws, cudaStream_t stream) {
+                           LaView den, const float* wz, bool with_z, float* ws, cudaStream_t stream,
+                           bool tensor_cores = false) {
   SegArgs s{};
   s.H = n.H; s.T = n.T; s.D = n.D; s.Dv = n.Dv; s.ygroup = ygroup;
   s.NS = p.NS; s.cps = p.cps; s.nvt = p.nvt;
@@ -899,6 +900,12 @@ cudaError_t launch_seg_sum(const LaSizes& n, const Plan& p, LaView x, LaView y, 
   s.ws = ws; s.slot = p.slot;
   const dim3 grid(static_cast<unsigned>(n.B * n.H), static_cast<unsigned>(p.NS),
                   static_cast<unsigned>(cdiv(n.D, DK) * p.nvt));
+  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+    if (tensor_cores && den.data == nullptr && wz == nullptr) {   // the forward's sums: exact bf16 products
+      la_seg_sum_mma_kernel<DK><<<grid, kThreads, 0, stream>>>(s);
+      return cudaGetLastError();
+    }
+  }
   la_seg_sum_kernel<scalar_t, DK><<<grid, kThreads, 0, stream>>>(s);
   return cudaGetLastError();
 }
@@ -961,7 +968,7 @@ cudaError_t fwd_run(const LaFwdParams& prm, const Plan& p, cudaStream_t stream) 
   const int Dp = static_cast<int>(cdiv(n.D, DK) * DK);
   // 1. per-segment sums of k^T v and k (masked keys contribute nothing)
   FA_RETURN_IF_ERROR((launch_seg_sum<scalar_t, DK>(n, p, prm.k, prm.v, n.H / n.Hv, prm.key_mask, LaView{}, nullptr,
-                                            prm.normalize, ws, stream)));
+                                            prm.normalize, ws, stream, prm.tensor_cores)));
   // 2. prefix over segments from (S0, z0); the total is the final state
   FA_RETURN_IF_ERROR(launch_scan(n, p, prm.normalize, false, ws, prm.S0, prm.normalize ? prm.z0 : LaView{}, prm.S,
                                  prm.normalize ? prm.z : LaView{}, stream));

@@ -1,6 +1,6 @@
-// The forward chunk pass of linear attention on tensor cores (bf16 inputs), included by linear_attn.cu. Besides
-// the CUDA compile it builds on the host with tests/cuda_emu/ (WMMA and the thread block emulated by g++), whose
-// test runs it against an fp64 reference.
+// The forward of linear attention on tensor cores (bf16 inputs): its chunk pass and its segment sums, included by
+// linear_attn.cu. Besides the CUDA compile they build on the host with tests/cuda_emu/ (WMMA and the thread block
+// emulated by g++), whose test runs them against an fp64 reference.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -79,6 +79,16 @@ __device__ __forceinline__ void load_tile_bf16(__nv_bfloat16* __restrict__ dst, 
   }
 }
 
+#ifdef FASTATTN_CUDA_EMU
+using emu::dynamic_smem;   // the host emulation's block-wide buffer (tests/cuda_emu/emu.h)
+#else
+// The block's dynamic shared memory, 128-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  return smem_raw;
+}
+#endif
+
 // (hi, lo) bf16 parts of x: hi + lo holds ~16 bits of x.
 __device__ __forceinline__ void split_bf16(float x, __nv_bfloat16* hi, __nv_bfloat16* lo) {
   const __nv_bfloat16 h = __float2bfloat16_rn(x);
@@ -100,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) la_fwd_chunk_mma_kernel(const Chu
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   constexpr int LDQ = DK + 8;
   constexpr int kWarps = kThreads / 32;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   const MmaSmem L = mma_smem(a.Dp, DK);
   float* __restrict__ S_s = reinterpret_cast<float*>(smem_raw + L.S);
   float* __restrict__ z_s = reinterpret_cast<float*>(smem_raw + L.z);
@@ -280,6 +290,91 @@ __global__ void __launch_bounds__(kThreads, 1) la_fwd_chunk_mma_kernel(const Chu
     }
     if (denb != nullptr && tid < nt) denb[(t0 + tid) * a.den.s[2]] = qz_s[tid] + rs_s[tid] + a.eps;
   }
+#endif
+}
+
+// Pass 1 of the forward on tensor cores (bf16; the forward's use only: no den, no z weights). Block (bh, seg,
+// dtile * nvt + vtile), as la_seg_sum_kernel: out[d][e] = sum_t keep_t x_t[d] y_t[e], out_z[d] = sum_t keep_t
+// x_t[d], over the segment's chunks; X^T Y as exact bf16 products into fp32 fragments, tile t of the DK x 64 sum
+// to warp t % 8 (DK = 64: two a warp). Static shared memory: X C x (DK + 8), Y C x 72 (bf16), the sum's fp32
+// staging DK x 68, the keep flags.
+template <int DK>
+__global__ void __launch_bounds__(kThreads) la_seg_sum_mma_kernel(const SegArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  namespace wmma = nvcuda::wmma;
+  using bf16 = __nv_bfloat16;
+  constexpr int LDX = DK + 8;
+  constexpr int kTiles = (DK / 16) * (kBV / 16);
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kPer = (kTiles + kWarps - 1) / kWarps;   // accumulator tiles a warp holds (1 or 2)
+  __shared__ __align__(128) bf16 X_s[kC * LDX];
+  __shared__ __align__(128) bf16 Y_s[kC * kLdH];
+  __shared__ __align__(128) float O_s[DK * kLdF];
+  __shared__ float keep_s[kC];
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t bh = blockIdx.x;
+  const int seg = blockIdx.y;
+  const int dtile = blockIdx.z / a.nvt, vtile = blockIdx.z % a.nvt;
+  const int64_t b = bh / a.H, h = bh % a.H, hy = h / a.ygroup;
+  const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv);
+  const int d0 = dtile * DK, v0 = vtile * kBV;
+  const int nd = imin(DK, D - d0), nv = imin(kBV, Dv - v0);
+  const int64_t T = a.T;
+  const bf16* xb = static_cast<const bf16*>(a.x.data) + b * a.x.s[0] + h * a.x.s[1] + d0 * a.x.s[3];
+  const bf16* yb = static_cast<const bf16*>(a.y.data) + b * a.y.s[0] + hy * a.y.s[1] + v0 * a.y.s[3];
+  const unsigned char* mb =
+      a.key_mask.data ? static_cast<const unsigned char*>(a.key_mask.data) + b * a.key_mask.s[0] : nullptr;
+  const bool do_z = a.with_z && vtile == 0;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) wmma::fill_fragment(acc[i], 0.f);
+  float zacc = 0.f;
+  for (int c = 0; c < a.cps; ++c) {
+    const int64_t t0 = (static_cast<int64_t>(seg) * a.cps + c) * kC;
+    if (t0 >= T) break;
+    const int nt = static_cast<int>(lmin(kC, T - t0));
+    __syncthreads();  // the previous chunk's tiles are no longer read
+    if (tid < kC) keep_s[tid] = (tid < nt && (mb == nullptr || mb[(t0 + tid) * a.key_mask.s[1]] != 0)) ? 1.f : 0.f;
+    __syncthreads();
+    load_tile_bf16<kC, DK>(X_s, LDX, xb + t0 * a.x.s[2], a.x.s[2], a.x.s[3], nt, nd, keep_s);
+    load_tile_bf16<kC, kBV>(Y_s, kLdH, yb + t0 * a.y.s[2], a.y.s[2], a.y.s[3], nt, nv, keep_s);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {   // sum[d][e] += sum_t X[t][d] Y[t][e]: X_s read as the column-major X^T
+      const int t = warp + i * kWarps;
+      if (t >= kTiles) break;
+      const int m0 = t / (kBV / 16) * 16, n0 = t % (kBV / 16) * 16;
+#pragma unroll
+      for (int kk = 0; kk < kC; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> fx;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fy;
+        wmma::load_matrix_sync(fx, X_s + kk * LDX + m0, LDX);
+        wmma::load_matrix_sync(fy, Y_s + kk * kLdH + n0, kLdH);
+        wmma::mma_sync(acc[i], fx, fy, acc[i]);
+      }
+    }
+    if (do_z && tid < DK) {
+      for (int t = 0; t < kC; ++t) zacc += __bfloat162float(X_s[t * LDX + tid]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int t = warp + i * kWarps;
+    if (t >= kTiles) break;
+    wmma::store_matrix_sync(O_s + t / (kBV / 16) * 16 * kLdF + t % (kBV / 16) * 16, acc[i], kLdF,
+                            wmma::mem_row_major);
+  }
+  __syncthreads();
+  float* out = a.ws + (bh * (a.NS + 1) + seg) * a.slot;
+  for (int idx = tid; idx < DK * kBV; idx += kThreads) {
+    const int d = idx / kBV, e = idx % kBV;
+    if (d < nd && e < nv) out[static_cast<int64_t>(d0 + d) * Dv + v0 + e] = O_s[d * kLdF + e];
+  }
+  if (do_z && tid < nd) out[static_cast<int64_t>(D) * Dv + d0 + tid] = zacc;
 #endif
 }
 

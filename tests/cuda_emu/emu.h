@@ -1,6 +1,7 @@
 // Host emulation of what the tensor-core kernels use from CUDA, so that g++ can run them on a machine without a GPU
 // (tests/test_cuda_emu.py). The real CUDA host headers give the types (dim3, __nv_bfloat16 with its host-side
-// conversions); the qualifiers become plain C++; a thread block is kThreads std::threads meeting at a std::barrier;
+// conversions); the qualifiers become plain C++ (__shared__ arrays function statics, the dynamic shared memory
+// emu::smem_buffer); a thread block is kThreads std::threads meeting at a std::barrier;
 // a WMMA fragment holds its whole 16 x 16 tile in every lane (the lanes of a warp compute identical copies and only
 // lane 0 stores). Hardware fragment layouts are the library's business, not the kernel's, so they are not modelled:
 // what this checks is the kernel's own indexing, masking, synchronisation and arithmetic.
@@ -23,11 +24,11 @@
 #undef __host__
 #define __host__
 #undef __shared__
-#define __shared__
+#define __shared__ static   // one instance for the whole block (blocks run one at a time)
 #undef __forceinline__
 #define __forceinline__ inline
 #undef __align__
-#define __align__(n)
+#define __align__(n) __attribute__((aligned(n)))
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 
@@ -35,6 +36,8 @@ namespace emu {
 inline thread_local dim3 thread_idx;
 inline thread_local dim3 block_idx;
 inline std::barrier<>* block_barrier = nullptr;
+alignas(128) inline unsigned char smem_buffer[1 << 18];   // the block's dynamic shared memory
+inline unsigned char* dynamic_smem() { return smem_buffer; }
 inline void sync() { block_barrier->arrive_and_wait(); }
 
 // Runs kernel() for every block of grid, one block at a time, each as `threads` threads.

@@ -1,8 +1,9 @@
-// Runs la_fwd_chunk_mma_kernel (csrc/cuda/linear_attn_mma.cuh) on the host through emu.h, for
-// tests/test_cuda_emu.py. argv[1]: the problem (int64 header B, H, Hv, T, D, Dv, NS, cps, causal, normalize,
-// has_mask, bthd; float32 eps; q, k, v as bf16 bits in "bhtd" or "bthd" memory; the key mask [B, T] as bytes when
-// has_mask; the state slots [B*H][NS + 1][D*Dv + D] fp32, slot j the state entering segment j, slot NS the total).
-// argv[2]: o [B, H, T, Dv] as bf16 bits, then den [B, H, T] fp32.
+// Runs the tensor-core forward (csrc/cuda/linear_attn_mma.cuh) on the host through emu.h, for
+// tests/test_cuda_emu.py: la_seg_sum_mma_kernel's per-segment sums, their prefix over segments (la_scan's rule,
+// here on the host), then la_fwd_chunk_mma_kernel. argv[1]: the problem (int64 header B, H, Hv, T, D, Dv, NS, cps,
+// causal, normalize, has_mask, bthd; float32 eps; q, k, v as bf16 bits in "bhtd" or "bthd" memory; the key mask
+// [B, T] as bytes when has_mask; the initial state [B*H][D*Dv + D] fp32, S row-major then z). argv[2]: o
+// [B, H, T, Dv] as bf16 bits, den [B, H, T] fp32, the final state [B*H][D*Dv + D] fp32.
 #define FASTATTN_CUDA_EMU 1
 #include "emu.h"
 #include "linear_attn_mma.cuh"
@@ -10,14 +11,6 @@
 #include <cstdio>
 #include <fstream>
 #include <vector>
-
-namespace fastattn {
-namespace cuda {
-namespace {
-alignas(128) unsigned char smem_raw[1 << 18];   // the block's dynamic shared memory (blocks run one at a time)
-}  // namespace
-}  // namespace cuda
-}  // namespace fastattn
 
 using namespace fastattn::cuda;
 
@@ -29,10 +22,23 @@ std::vector<T> take(std::ifstream& in, size_t n) {
 }
 
 template <int DK>
-int run(ChunkArgs a, int64_t BH) {
-  if (mma_smem(a.Dp, DK).total > sizeof(smem_raw)) return 3;
-  emu::launch(dim3(static_cast<unsigned>(BH), static_cast<unsigned>(a.NS), static_cast<unsigned>(a.nvt)), kThreads,
-              [&] { la_fwd_chunk_mma_kernel<DK>(a); });
+int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init) {
+  if (mma_smem(a.Dp, DK).total > sizeof(emu::smem_buffer)) return 3;
+  const unsigned bh = static_cast<unsigned>(BH), ns = static_cast<unsigned>(a.NS);
+  emu::launch(dim3(bh, ns, static_cast<unsigned>((a.D + DK - 1) / DK * a.nvt)), kThreads,
+              [&] { la_seg_sum_mma_kernel<DK>(s); });
+  for (int64_t i = 0; i < BH; ++i)   // slot j <- init + sum_{i<j} sums_i; slot NS <- the total
+    for (int64_t e = 0; e < a.slot; ++e) {
+      float run = init[i * a.slot + e];
+      for (int j = 0; j < a.NS; ++j) {
+        float& w = s.ws[(i * (a.NS + 1) + j) * a.slot + e];
+        const float x = w;
+        w = run;
+        run += x;
+      }
+      s.ws[(i * (a.NS + 1) + a.NS) * a.slot + e] = run;
+    }
+  emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_fwd_chunk_mma_kernel<DK>(a); });
   return 0;
 }
 
@@ -48,8 +54,9 @@ int main(int argc, char** argv) {
   std::vector<__nv_bfloat16> v = take<__nv_bfloat16>(in, B * Hv * T * Dv);
   std::vector<unsigned char> mask = has_mask ? take<unsigned char>(in, B * T) : std::vector<unsigned char>();
   const int64_t slot = D * Dv + D;
-  std::vector<float> ws = take<float>(in, B * H * (NS + 1) * slot);
+  const std::vector<float> init = take<float>(in, B * H * slot);
   if (!in) return 4;
+  std::vector<float> ws(B * H * (NS + 1) * slot, 0.f);
 
   std::vector<__nv_bfloat16> o(B * H * T * Dv, __float2bfloat16_rn(0.f));
   std::vector<float> den(B * H * T, 0.f);
@@ -77,10 +84,20 @@ int main(int argc, char** argv) {
   a.slot = slot;
   const int DK = D <= 16 ? 16 : D <= 32 ? 32 : 64;   // feature_subtile of the smallest tile holding D
   a.Dp = static_cast<int>((D + DK - 1) / DK * DK);
-  const int rc = DK == 16 ? run<16>(a, B * H) : DK == 32 ? run<32>(a, B * H) : run<64>(a, B * H);
+  SegArgs sg{};
+  sg.H = H; sg.T = T; sg.D = D; sg.Dv = Dv; sg.ygroup = H / Hv;
+  sg.NS = NS; sg.cps = cps; sg.nvt = a.nvt;
+  sg.with_z = normalize;
+  sg.x = a.k; sg.y = a.v; sg.key_mask = a.key_mask;
+  sg.ws = ws.data(); sg.slot = slot;
+  const int rc = DK == 16 ? run<16>(sg, a, B * H, init) : DK == 32 ? run<32>(sg, a, B * H, init)
+                                                                   : run<64>(sg, a, B * H, init);
   if (rc != 0) return rc;
   std::ofstream out(argv[2], std::ios::binary);
   out.write(reinterpret_cast<const char*>(o.data()), static_cast<std::streamsize>(o.size() * sizeof(o[0])));
   out.write(reinterpret_cast<const char*>(den.data()), static_cast<std::streamsize>(den.size() * sizeof(float)));
+  for (int64_t i = 0; i < B * H; ++i)
+    out.write(reinterpret_cast<const char*>(ws.data() + (i * (NS + 1) + NS) * slot),
+              static_cast<std::streamsize>(slot * sizeof(float)));
   return out ? 0 : 5;
 }
