@@ -1,7 +1,7 @@
-"""The CUDA tensor-core forward (csrc/cuda/linear_attn_mma.cuh, opt-in FASTATTN_CUDA_MMA=1: segment sums, then the
-chunk pass) run on the host: g++ compiles the kernels' own source against tests/cuda_emu/emu.h (the thread block
-as std::threads at a barrier, WMMA fragments as whole tiles), and o, den and the final state are checked against
-the fp64 recurrence. This covers
+"""The CUDA tensor-core passes (csrc/cuda/linear_attn_mma.cuh, opt-in FASTATTN_CUDA_MMA=1: the forward's segment
+sums and chunk pass, the backward's dq pass) run on the host: g++ compiles the kernels' own source against
+tests/cuda_emu/emu.h (the thread block as std::threads at a barrier, WMMA fragments as whole tiles), and o, den,
+the final state, dq and c are checked against the fp64 recurrence and its autograd. This covers
 the kernel's indexing, masks, synchronisation and arithmetic on a machine without a GPU; the GPU tests
 (tests/test_linear_attn_gpu.py) cover the hardware."""
 from __future__ import annotations
@@ -60,6 +60,7 @@ def test_tensor_core_forward_chunk_pass_on_the_host(harness, tmp_path, case):
     q, k = (torch.rand(B, H, T, D, generator=g) for _ in range(2))
     v = torch.randn(B, Hv, T, Dv, generator=g)
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    do = torch.randn(B, H, T, Dv, generator=g).to(torch.bfloat16)
     mask = None
     if has_mask:
         mask = torch.ones(B, T, dtype=torch.bool)
@@ -77,9 +78,9 @@ def test_tensor_core_forward_chunk_pass_on_the_host(harness, tmp_path, case):
     def mem(t):   # bf16 bits in the case's memory order
         return (t.transpose(1, 2) if bthd else t).contiguous().view(torch.int16).numpy()
     with open(tmp_path / "in.bin", "wb") as f:
-        f.write(np.array([B, H, Hv, T, D, Dv, NS, cps, causal, normalize, has_mask, bthd], np.int64).tobytes())
+        f.write(np.array([B, H, Hv, T, D, Dv, NS, cps, causal, normalize, has_mask, bthd, True], np.int64).tobytes())
         f.write(np.array([eps], np.float32).tobytes())
-        for t in (q, k, v):
+        for t in (q, k, v, do):
             f.write(mem(t).tobytes())
         if has_mask:
             f.write(mask.numpy().astype(np.uint8).tobytes())
@@ -88,13 +89,33 @@ def test_tensor_core_forward_chunk_pass_on_the_host(harness, tmp_path, case):
     raw = (tmp_path / "out.bin").read_bytes()
     n_o = B * H * T * Dv
     o = torch.from_numpy(np.frombuffer(raw[: 2 * n_o], np.int16).copy()).view(torch.bfloat16).view(B, H, T, Dv)
-    rest = np.frombuffer(raw[2 * n_o:], np.float32)
+    n_f = B * H * T + B * H * (D * Dv + D)
+    rest = np.frombuffer(raw[2 * n_o: 2 * n_o + 4 * n_f], np.float32)
     den = torch.from_numpy(rest[: B * H * T].copy()).view(B, H, T)
     final = torch.from_numpy(rest[B * H * T:].copy()).view(B, H, D * Dv + D)
+    n_q = B * H * T * D
+    raw = raw[2 * n_o + 4 * n_f:]
+    dq = torch.from_numpy(np.frombuffer(raw[: 2 * n_q], np.int16).copy()).view(torch.bfloat16).view(B, H, T, D)
+    c = torch.from_numpy(np.frombuffer(raw[2 * n_q:], np.float32).copy()).view(B, H, T)
 
+    q64 = q.double().requires_grad_()
     o_ref, S_ref, z_ref, den_ref = linear_attention_recurrent(
-        q.double(), k.double(), v.double(), S0 if causal else None, z0 if causal and normalize else None,
+        q64, k.double(), v.double(), S0 if causal else None, z0 if causal and normalize else None,
         mask, causal, normalize, eps)
+    (o_ref * do.double()).sum().backward()
+    o_ref, S_ref, z_ref, den_ref = (t.detach() if t is not None else None for t in (o_ref, S_ref, z_ref, den_ref))
+    dq_ref = q64.grad
+    err = ((dq.double() - dq_ref).norm() / dq_ref.norm()).item()
+    assert err <= 4e-3, f"dq: relative error {err:.2e}"
+    # normalized dq = u + c z cancels: against bf16(dq_ref) up to 3.1e-4 here
+    err16 = ((dq.double() - dq_ref.to(torch.bfloat16).double()).norm() / dq_ref.norm()).item()
+    assert err16 <= 8e-4, f"dq against bf16(dq_ref): relative error {err16:.2e}"
+    if normalize:   # c_t = -(o_t . do_t) / den_t, in fp32 from the unrounded u
+        c_ref = -(o_ref * do.double()).sum(-1) / den_ref
+        err_c = ((c.double() - c_ref).norm() / c_ref.norm()).item()
+        assert err_c <= 1e-5, f"c: relative error {err_c:.2e}"
+    else:
+        assert not c.any()   # unnormalized: no c
     err = ((o.double() - o_ref).norm() / o_ref.norm()).item()
     assert err <= 4e-3, f"o: relative error {err:.2e}"   # bf16 output rounding ~1.5e-3
     # against the reference rounded to bf16 the kernel differs only where fp32 rounding flips a tie (<= 9e-5 here);

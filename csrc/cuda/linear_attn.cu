@@ -1011,7 +1011,7 @@ cudaError_t bwd_run(const LaBwdParams& prm, const Plan& p, cudaStream_t stream) 
                                          stream));
     // 1. forward states entering each segment (recomputed)
     FA_RETURN_IF_ERROR((launch_seg_sum<scalar_t, DK>(n, p, prm.k, prm.v, n.H / n.Hv, prm.key_mask, LaView{}, nullptr, nz,
-                                              ws, stream)));
+                                              ws, stream, prm.tensor_cores)));
     FA_RETURN_IF_ERROR(launch_scan(n, p, nz, false, ws, prm.S0, nz ? prm.z0 : LaView{}, LaView{}, LaView{}, stream));
     // 2. dq and c
     ChunkArgs c = chunk_args(n, p, Dp, prm.causal, nz, prm.eps);
@@ -1019,8 +1019,18 @@ cudaError_t bwd_run(const LaBwdParams& prm, const Plan& p, cudaStream_t stream) 
     c.dout = prm.dout; c.den = prm.den;
     c.out = prm.dq;
     c.ws = ws; c.cbuf = cbuf; c.acc = acc_dq;
-    const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
-    FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dq_kernel<scalar_t, DK>, n, p, c, smem, stream));
+    bool done = false;
+    if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+      const size_t mma_bytes = mma_dq_smem(Dp, DK).total;
+      if (prm.tensor_cores && mma_bytes <= static_cast<size_t>(prm.max_smem_bytes)) {
+        FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dq_mma_kernel<DK>, n, p, c, mma_bytes, stream));
+        done = true;
+      }
+    }
+    if (!done) {
+      const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
+      FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dq_kernel<scalar_t, DK>, n, p, c, smem, stream));
+    }
   }
   // 3. reverse states: per-segment sums of q^T g and c q, suffix over segments from (dS, dz); totals = dS0, dz0
   FA_RETURN_IF_ERROR((launch_seg_sum<scalar_t, DK>(n, p, prm.q, prm.dout, 1, LaView{}, nz ? prm.den : LaView{}, cbuf, nz,

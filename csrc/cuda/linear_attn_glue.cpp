@@ -78,9 +78,10 @@ LaDtype la_dtype(at::ScalarType s) {
 
 int num_sms(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.get_device())->multiProcessorCount; }
 
-// FASTATTN_CUDA_MMA=1 (read at every call): bf16 forwards run their chunk pass on tensor cores where the GPU has
-// bf16 WMMA (sm_80+). Off by default until timed and tested on a GPU.
-void set_tensor_cores(LaFwdParams& p, const at::Tensor& q) {
+// FASTATTN_CUDA_MMA=1 (read at every call): bf16 calls run their tensor-core passes (linear_attn_mma.cuh) where the
+// GPU has bf16 WMMA (sm_80+). Off by default until timed and tested on a GPU.
+template <typename Params>
+void set_tensor_cores(Params& p, const at::Tensor& q) {
   const char* env = std::getenv("FASTATTN_CUDA_MMA");
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
   p.tensor_cores = env != nullptr && std::string(env) == "1" && prop->major >= 8;
@@ -214,6 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
   p.normalize = normalize;
   p.eps = static_cast<float>(eps);
   p.num_sms = num_sms(q);
+  set_tensor_cores(p, q);
   p.dout = view_of(dout);
   p.dS = view_of(dS);
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v);

@@ -1,5 +1,5 @@
-// The forward of linear attention on tensor cores (bf16 inputs): its chunk pass and its segment sums, included by
-// linear_attn.cu. Besides the CUDA compile they build on the host with tests/cuda_emu/ (WMMA and the thread block
+// Linear attention on tensor cores (bf16 inputs): the forward's chunk pass and segment sums and the backward's dq
+// pass, included by linear_attn.cu. Besides the CUDA compile they build on the host with tests/cuda_emu/ (WMMA and the thread block
 // emulated by g++), whose test runs them against an fp64 reference.
 #pragma once
 
@@ -375,6 +375,263 @@ __global__ void __launch_bounds__(kThreads) la_seg_sum_mma_kernel(const SegArgs 
     if (d < nd && e < nv) out[static_cast<int64_t>(d0 + d) * Dv + v0 + e] = O_s[d * kLdF + e];
   }
   if (do_z && tid < nd) out[static_cast<int64_t>(D) * Dv + d0 + tid] = zacc;
+#endif
+}
+
+// Shared memory of la_bwd_dq_mma_kernel (bytes): S fp32 Dp x 68 and z Dp (the forward state entering the
+// segment), the DK-row slice of S as bf16 hi / lo, Q and K C x (DK + 8), do and V C x 72 (bf16), P fp32 C x 68
+// and its bf16 hi / lo, the two fp32 parts of u C x (DK + 4), four per-token vectors.
+struct MmaDqSmem {
+  size_t S, z, Shi, Slo, Q, K, Do, V, P, Phi, Plo, U1, U2, keep, rden, c, qu, total;
+};
+__host__ __device__ __forceinline__ MmaDqSmem mma_dq_smem(int Dp, int DK) {
+  MmaDqSmem L{};
+  size_t o = 0;
+  const size_t h = sizeof(__nv_bfloat16), f = sizeof(float);
+  L.S = o;    o = align128(o + static_cast<size_t>(Dp) * kLdF * f);
+  L.z = o;    o = align128(o + static_cast<size_t>(Dp) * f);
+  L.Shi = o;  o = align128(o + static_cast<size_t>(DK) * kLdH * h);
+  L.Slo = o;  o = align128(o + static_cast<size_t>(DK) * kLdH * h);
+  L.Q = o;    o = align128(o + static_cast<size_t>(kC) * (DK + 8) * h);
+  L.K = o;    o = align128(o + static_cast<size_t>(kC) * (DK + 8) * h);
+  L.Do = o;   o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.V = o;    o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.P = o;    o = align128(o + static_cast<size_t>(kC) * kLdF * f);
+  L.Phi = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.Plo = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.U1 = o;   o = align128(o + static_cast<size_t>(kC) * (DK + 4) * f);
+  L.U2 = o;   o = align128(o + static_cast<size_t>(kC) * (DK + 4) * f);
+  L.keep = o; o = align128(o + kC * f);
+  L.rden = o; o = align128(o + kC * f);
+  L.c = o;    o = align128(o + kC * f);
+  L.qu = o;   o = align128(o + kC * f);
+  L.total = o;
+  return L;
+}
+
+// u = P K_d (P fp32 as hi + lo) into U1 and do S_d^T (the slice of S as hi + lo) into U2, C x DK, for the
+// warp's tiles (tile t to warp t % 8); the caller combines u = U1 + U2 / den. causal false: U1 is not written.
+template <int DK>
+__device__ __forceinline__ void dq_u_tiles(bool causal, const __nv_bfloat16* Phi, const __nv_bfloat16* Plo,
+                                           const __nv_bfloat16* K_s, const __nv_bfloat16* Do_s,
+                                           const __nv_bfloat16* Shi, const __nv_bfloat16* Slo, float* U1, float* U2) {
+  namespace wmma = nvcuda::wmma;
+  using bf16 = __nv_bfloat16;
+  constexpr int LDQ = DK + 8, LDU = DK + 4, kTiles = (kC / 16) * (DK / 16), kWarps = kThreads / 32;
+  const int warp = threadIdx.x >> 5;
+  for (int t = warp; t < kTiles; t += kWarps) {
+    const int m0 = t / (DK / 16) * 16, n0 = t % (DK / 16) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if (causal) {   // U1[t][d] = sum_s P[t][s] K[s][d]
+      wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < kC; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fh, fl;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fk;
+        wmma::load_matrix_sync(fh, Phi + m0 * kLdH + kk, kLdH);
+        wmma::load_matrix_sync(fl, Plo + m0 * kLdH + kk, kLdH);
+        wmma::load_matrix_sync(fk, K_s + kk * LDQ + n0, LDQ);
+        wmma::mma_sync(acc, fh, fk, acc);
+        wmma::mma_sync(acc, fl, fk, acc);
+      }
+      wmma::store_matrix_sync(U1 + m0 * LDU + n0, acc, LDU, wmma::mem_row_major);
+    }
+    wmma::fill_fragment(acc, 0.f);   // U2[t][d] = sum_e do[t][e] S[d0 + d][e]: the S slice read as column-major S^T
+#pragma unroll
+    for (int kk = 0; kk < kBV; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fd;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fh, fl;
+      wmma::load_matrix_sync(fd, Do_s + m0 * kLdH + kk, kLdH);
+      wmma::load_matrix_sync(fh, Shi + n0 * kLdH + kk, kLdH);
+      wmma::load_matrix_sync(fl, Slo + n0 * kLdH + kk, kLdH);
+      wmma::mma_sync(acc, fd, fh, acc);
+      wmma::mma_sync(acc, fd, fl, acc);
+    }
+    wmma::store_matrix_sync(U2 + m0 * LDU + n0, acc, LDU, wmma::mem_row_major);
+  }
+}
+
+// Backward pass 2 (dq and c) on tensor cores (bf16; opt-in: LaBwdParams::tensor_cores), the math of
+// la_bwd_dq_kernel: G = do / den is kept as bf16 do with 1/den applied per row after each product, so every
+// product has an exact bf16 side; P = tril(G V^T) (+ c on the triangle in loop 2) and the state slice S_d enter
+// the products as bf16 hi + lo. Loop 1 (normalize): c_t = -(q_t . u_t) / den_t, u = P K_d + G S_d^T; loop 2:
+// dq_d = P K_d + G S_d^T + c z_d, then S_d += K_d^T V and z_d += K_d^T 1.
+template <int DK>
+__global__ void __launch_bounds__(kThreads, 1) la_bwd_dq_mma_kernel(const ChunkArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  namespace wmma = nvcuda::wmma;
+  using bf16 = __nv_bfloat16;
+  constexpr int LDQ = DK + 8, LDU = DK + 4, kWarps = kThreads / 32;
+  unsigned char* smem_raw = dynamic_smem();
+  const MmaDqSmem L = mma_dq_smem(a.Dp, DK);
+  float* __restrict__ S_s = reinterpret_cast<float*>(smem_raw + L.S);
+  float* __restrict__ z_s = reinterpret_cast<float*>(smem_raw + L.z);
+  bf16* __restrict__ Shi = reinterpret_cast<bf16*>(smem_raw + L.Shi);
+  bf16* __restrict__ Slo = reinterpret_cast<bf16*>(smem_raw + L.Slo);
+  bf16* __restrict__ Q_s = reinterpret_cast<bf16*>(smem_raw + L.Q);
+  bf16* __restrict__ K_s = reinterpret_cast<bf16*>(smem_raw + L.K);
+  bf16* __restrict__ Do_s = reinterpret_cast<bf16*>(smem_raw + L.Do);
+  bf16* __restrict__ V_s = reinterpret_cast<bf16*>(smem_raw + L.V);
+  float* __restrict__ P_s = reinterpret_cast<float*>(smem_raw + L.P);
+  bf16* __restrict__ Phi = reinterpret_cast<bf16*>(smem_raw + L.Phi);
+  bf16* __restrict__ Plo = reinterpret_cast<bf16*>(smem_raw + L.Plo);
+  float* __restrict__ U1 = reinterpret_cast<float*>(smem_raw + L.U1);
+  float* __restrict__ U2 = reinterpret_cast<float*>(smem_raw + L.U2);
+  float* __restrict__ keep_s = reinterpret_cast<float*>(smem_raw + L.keep);
+  float* __restrict__ rden_s = reinterpret_cast<float*>(smem_raw + L.rden);
+  float* __restrict__ c_s = reinterpret_cast<float*>(smem_raw + L.c);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tr = warp >> 1, tc = (warp & 1) * 2;   // P's tiles: row tr, columns tc and tc + 1
+  const int64_t bh = blockIdx.x;
+  const int seg = blockIdx.y, vt = blockIdx.z;
+  const int64_t b = bh / a.H, h = bh % a.H, hv = h / a.G;
+  const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), Dp = a.Dp;
+  const int v0 = vt * kBV, nv = imin(kBV, Dv - v0);
+  const int64_t T = a.T;
+
+  const float* st = a.ws + (bh * (a.NS + 1) + (a.causal ? seg : a.NS)) * a.slot;
+  for (int idx = tid; idx < Dp * kBV; idx += kThreads) {
+    const int d = idx / kBV, e = idx % kBV;
+    S_s[d * kLdF + e] = (d < D && e < nv) ? st[static_cast<int64_t>(d) * Dv + v0 + e] : 0.f;
+  }
+  for (int d = tid; d < Dp; d += kThreads) z_s[d] = (a.normalize && d < D) ? st[static_cast<int64_t>(D) * Dv + d] : 0.f;
+
+  const bf16* qb = static_cast<const bf16*>(a.q.data) + b * a.q.s[0] + h * a.q.s[1];
+  const bf16* kb = static_cast<const bf16*>(a.k.data) + b * a.k.s[0] + h * a.k.s[1];
+  const bf16* vb = static_cast<const bf16*>(a.v.data) + b * a.v.s[0] + hv * a.v.s[1] + v0 * a.v.s[3];
+  const bf16* gb = static_cast<const bf16*>(a.dout.data) + b * a.dout.s[0] + h * a.dout.s[1] + v0 * a.dout.s[3];
+  const float* denb = a.normalize ? static_cast<const float*>(a.den.data) + b * a.den.s[0] + h * a.den.s[1] : nullptr;
+  const unsigned char* mb =
+      a.key_mask.data ? static_cast<const unsigned char*>(a.key_mask.data) + b * a.key_mask.s[0] : nullptr;
+  bf16* dqb = static_cast<bf16*>(a.out.data) + b * a.out.s[0] + h * a.out.s[1];
+  float* accb = a.acc ? a.acc + bh * T * a.D : nullptr;
+  float* cb = a.normalize ? a.cbuf + bh * T : nullptr;
+
+  for (int c = 0; c < a.cps; ++c) {
+    const int64_t t0 = (static_cast<int64_t>(seg) * a.cps + c) * kC;
+    if (t0 >= T) break;
+    const int nt = static_cast<int>(lmin(kC, T - t0));
+    __syncthreads();  // the previous chunk is done with every shared tile and its state update is complete
+    if (tid < kC) {
+      keep_s[tid] = (tid < nt && (mb == nullptr || mb[(t0 + tid) * a.key_mask.s[1]] != 0)) ? 1.f : 0.f;
+      rden_s[tid] = tid < nt ? (denb != nullptr ? 1.f / denb[(t0 + tid) * a.den.s[2]] : 1.f) : 0.f;
+      c_s[tid] = 0.f;
+    }
+    __syncthreads();
+    load_tile_bf16<kC, kBV>(Do_s, kLdH, gb + t0 * a.dout.s[2], a.dout.s[2], a.dout.s[3], nt, nv, nullptr);
+    if (a.causal) load_tile_bf16<kC, kBV>(V_s, kLdH, vb + t0 * a.v.s[2], a.v.s[2], a.v.s[3], nt, nv, keep_s);
+    __syncthreads();
+    if (a.causal) {   // P[t][s] = tril(do_t . v_s) / den_t: do_s V^T with V_s read as the column-major V^T
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < kBV; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fd;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fv;
+          wmma::load_matrix_sync(fd, Do_s + tr * 16 * kLdH + kk, kLdH);
+          wmma::load_matrix_sync(fv, V_s + (tc + j) * 16 * kLdH + kk, kLdH);
+          wmma::mma_sync(acc, fd, fv, acc);
+        }
+        wmma::store_matrix_sync(P_s + tr * 16 * kLdF + (tc + j) * 16, acc, kLdF, wmma::mem_row_major);
+      }
+      __syncthreads();
+      for (int idx = tid; idx < kC * kC; idx += kThreads) {
+        const int t = idx / kC, s2 = idx % kC;
+        const float x = s2 <= t ? P_s[t * kLdF + s2] * rden_s[t] : 0.f;
+        P_s[t * kLdF + s2] = x;
+        split_bf16(x, Phi + t * kLdH + s2, Plo + t * kLdH + s2);
+      }
+    }
+
+    if (a.normalize) {   // loop 1: c_t = -(q_t . u_t) / den_t from the fp32 u (never from the rounded o)
+      float qu = 0.f;    // for t = tid (tid < C)
+      for (int d0 = 0; d0 < D; d0 += DK) {
+        const int nd = imin(DK, D - d0);
+        __syncthreads();  // Q_s, K_s, the S slice and U are free; P's parts are written
+        load_tile_bf16<kC, DK>(Q_s, LDQ, qb + t0 * a.q.s[2] + d0 * a.q.s[3], a.q.s[2], a.q.s[3], nt, nd, nullptr);
+        if (a.causal)
+          load_tile_bf16<kC, DK>(K_s, LDQ, kb + t0 * a.k.s[2] + d0 * a.k.s[3], a.k.s[2], a.k.s[3], nt, nd, keep_s);
+        for (int idx = tid; idx < DK * kBV; idx += kThreads) {
+          const int d = idx / kBV, e = idx % kBV;
+          split_bf16(S_s[(d0 + d) * kLdF + e], Shi + d * kLdH + e, Slo + d * kLdH + e);
+        }
+        __syncthreads();
+        dq_u_tiles<DK>(a.causal, Phi, Plo, K_s, Do_s, Shi, Slo, U1, U2);
+        __syncthreads();
+        if (tid < kC) {
+          const float r = rden_s[tid];
+          for (int d = 0; d < DK; ++d) {
+            const float u = (a.causal ? U1[tid * LDU + d] : 0.f) + r * U2[tid * LDU + d];
+            qu = fmaf(__bfloat162float(Q_s[tid * LDQ + d]), u, qu);
+          }
+        }
+      }
+      if (tid < kC) {
+        const float ct = -qu * rden_s[tid];   // 0 for rows t >= nt (rden 0)
+        c_s[tid] = ct;
+        if (tid < nt) {
+          if (a.nvt == 1) cb[t0 + tid] = ct;
+          else atomicAdd(cb + t0 + tid, ct);
+        }
+      }
+      __syncthreads();  // c_s visible; loop 1 no longer reads P's parts
+      if (a.causal) {
+        for (int idx = tid; idx < kC * kC; idx += kThreads) {
+          const int t = idx / kC, s2 = idx % kC;
+          if (s2 <= t) split_bf16(P_s[t * kLdF + s2] + c_s[t], Phi + t * kLdH + s2, Plo + t * kLdH + s2);
+        }
+      }
+    }
+
+    // loop 2: dq = P K + G S^T + c z_enter, then the state update
+    for (int d0 = 0; d0 < D; d0 += DK) {
+      const int nd = imin(DK, D - d0);
+      __syncthreads();  // K_s, the S slice and U are free; P's parts (with c) and c_s are visible
+      if (a.causal)
+        load_tile_bf16<kC, DK>(K_s, LDQ, kb + t0 * a.k.s[2] + d0 * a.k.s[3], a.k.s[2], a.k.s[3], nt, nd, keep_s);
+      for (int idx = tid; idx < DK * kBV; idx += kThreads) {
+        const int d = idx / kBV, e = idx % kBV;
+        split_bf16(S_s[(d0 + d) * kLdF + e], Shi + d * kLdH + e, Slo + d * kLdH + e);
+      }
+      __syncthreads();
+      dq_u_tiles<DK>(a.causal, Phi, Plo, K_s, Do_s, Shi, Slo, U1, U2);
+      __syncthreads();
+      for (int idx = tid; idx < kC * DK; idx += kThreads) {
+        const int t = idx / DK, d = idx % DK;
+        if (t >= nt || d >= nd) continue;
+        const float x = (a.causal ? U1[t * LDU + d] : 0.f) + rden_s[t] * U2[t * LDU + d] + c_s[t] * z_s[d0 + d];
+        if (accb != nullptr) atomicAdd(accb + (t0 + t) * a.D + d0 + d, x);
+        else dqb[(t0 + t) * a.out.s[2] + (d0 + d) * a.out.s[3]] = __float2bfloat16_rn(x);
+      }
+      if (a.causal) {
+        __syncthreads();  // every read of the S slice's rows and of z_s[d0 ..] for this chunk is done
+        for (int t = warp; t < (DK / 16) * (kBV / 16); t += kWarps) {   // S_d += K_d^T V
+          const int m0 = (t / (kBV / 16)) * 16, n0 = (t % (kBV / 16)) * 16;
+          wmma::fragment<wmma::accumulator, 16, 16, 16, float> fsum;
+          wmma::load_matrix_sync(fsum, S_s + (d0 + m0) * kLdF + n0, kLdF, wmma::mem_row_major);
+#pragma unroll
+          for (int kk = 0; kk < kC; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> fkt;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fv;
+            wmma::load_matrix_sync(fkt, K_s + kk * LDQ + m0, LDQ);
+            wmma::load_matrix_sync(fv, V_s + kk * kLdH + n0, kLdH);
+            wmma::mma_sync(fsum, fkt, fv, fsum);
+          }
+          wmma::store_matrix_sync(S_s + (d0 + m0) * kLdF + n0, fsum, kLdF, wmma::mem_row_major);
+        }
+        if (a.normalize && tid < DK) {
+          float s2 = 0.f;
+          for (int t = 0; t < kC; ++t) s2 += __bfloat162float(K_s[t * LDQ + tid]);
+          z_s[d0 + tid] += s2;
+        }
+      }
+    }
+  }
 #endif
 }
 

@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdlib>
@@ -59,6 +60,8 @@ void launch(dim3 grid, unsigned threads, F kernel) {
       }
 }
 }  // namespace emu
+
+inline float atomicAdd(float* p, float x) { return std::atomic_ref<float>(*p).fetch_add(x); }
 
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx

@@ -1,9 +1,11 @@
-// Runs the tensor-core forward (csrc/cuda/linear_attn_mma.cuh) on the host through emu.h, for
-// tests/test_cuda_emu.py: la_seg_sum_mma_kernel's per-segment sums, their prefix over segments (la_scan's rule,
-// here on the host), then la_fwd_chunk_mma_kernel. argv[1]: the problem (int64 header B, H, Hv, T, D, Dv, NS, cps,
-// causal, normalize, has_mask, bthd; float32 eps; q, k, v as bf16 bits in "bhtd" or "bthd" memory; the key mask
-// [B, T] as bytes when has_mask; the initial state [B*H][D*Dv + D] fp32, S row-major then z). argv[2]: o
-// [B, H, T, Dv] as bf16 bits, den [B, H, T] fp32, the final state [B*H][D*Dv + D] fp32.
+// Runs the tensor-core passes (csrc/cuda/linear_attn_mma.cuh) on the host through emu.h, for
+// tests/test_cuda_emu.py. The forward: la_seg_sum_mma_kernel's per-segment sums, their prefix over segments
+// (la_scan's rule, here on the host), then la_fwd_chunk_mma_kernel; with a gradient do given, then
+// la_bwd_dq_mma_kernel from the same states and den. argv[1]: the problem (int64 header B, H, Hv, T, D, Dv, NS,
+// cps, causal, normalize, has_mask, bthd, backward; float32 eps; q, k, v (and do when backward) as bf16 bits in
+// "bhtd" or "bthd" memory; the key mask [B, T] as bytes when has_mask; the initial state [B*H][D*Dv + D] fp32,
+// S row-major then z). argv[2]: o [B, H, T, Dv] as bf16 bits, den [B, H, T] fp32, the final state
+// [B*H][D*Dv + D] fp32; when backward, dq [B, H, T, D] as bf16 bits and c [B, H, T] fp32.
 #define FASTATTN_CUDA_EMU 1
 #include "emu.h"
 #include "linear_attn_mma.cuh"
@@ -22,7 +24,7 @@ std::vector<T> take(std::ifstream& in, size_t n) {
 }
 
 template <int DK>
-int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init) {
+int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init, const ChunkArgs* dq) {
   if (mma_smem(a.Dp, DK).total > sizeof(emu::smem_buffer)) return 3;
   const unsigned bh = static_cast<unsigned>(BH), ns = static_cast<unsigned>(a.NS);
   emu::launch(dim3(bh, ns, static_cast<unsigned>((a.D + DK - 1) / DK * a.nvt)), kThreads,
@@ -39,19 +41,25 @@ int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init) {
       s.ws[(i * (a.NS + 1) + a.NS) * a.slot + e] = run;
     }
   emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_fwd_chunk_mma_kernel<DK>(a); });
+  if (dq != nullptr) {
+    if (mma_dq_smem(a.Dp, DK).total > sizeof(emu::smem_buffer)) return 3;
+    emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_bwd_dq_mma_kernel<DK>(*dq); });
+  }
   return 0;
 }
 
 int main(int argc, char** argv) {
   if (argc != 3) return 2;
   std::ifstream in(argv[1], std::ios::binary);
-  const std::vector<int64_t> h = take<int64_t>(in, 12);
+  const std::vector<int64_t> h = take<int64_t>(in, 13);
   const int64_t B = h[0], H = h[1], Hv = h[2], T = h[3], D = h[4], Dv = h[5];
   const int NS = static_cast<int>(h[6]), cps = static_cast<int>(h[7]);
   const bool causal = h[8] != 0, normalize = h[9] != 0, has_mask = h[10] != 0, bthd = h[11] != 0;
+  const bool backward = h[12] != 0;
   const float eps = take<float>(in, 1)[0];
   std::vector<__nv_bfloat16> q = take<__nv_bfloat16>(in, B * H * T * D), k = take<__nv_bfloat16>(in, B * H * T * D);
   std::vector<__nv_bfloat16> v = take<__nv_bfloat16>(in, B * Hv * T * Dv);
+  std::vector<__nv_bfloat16> dout = backward ? take<__nv_bfloat16>(in, B * H * T * Dv) : std::vector<__nv_bfloat16>();
   std::vector<unsigned char> mask = has_mask ? take<unsigned char>(in, B * T) : std::vector<unsigned char>();
   const int64_t slot = D * Dv + D;
   const std::vector<float> init = take<float>(in, B * H * slot);
@@ -90,14 +98,33 @@ int main(int argc, char** argv) {
   sg.with_z = normalize;
   sg.x = a.k; sg.y = a.v; sg.key_mask = a.key_mask;
   sg.ws = ws.data(); sg.slot = slot;
-  const int rc = DK == 16 ? run<16>(sg, a, B * H, init) : DK == 32 ? run<32>(sg, a, B * H, init)
-                                                                   : run<64>(sg, a, B * H, init);
+  // the dq pass: the forward's states and den; dq straight into bf16 with one value tile, else summed over the
+  // tiles in an fp32 accumulator (as the CUDA backward does), c summed over the tiles too
+  std::vector<__nv_bfloat16> dq(backward ? B * H * T * D : 0, __float2bfloat16_rn(0.f));
+  std::vector<float> cbuf(backward ? B * H * T : 0, 0.f), acc(backward && a.nvt > 1 ? B * H * T * D : 0, 0.f);
+  ChunkArgs g = a;
+  if (backward) {
+    g.dout = view(dout.data(), H, Dv);
+    g.out.data = dq.data();
+    g.out.s[0] = H * T * D; g.out.s[1] = T * D; g.out.s[2] = D; g.out.s[3] = 1;
+    g.cbuf = cbuf.data();
+    g.acc = a.nvt > 1 ? acc.data() : nullptr;
+  }
+  const ChunkArgs* gp = backward ? &g : nullptr;
+  const int rc = DK == 16 ? run<16>(sg, a, B * H, init, gp) : DK == 32 ? run<32>(sg, a, B * H, init, gp)
+                                                                       : run<64>(sg, a, B * H, init, gp);
   if (rc != 0) return rc;
+  if (backward && a.nvt > 1)
+    for (size_t i = 0; i < acc.size(); ++i) dq[i] = __float2bfloat16_rn(acc[i]);
   std::ofstream out(argv[2], std::ios::binary);
   out.write(reinterpret_cast<const char*>(o.data()), static_cast<std::streamsize>(o.size() * sizeof(o[0])));
   out.write(reinterpret_cast<const char*>(den.data()), static_cast<std::streamsize>(den.size() * sizeof(float)));
   for (int64_t i = 0; i < B * H; ++i)
     out.write(reinterpret_cast<const char*>(ws.data() + (i * (NS + 1) + NS) * slot),
               static_cast<std::streamsize>(slot * sizeof(float)));
+  if (backward) {
+    out.write(reinterpret_cast<const char*>(dq.data()), static_cast<std::streamsize>(dq.size() * sizeof(dq[0])));
+    out.write(reinterpret_cast<const char*>(cbuf.data()), static_cast<std::streamsize>(cbuf.size() * sizeof(float)));
+  }
   return out ? 0 : 5;
 }
