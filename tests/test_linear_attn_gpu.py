@@ -104,16 +104,16 @@ def _cuda_mma_kernels(run) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    return {e.name for e in prof.events() if "la_fwd_chunk" in e.name or "la_bwd_dq" in e.name}
+    return {e.name for e in prof.events() if any(k in e.name for k in ("la_fwd_chunk", "la_bwd_dq", "la_bwd_dkdv"))}
 
 
 @pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs the cuda backend on a GPU")
 @pytest.mark.parametrize("case", [c for c in CASES if c.T >= 63], ids=str)
 def test_cuda_tensor_core_forward_small_cases(case, monkeypatch):
     """FASTATTN_CUDA_MMA=1: the cuda backend's bf16 passes on tensor cores (the forward's segment sums and chunk
-    pass, the backward's dq pass; WMMA, the fp32 operands as bf16 hi + lo) against fp64 by the low-precision rule,
-    every gradient and the final state included; the profiler must show the tensor-core chunk and dq kernels and
-    not the FMA ones."""
+    pass, the backward's dq and dk / dv passes; WMMA, the fp32 operands as bf16 hi + lo) against fp64 by the
+    low-precision rule, every gradient and the final state included; the profiler must show the tensor-core chunk,
+    dq and dk / dv kernels and not the FMA ones."""
     monkeypatch.setenv("FASTATTN_CUDA_MMA", "1")
     inputs, cot = make_inputs(case, torch.bfloat16, device="cuda")
     same = run_fastattn(case, inputs, cot, "torch")

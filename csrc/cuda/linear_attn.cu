@@ -1044,8 +1044,18 @@ cudaError_t bwd_run(const LaBwdParams& prm, const Plan& p, cudaStream_t stream) 
   c.dout = prm.dout; c.den = prm.den;
   c.out = prm.dk; c.out2 = prm.dv;
   c.ws = ws; c.cbuf = cbuf; c.acc = acc_dk; c.acc2 = acc_dv;
-  const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
-  FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dkdv_kernel<scalar_t, DK>, n, p, c, smem, stream));
+  bool done = false;
+  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+    const size_t mma_bytes = mma_dkdv_smem(Dp, DK).total;
+    if (prm.tensor_cores && mma_bytes <= static_cast<size_t>(prm.max_smem_bytes)) {
+      FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dkdv_mma_kernel<DK>, n, p, c, mma_bytes, stream));
+      done = true;
+    }
+  }
+  if (!done) {
+    const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
+    FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dkdv_kernel<scalar_t, DK>, n, p, c, smem, stream));
+  }
   // 5. reductions across blocks -> outputs
   if (acc_dq != nullptr) FA_RETURN_IF_ERROR(launch_cast<scalar_t>(acc_dq, n.B, n.H, n.T, n.D, prm.dq, stream));
   if (acc_dk != nullptr) FA_RETURN_IF_ERROR(launch_cast<scalar_t>(acc_dk, n.B, n.H, n.T, n.D, prm.dk, stream));

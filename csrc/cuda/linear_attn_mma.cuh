@@ -1,5 +1,5 @@
 // Linear attention on tensor cores (bf16 inputs): the forward's chunk pass and segment sums and the backward's dq
-// pass, included by linear_attn.cu. Besides the CUDA compile they build on the host with tests/cuda_emu/ (WMMA and the thread block
+// and dk / dv passes, included by linear_attn.cu. Besides the CUDA compile they build on the host with tests/cuda_emu/ (WMMA and the thread block
 // emulated by g++), whose test runs them against an fp64 reference.
 #pragma once
 
@@ -630,6 +630,287 @@ __global__ void __launch_bounds__(kThreads, 1) la_bwd_dq_mma_kernel(const ChunkA
           z_s[d0 + tid] += s2;
         }
       }
+    }
+  }
+#endif
+}
+
+// Shared memory of la_bwd_dkdv_mma_kernel (bytes): R fp32 Dp x 68 and r Dp (the reverse state entering the
+// segment from the right), the DK-row slice of R as bf16 hi / lo, Q and K C x (DK + 8), do and V C x 72 (bf16),
+// P' (later tril(A) / den) fp32 C x 68 and its bf16 hi / lo, G = do / den as bf16 hi / lo, dk's tile C x (DK + 4)
+// fp32, three per-token vectors.
+struct MmaDkdvSmem {
+  size_t R, r, Rhi, Rlo, Q, K, Do, V, P, Phi, Plo, Ghi, Glo, U, keep, rden, c, total;
+};
+__host__ __device__ __forceinline__ MmaDkdvSmem mma_dkdv_smem(int Dp, int DK) {
+  MmaDkdvSmem L{};
+  size_t o = 0;
+  const size_t h = sizeof(__nv_bfloat16), f = sizeof(float);
+  L.R = o;    o = align128(o + static_cast<size_t>(Dp) * kLdF * f);
+  L.r = o;    o = align128(o + static_cast<size_t>(Dp) * f);
+  L.Rhi = o;  o = align128(o + static_cast<size_t>(DK) * kLdH * h);
+  L.Rlo = o;  o = align128(o + static_cast<size_t>(DK) * kLdH * h);
+  L.Q = o;    o = align128(o + static_cast<size_t>(kC) * (DK + 8) * h);
+  L.K = o;    o = align128(o + static_cast<size_t>(kC) * (DK + 8) * h);
+  L.Do = o;   o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.V = o;    o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.P = o;    o = align128(o + static_cast<size_t>(kC) * kLdF * f);
+  L.Phi = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.Plo = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.Ghi = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.Glo = o;  o = align128(o + static_cast<size_t>(kC) * kLdH * h);
+  L.U = o;    o = align128(o + static_cast<size_t>(kC) * (DK + 4) * f);
+  L.keep = o; o = align128(o + kC * f);
+  L.rden = o; o = align128(o + kC * f);
+  L.c = o;    o = align128(o + kC * f);
+  L.total = o;
+  return L;
+}
+
+// Backward pass 4 (dk and dv) on tensor cores (bf16; opt-in: LaBwdParams::tensor_cores), the math of
+// la_bwd_dkdv_kernel, chunks walked last to first: P' = tril(G V^T) + c on the triangle; per D sub-tile
+// dk_d = P'^T Q_d + V R_d^T + r_d, A += Q_d K_d^T, KR += K_d R_d, then R_d += Q_d^T G, r_d += Q_d^T c;
+// dv = KR + (tril(A) / den)^T do. G V^T is do V^T with 1/den per row after; P', R_d, G and tril(A) / den enter
+// the products as bf16 hi + lo, against exact bf16 sides (Q, K, V, do).
+template <int DK>
+__global__ void __launch_bounds__(kThreads, 1) la_bwd_dkdv_mma_kernel(const ChunkArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  namespace wmma = nvcuda::wmma;
+  using bf16 = __nv_bfloat16;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
+  using FragAT = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
+  using FragBT = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  constexpr int LDQ = DK + 8, LDU = DK + 4, kWarps = kThreads / 32;
+  unsigned char* smem_raw = dynamic_smem();
+  const MmaDkdvSmem L = mma_dkdv_smem(a.Dp, DK);
+  float* __restrict__ R_s = reinterpret_cast<float*>(smem_raw + L.R);
+  float* __restrict__ r_s = reinterpret_cast<float*>(smem_raw + L.r);
+  bf16* __restrict__ Rhi = reinterpret_cast<bf16*>(smem_raw + L.Rhi);
+  bf16* __restrict__ Rlo = reinterpret_cast<bf16*>(smem_raw + L.Rlo);
+  bf16* __restrict__ Q_s = reinterpret_cast<bf16*>(smem_raw + L.Q);
+  bf16* __restrict__ K_s = reinterpret_cast<bf16*>(smem_raw + L.K);
+  bf16* __restrict__ Do_s = reinterpret_cast<bf16*>(smem_raw + L.Do);
+  bf16* __restrict__ V_s = reinterpret_cast<bf16*>(smem_raw + L.V);
+  float* __restrict__ P_s = reinterpret_cast<float*>(smem_raw + L.P);
+  bf16* __restrict__ Phi = reinterpret_cast<bf16*>(smem_raw + L.Phi);
+  bf16* __restrict__ Plo = reinterpret_cast<bf16*>(smem_raw + L.Plo);
+  bf16* __restrict__ Ghi = reinterpret_cast<bf16*>(smem_raw + L.Ghi);
+  bf16* __restrict__ Glo = reinterpret_cast<bf16*>(smem_raw + L.Glo);
+  float* __restrict__ U_s = reinterpret_cast<float*>(smem_raw + L.U);
+  float* __restrict__ keep_s = reinterpret_cast<float*>(smem_raw + L.keep);
+  float* __restrict__ rden_s = reinterpret_cast<float*>(smem_raw + L.rden);
+  float* __restrict__ c_s = reinterpret_cast<float*>(smem_raw + L.c);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tr = warp >> 1, tc = (warp & 1) * 2;   // the C x C and C x 64 tiles: row tr, columns tc and tc + 1
+  const int64_t bh = blockIdx.x;
+  const int seg = blockIdx.y, vt = blockIdx.z;
+  const int64_t b = bh / a.H, h = bh % a.H, hv = h / a.G;
+  const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), Dp = a.Dp;
+  const int v0 = vt * kBV, nv = imin(kBV, Dv - v0);
+  const int64_t T = a.T;
+  const bool with_c = a.normalize && vt == 0;
+
+  const float* st = a.ws + (bh * (a.NS + 1) + (a.causal ? seg : a.NS)) * a.slot;
+  for (int idx = tid; idx < Dp * kBV; idx += kThreads) {
+    const int d = idx / kBV, e = idx % kBV;
+    R_s[d * kLdF + e] = (d < D && e < nv) ? st[static_cast<int64_t>(d) * Dv + v0 + e] : 0.f;
+  }
+  for (int d = tid; d < Dp; d += kThreads) r_s[d] = (a.normalize && d < D) ? st[static_cast<int64_t>(D) * Dv + d] : 0.f;
+
+  const bf16* qb = static_cast<const bf16*>(a.q.data) + b * a.q.s[0] + h * a.q.s[1];
+  const bf16* kb = static_cast<const bf16*>(a.k.data) + b * a.k.s[0] + h * a.k.s[1];
+  const bf16* vb = static_cast<const bf16*>(a.v.data) + b * a.v.s[0] + hv * a.v.s[1] + v0 * a.v.s[3];
+  const bf16* gb = static_cast<const bf16*>(a.dout.data) + b * a.dout.s[0] + h * a.dout.s[1] + v0 * a.dout.s[3];
+  const float* denb = a.normalize ? static_cast<const float*>(a.den.data) + b * a.den.s[0] + h * a.den.s[1] : nullptr;
+  const unsigned char* mb =
+      a.key_mask.data ? static_cast<const unsigned char*>(a.key_mask.data) + b * a.key_mask.s[0] : nullptr;
+  const float* cb = a.normalize ? a.cbuf + bh * T : nullptr;
+  bf16* dkb = static_cast<bf16*>(a.out.data) + b * a.out.s[0] + h * a.out.s[1];
+  bf16* dvb = static_cast<bf16*>(a.out2.data) + b * a.out2.s[0] + hv * a.out2.s[1] + v0 * a.out2.s[3];
+  float* acck = a.acc ? a.acc + bh * T * a.D : nullptr;
+  float* accv = a.acc2 ? a.acc2 + (b * a.Hv + hv) * T * a.Dv + v0 : nullptr;
+
+  for (int c = a.cps - 1; c >= 0; --c) {
+    const int64_t t0 = (static_cast<int64_t>(seg) * a.cps + c) * kC;
+    if (t0 >= T) continue;
+    const int nt = static_cast<int>(lmin(kC, T - t0));
+    __syncthreads();  // the previous chunk is done with every shared tile and its state update is complete
+    if (tid < kC) {
+      keep_s[tid] = (tid < nt && (mb == nullptr || mb[(t0 + tid) * a.key_mask.s[1]] != 0)) ? 1.f : 0.f;
+      rden_s[tid] = tid < nt ? (denb != nullptr ? 1.f / denb[(t0 + tid) * a.den.s[2]] : 1.f) : 0.f;
+      c_s[tid] = (tid < nt && cb != nullptr) ? cb[t0 + tid] : 0.f;
+    }
+    __syncthreads();
+    if (a.causal) load_tile_bf16<kC, kBV>(Do_s, kLdH, gb + t0 * a.dout.s[2], a.dout.s[2], a.dout.s[3], nt, nv, nullptr);
+    load_tile_bf16<kC, kBV>(V_s, kLdH, vb + t0 * a.v.s[2], a.v.s[2], a.v.s[3], nt, nv, keep_s);
+    __syncthreads();
+    if (a.causal) {   // P'[t][s] = tril(do_t . v_s / den_t + c_t), G = do / den: both as bf16 hi + lo
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        FragC acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < kBV; kk += 16) {
+          FragA fd;
+          FragBT fv;
+          wmma::load_matrix_sync(fd, Do_s + tr * 16 * kLdH + kk, kLdH);
+          wmma::load_matrix_sync(fv, V_s + (tc + j) * 16 * kLdH + kk, kLdH);
+          wmma::mma_sync(acc, fd, fv, acc);
+        }
+        wmma::store_matrix_sync(P_s + tr * 16 * kLdF + (tc + j) * 16, acc, kLdF, wmma::mem_row_major);
+      }
+      __syncthreads();
+      for (int idx = tid; idx < kC * kC; idx += kThreads) {
+        const int t = idx / kC, s2 = idx % kC;
+        const float x = s2 <= t ? P_s[t * kLdF + s2] * rden_s[t] + (with_c ? c_s[t] : 0.f) : 0.f;
+        split_bf16(x, Phi + t * kLdH + s2, Plo + t * kLdH + s2);
+        if (s2 < kBV)
+          split_bf16(__bfloat162float(Do_s[t * kLdH + s2]) * rden_s[t], Ghi + t * kLdH + s2, Glo + t * kLdH + s2);
+      }
+    }
+
+    FragC accA[2], accKR[2];   // A = Q K^T (C x C) and KR then dv (C x 64): tiles (tr, tc + j)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::fill_fragment(accA[j], 0.f);
+      wmma::fill_fragment(accKR[j], 0.f);
+    }
+    for (int d0 = 0; d0 < D; d0 += DK) {
+      const int nd = imin(DK, D - d0);
+      __syncthreads();  // Q_s, K_s, the R slice and U_s are free; P's and G's parts are written
+      load_tile_bf16<kC, DK>(Q_s, LDQ, qb + t0 * a.q.s[2] + d0 * a.q.s[3], a.q.s[2], a.q.s[3], nt, nd, nullptr);
+      load_tile_bf16<kC, DK>(K_s, LDQ, kb + t0 * a.k.s[2] + d0 * a.k.s[3], a.k.s[2], a.k.s[3], nt, nd, keep_s);
+      for (int idx = tid; idx < DK * kBV; idx += kThreads) {
+        const int d = idx / kBV, e = idx % kBV;
+        split_bf16(R_s[(d0 + d) * kLdF + e], Rhi + d * kLdH + e, Rlo + d * kLdH + e);
+      }
+      __syncthreads();
+      for (int t = warp; t < (kC / 16) * (DK / 16); t += kWarps) {   // dk tile: P'^T Q_d + V R_d^T
+        const int m0 = t / (DK / 16) * 16, n0 = t % (DK / 16) * 16;
+        FragC acc;
+        wmma::fill_fragment(acc, 0.f);
+        if (a.causal) {
+#pragma unroll
+          for (int kk = 0; kk < kC; kk += 16) {   // sum_t P'[t][s] Q[t][d]: P' read as the column-major P'^T
+            FragAT fh, fl;
+            FragB fq;
+            wmma::load_matrix_sync(fh, Phi + kk * kLdH + m0, kLdH);
+            wmma::load_matrix_sync(fl, Plo + kk * kLdH + m0, kLdH);
+            wmma::load_matrix_sync(fq, Q_s + kk * LDQ + n0, LDQ);
+            wmma::mma_sync(acc, fh, fq, acc);
+            wmma::mma_sync(acc, fl, fq, acc);
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < kBV; kk += 16) {   // sum_e V[s][e] R[d0 + d][e]: the R slice read as column-major R^T
+          FragA fv;
+          FragBT fh, fl;
+          wmma::load_matrix_sync(fv, V_s + m0 * kLdH + kk, kLdH);
+          wmma::load_matrix_sync(fh, Rhi + n0 * kLdH + kk, kLdH);
+          wmma::load_matrix_sync(fl, Rlo + n0 * kLdH + kk, kLdH);
+          wmma::mma_sync(acc, fv, fh, acc);
+          wmma::mma_sync(acc, fv, fl, acc);
+        }
+        wmma::store_matrix_sync(U_s + m0 * LDU + n0, acc, LDU, wmma::mem_row_major);
+      }
+#pragma unroll
+      for (int kk = 0; kk < DK; kk += 16) {
+        FragA fq, fk;
+        wmma::load_matrix_sync(fq, Q_s + tr * 16 * LDQ + kk, LDQ);
+        wmma::load_matrix_sync(fk, K_s + tr * 16 * LDQ + kk, LDQ);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n0 = (tc + j) * 16;
+          if (a.causal) {   // A[t][s] += sum_d Q[t][d] K[s][d]: K_s read as the column-major K^T
+            FragBT fkt;
+            wmma::load_matrix_sync(fkt, K_s + n0 * LDQ + kk, LDQ);
+            wmma::mma_sync(accA[j], fq, fkt, accA[j]);
+          }
+          FragB fh, fl;   // KR[s][e] += sum_d K[s][d] R[d0 + d][e]
+          wmma::load_matrix_sync(fh, Rhi + kk * kLdH + n0, kLdH);
+          wmma::load_matrix_sync(fl, Rlo + kk * kLdH + n0, kLdH);
+          wmma::mma_sync(accKR[j], fk, fh, accKR[j]);
+          wmma::mma_sync(accKR[j], fk, fl, accKR[j]);
+        }
+      }
+      __syncthreads();  // dk's tiles are in U_s
+      for (int idx = tid; idx < kC * DK; idx += kThreads) {
+        const int s2 = idx / DK, d = idx % DK;
+        if (s2 >= nt || d >= nd) continue;
+        const bool kept = keep_s[s2] != 0.f;
+        const float x = U_s[s2 * LDU + d] + (with_c ? r_s[d0 + d] : 0.f);
+        if (acck != nullptr) {
+          if (kept) atomicAdd(acck + (t0 + s2) * a.D + d0 + d, x);
+        } else {
+          dkb[(t0 + s2) * a.out.s[2] + (d0 + d) * a.out.s[3]] = __float2bfloat16_rn(kept ? x : 0.f);
+        }
+      }
+      if (a.causal) {
+        __syncthreads();  // every read of r_s[d0 ..] for this chunk is done
+        for (int t = warp; t < (DK / 16) * (kBV / 16); t += kWarps) {   // R_d += Q_d^T G
+          const int m0 = (t / (kBV / 16)) * 16, n0 = (t % (kBV / 16)) * 16;
+          FragC fsum;
+          wmma::load_matrix_sync(fsum, R_s + (d0 + m0) * kLdF + n0, kLdF, wmma::mem_row_major);
+#pragma unroll
+          for (int kk = 0; kk < kC; kk += 16) {
+            FragAT fqt;
+            FragB fh, fl;
+            wmma::load_matrix_sync(fqt, Q_s + kk * LDQ + m0, LDQ);
+            wmma::load_matrix_sync(fh, Ghi + kk * kLdH + n0, kLdH);
+            wmma::load_matrix_sync(fl, Glo + kk * kLdH + n0, kLdH);
+            wmma::mma_sync(fsum, fqt, fh, fsum);
+            wmma::mma_sync(fsum, fqt, fl, fsum);
+          }
+          wmma::store_matrix_sync(R_s + (d0 + m0) * kLdF + n0, fsum, kLdF, wmma::mem_row_major);
+        }
+        if (a.normalize && tid < DK) {
+          float s2 = 0.f;
+          for (int t = 0; t < kC; ++t) s2 = fmaf(__bfloat162float(Q_s[t * LDQ + tid]), c_s[t], s2);
+          r_s[d0 + tid] += s2;
+        }
+      }
+    }
+
+    if (a.causal) {   // dv += (tril(A) / den)^T do
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(P_s + tr * 16 * kLdF + (tc + j) * 16, accA[j], kLdF, wmma::mem_row_major);
+      __syncthreads();
+      for (int idx = tid; idx < kC * kC; idx += kThreads) {
+        const int t = idx / kC, s2 = idx % kC;
+        split_bf16(s2 <= t ? P_s[t * kLdF + s2] * rden_s[t] : 0.f, Phi + t * kLdH + s2, Plo + t * kLdH + s2);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kC; kk += 16) {   // sum_t A'[t][s] do[t][e]: A' read as the column-major A'^T
+        FragAT fh, fl;
+        wmma::load_matrix_sync(fh, Phi + kk * kLdH + tr * 16, kLdH);
+        wmma::load_matrix_sync(fl, Plo + kk * kLdH + tr * 16, kLdH);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          FragB fd;
+          wmma::load_matrix_sync(fd, Do_s + kk * kLdH + (tc + j) * 16, kLdH);
+          wmma::mma_sync(accKR[j], fh, fd, accKR[j]);
+          wmma::mma_sync(accKR[j], fl, fd, accKR[j]);
+        }
+      }
+    }
+    __syncthreads();  // P_s is free for dv's tiles
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(P_s + tr * 16 * kLdF + (tc + j) * 16, accKR[j], kLdF, wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = tid; idx < kC * kBV; idx += kThreads) {
+      const int s2 = idx / kBV, e = idx % kBV;
+      if (s2 >= nt || e >= nv) continue;
+      const float x = P_s[s2 * kLdF + e];
+      if (accv != nullptr) atomicAdd(accv + (t0 + s2) * a.Dv + e, x);
+      else dvb[(t0 + s2) * a.out2.s[2] + e * a.out2.s[3]] = __float2bfloat16_rn(x);
     }
   }
 #endif

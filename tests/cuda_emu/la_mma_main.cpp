@@ -1,15 +1,18 @@
 // Runs the tensor-core passes (csrc/cuda/linear_attn_mma.cuh) on the host through emu.h, for
 // tests/test_cuda_emu.py. The forward: la_seg_sum_mma_kernel's per-segment sums, their prefix over segments
 // (la_scan's rule, here on the host), then la_fwd_chunk_mma_kernel; with a gradient do given, then
-// la_bwd_dq_mma_kernel from the same states and den. argv[1]: the problem (int64 header B, H, Hv, T, D, Dv, NS,
-// cps, causal, normalize, has_mask, bthd, backward; float32 eps; q, k, v (and do when backward) as bf16 bits in
-// "bhtd" or "bthd" memory; the key mask [B, T] as bytes when has_mask; the initial state [B*H][D*Dv + D] fp32,
-// S row-major then z). argv[2]: o [B, H, T, Dv] as bf16 bits, den [B, H, T] fp32, the final state
-// [B*H][D*Dv + D] fp32; when backward, dq [B, H, T, D] as bf16 bits and c [B, H, T] fp32.
+// la_bwd_dq_mma_kernel from the same states and den, the reverse states (la_seg_sum's and la_scan's rule for
+// q^T (do / den) and c q, on the host) and la_bwd_dkdv_mma_kernel. argv[1]: the problem (int64 header B, H, Hv, T,
+// D, Dv, NS, cps, causal, normalize, has_mask, bthd, backward; float32 eps; q, k, v (and do when backward) as
+// bf16 bits in "bhtd" or "bthd" memory; the key mask [B, T] as bytes when has_mask; the initial state
+// [B*H][D*Dv + D] fp32, S row-major then z; when backward the final state's gradient, same layout). argv[2]: o
+// [B, H, T, Dv] as bf16 bits, den [B, H, T] fp32, the final state [B*H][D*Dv + D] fp32; when backward, dq
+// [B, H, T, D], dk [B, H, T, D], dv [B, Hv, T, Dv] as bf16 bits and c [B, H, T] fp32.
 #define FASTATTN_CUDA_EMU 1
 #include "emu.h"
 #include "linear_attn_mma.cuh"
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <vector>
@@ -23,8 +26,17 @@ std::vector<T> take(std::ifstream& in, size_t n) {
   return v;
 }
 
+// The backward's buffers and its reverse states: slot j = dS + sum over later segments of q^T (do / den) and c q.
+struct Bwd {
+  ChunkArgs dq, dkdv;
+  std::vector<float>* rws;
+  const std::vector<float>* grad_final;
+  const std::vector<__nv_bfloat16>* q;
+  const std::vector<__nv_bfloat16>* dout;
+};
+
 template <int DK>
-int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init, const ChunkArgs* dq) {
+int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init, Bwd* bw) {
   if (mma_smem(a.Dp, DK).total > sizeof(emu::smem_buffer)) return 3;
   const unsigned bh = static_cast<unsigned>(BH), ns = static_cast<unsigned>(a.NS);
   emu::launch(dim3(bh, ns, static_cast<unsigned>((a.D + DK - 1) / DK * a.nvt)), kThreads,
@@ -41,10 +53,36 @@ int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init, cons
       s.ws[(i * (a.NS + 1) + a.NS) * a.slot + e] = run;
     }
   emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_fwd_chunk_mma_kernel<DK>(a); });
-  if (dq != nullptr) {
-    if (mma_dq_smem(a.Dp, DK).total > sizeof(emu::smem_buffer)) return 3;
-    emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_bwd_dq_mma_kernel<DK>(*dq); });
+  if (bw == nullptr) return 0;
+  if (mma_dq_smem(a.Dp, DK).total > sizeof(emu::smem_buffer) || mma_dkdv_smem(a.Dp, DK).total > sizeof(emu::smem_buffer))
+    return 3;
+  emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_bwd_dq_mma_kernel<DK>(bw->dq); });
+  // reverse states from the dq pass's c and the forward's den: segment sums X_j of q^T (do / den) and c q, then
+  // slot j = dS + sum_{i>j} X_i and slot NS = dS + every X (la_scan, reverse)
+  const int64_t H = a.H, T = a.T, D = a.D, Dv = a.Dv, cw = static_cast<int64_t>(a.cps) * kC;
+  const float* den = static_cast<const float*>(a.den.data);
+  const LaView& g = bw->dq.dout;
+  for (int64_t i = 0; i < BH; ++i) {
+    const int64_t b = i / H, hh = i % H;
+    std::vector<double> run(bw->grad_final->begin() + i * a.slot, bw->grad_final->begin() + (i + 1) * a.slot);
+    for (int j = a.NS - 1; j >= 0; --j) {
+      float* w = bw->rws->data() + (i * (a.NS + 1) + j) * a.slot;
+      for (int64_t e = 0; e < a.slot; ++e) w[e] = static_cast<float>(run[e]);
+      for (int64_t t = j * cw; t < std::min<int64_t>((j + 1) * cw, T); ++t) {
+        const float rden = a.normalize ? 1.f / den[b * a.den.s[0] + hh * a.den.s[1] + t] : 1.f;
+        const float ct = a.normalize ? bw->dq.cbuf[i * T + t] : 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const double qd = __bfloat162float((*bw->q)[b * a.q.s[0] + hh * a.q.s[1] + t * a.q.s[2] + d]);
+          for (int64_t e = 0; e < Dv; ++e)
+            run[d * Dv + e] += qd * __bfloat162float((*bw->dout)[b * g.s[0] + hh * g.s[1] + t * g.s[2] + e]) * rden;
+          run[D * Dv + d] += qd * ct;
+        }
+      }
+    }
+    float* total = bw->rws->data() + (i * (a.NS + 1) + a.NS) * a.slot;
+    for (int64_t e = 0; e < a.slot; ++e) total[e] = static_cast<float>(run[e]);
   }
+  emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_bwd_dkdv_mma_kernel<DK>(bw->dkdv); });
   return 0;
 }
 
@@ -98,24 +136,42 @@ int main(int argc, char** argv) {
   sg.with_z = normalize;
   sg.x = a.k; sg.y = a.v; sg.key_mask = a.key_mask;
   sg.ws = ws.data(); sg.slot = slot;
-  // the dq pass: the forward's states and den; dq straight into bf16 with one value tile, else summed over the
-  // tiles in an fp32 accumulator (as the CUDA backward does), c summed over the tiles too
-  std::vector<__nv_bfloat16> dq(backward ? B * H * T * D : 0, __float2bfloat16_rn(0.f));
-  std::vector<float> cbuf(backward ? B * H * T : 0, 0.f), acc(backward && a.nvt > 1 ? B * H * T * D : 0, 0.f);
-  ChunkArgs g = a;
+  // the backward, as the CUDA one: dq and dk straight into bf16 with one value tile, else summed over the tiles in
+  // fp32 accumulators; dv likewise over the query heads of a group (GQA); c summed over the value tiles
+  const size_t nq = backward ? B * H * T * D : 0, nvv = backward ? B * Hv * T * Dv : 0;
+  std::vector<__nv_bfloat16> dq(nq, __float2bfloat16_rn(0.f)), dk(nq, __float2bfloat16_rn(0.f));
+  std::vector<__nv_bfloat16> dv(nvv, __float2bfloat16_rn(0.f));
+  const bool tiles = a.nvt > 1, groups = H != Hv;
+  std::vector<float> cbuf(backward ? B * H * T : 0, 0.f), acc_q(tiles ? nq : 0, 0.f), acc_k(tiles ? nq : 0, 0.f);
+  std::vector<float> acc_v(groups ? nvv : 0, 0.f), rws(backward ? ws.size() : 0, 0.f);
+  const std::vector<float> grad_final = backward ? take<float>(in, B * H * slot) : std::vector<float>();
+  Bwd bw{a, a, &rws, &grad_final, &q, &dout};
   if (backward) {
-    g.dout = view(dout.data(), H, Dv);
-    g.out.data = dq.data();
-    g.out.s[0] = H * T * D; g.out.s[1] = T * D; g.out.s[2] = D; g.out.s[3] = 1;
-    g.cbuf = cbuf.data();
-    g.acc = a.nvt > 1 ? acc.data() : nullptr;
+    if (!in) return 4;
+    auto plain = [&](void* data, int64_t heads, int64_t dim) {   // [B, heads, T, dim] contiguous
+      LaView w;
+      w.data = data;
+      w.s[0] = heads * T * dim; w.s[1] = T * dim; w.s[2] = dim; w.s[3] = 1;
+      return w;
+    };
+    bw.dq.dout = view(dout.data(), H, Dv);
+    bw.dq.out = plain(dq.data(), H, D);
+    bw.dq.cbuf = cbuf.data();
+    bw.dq.acc = tiles ? acc_q.data() : nullptr;
+    bw.dkdv = bw.dq;
+    bw.dkdv.ws = rws.data();
+    bw.dkdv.out = plain(dk.data(), H, D);
+    bw.dkdv.out2 = plain(dv.data(), Hv, Dv);
+    bw.dkdv.acc = tiles ? acc_k.data() : nullptr;
+    bw.dkdv.acc2 = groups ? acc_v.data() : nullptr;
   }
-  const ChunkArgs* gp = backward ? &g : nullptr;
-  const int rc = DK == 16 ? run<16>(sg, a, B * H, init, gp) : DK == 32 ? run<32>(sg, a, B * H, init, gp)
-                                                                       : run<64>(sg, a, B * H, init, gp);
+  Bwd* bp = backward ? &bw : nullptr;
+  const int rc = DK == 16 ? run<16>(sg, a, B * H, init, bp) : DK == 32 ? run<32>(sg, a, B * H, init, bp)
+                                                                       : run<64>(sg, a, B * H, init, bp);
   if (rc != 0) return rc;
-  if (backward && a.nvt > 1)
-    for (size_t i = 0; i < acc.size(); ++i) dq[i] = __float2bfloat16_rn(acc[i]);
+  for (size_t i = 0; i < acc_q.size(); ++i) dq[i] = __float2bfloat16_rn(acc_q[i]);
+  for (size_t i = 0; i < acc_k.size(); ++i) dk[i] = __float2bfloat16_rn(acc_k[i]);
+  for (size_t i = 0; i < acc_v.size(); ++i) dv[i] = __float2bfloat16_rn(acc_v[i]);
   std::ofstream out(argv[2], std::ios::binary);
   out.write(reinterpret_cast<const char*>(o.data()), static_cast<std::streamsize>(o.size() * sizeof(o[0])));
   out.write(reinterpret_cast<const char*>(den.data()), static_cast<std::streamsize>(den.size() * sizeof(float)));
@@ -123,7 +179,8 @@ int main(int argc, char** argv) {
     out.write(reinterpret_cast<const char*>(ws.data() + (i * (NS + 1) + NS) * slot),
               static_cast<std::streamsize>(slot * sizeof(float)));
   if (backward) {
-    out.write(reinterpret_cast<const char*>(dq.data()), static_cast<std::streamsize>(dq.size() * sizeof(dq[0])));
+    for (const auto* x : {&dq, &dk, &dv})
+      out.write(reinterpret_cast<const char*>(x->data()), static_cast<std::streamsize>(x->size() * sizeof(dq[0])));
     out.write(reinterpret_cast<const char*>(cbuf.data()), static_cast<std::streamsize>(cbuf.size() * sizeof(float)));
   }
   return out ? 0 : 5;

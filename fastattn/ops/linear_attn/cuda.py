@@ -4,7 +4,7 @@ The kernels live in csrc/cuda/linear_attn.cu (chunked split-T forward and backwa
 for the CUDA dispatch key by csrc/cuda/linear_attn_glue.cpp. Arguments, shapes and outputs follow README.md of this
 package: q, k, v, do are read through their strides (no copies); o, dq, dk, dv are allocated in the memory order of
 their inputs; S, z, den and the state gradients are fp32. FASTATTN_CUDA_MMA=1 (read at every call) runs the bf16
-forward's chunk pass on tensor cores (la_fwd_chunk_mma_kernel, sm_80+; off until tested and timed on a GPU).
+chunk passes on tensor cores (csrc/cuda/linear_attn_mma.cuh, sm_80+; off until tested and timed on a GPU).
 """
 from __future__ import annotations
 
