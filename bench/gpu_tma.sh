@@ -5,7 +5,8 @@
 #   build (sm_90, in the background) | bench/subspace_hvp.py: the parts paths against the default (A split in the
 #       k-loop), cuBLAS fp16x3 on the same parts, cuBLAS fp32 and vmap, in one process (Gaussian P)
 #   ->  the same with a Rademacher P: two products a k-step against three (plo), 3 load stages, vmap, unfused
-#   ->  the GPU tests of the new code (windows, split precisions with a Rademacher P), then every other GPU test
+#   ->  the GPU tests of the new code (windows, split precisions with a Rademacher P, the CUDA tensor-core passes),
+#       then every other GPU test
 #   ->  bench/linear_attn_configs.py: q/k windows (WINDOWS) against the default at D = 9, 182
 # Usage (repository root on the GPU machine): OUT=dir [CALL_LIMIT=570] bash bench/gpu_tma.sh
 # Returns under $OUT: subspace_hvp_h*.{json,md} (Gaussian P), rademacher/subspace_hvp_h*_rademacher.{json,md},
@@ -29,11 +30,12 @@ timeout 80 python3 bench/subspace_hvp.py --out "$OUT/rademacher" --quick --sketc
   > "$LOGS/bench_rademacher.log" 2>&1
 el "rademacher bench rc=$?"; grep -E "fused|unfused|vmap" "$LOGS/bench_rademacher.log" | tail -10
 wait $build; el "build rc=$?"; tail -1 "$LOGS/build.log"
-NEW="windows or long_sums"   # this code's new GPU tests first (q/k windows; the split precisions, Rademacher P)
-timeout 90 python3 -m pytest -q -m gpu tests/test_linear_attn_gpu.py tests/test_subspace_hvp.py -k "$NEW" -n 4 \
+NEW="windows or long_sums or tensor_cores"   # the new code's GPU tests first (q/k windows; split precisions with
+#                                            a Rademacher P; the CUDA backend's tensor-core passes)
+timeout 110 python3 -m pytest -q -m gpu tests/test_linear_attn_gpu.py tests/test_subspace_hvp.py -k "$NEW" -n 4 \
   -p no:cacheprovider > "$LOGS/gpu_tests_new.log" 2>&1
 el "new GPU tests rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests_new.log" | tail -12
-timeout 170 python3 -m pytest -q -m gpu tests -k "not ($NEW)" -n 4 -p no:cacheprovider > "$LOGS/gpu_tests.log" 2>&1
+timeout 150 python3 -m pytest -q -m gpu tests -k "not ($NEW)" -n 4 -p no:cacheprovider > "$LOGS/gpu_tests.log" 2>&1
 el "other GPU tests rc=$?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/gpu_tests.log" | tail -12
 mkdir -p "$OUT/windows"
 timeout "$(left 5)" python3 bench/linear_attn_configs.py --variants windows,windows_pointers --dims 9,182 \

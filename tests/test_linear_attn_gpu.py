@@ -109,7 +109,7 @@ def _cuda_mma_kernels(run) -> set[str]:
 
 @pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs the cuda backend on a GPU")
 @pytest.mark.parametrize("case", [c for c in CASES if c.T >= 63], ids=str)
-def test_cuda_tensor_core_forward_small_cases(case, monkeypatch):
+def test_cuda_tensor_cores_small_cases(case, monkeypatch):
     """FASTATTN_CUDA_MMA=1: the cuda backend's bf16 passes on tensor cores (the forward's segment sums and chunk
     pass, the backward's dq and dk / dv passes; WMMA, the fp32 operands as bf16 hi + lo) against fp64 by the
     low-precision rule, every gradient and the final state included; the profiler must show the tensor-core chunk,
@@ -126,7 +126,7 @@ def test_cuda_tensor_core_forward_small_cases(case, monkeypatch):
 @pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs the cuda backend on a GPU")
 @pytest.mark.parametrize("B,H,Hv,T,D,Dv", [(1, 9, 3, 65536, 64, 64), (2, 8, 8, 16384, 37, 64),
                                           (1, 4, 2, 65536, 130, 48), (1, 2, 2, 16384, 300, 80)])
-def test_cuda_tensor_core_forward_long_sequences(B, H, Hv, T, D, Dv, monkeypatch):
+def test_cuda_tensor_cores_long_sequences(B, H, Hv, T, D, Dv, monkeypatch):
     """The long-sequence bounds (5e-3 relative in bf16) with the tensor-core passes."""
     monkeypatch.setenv("FASTATTN_CUDA_MMA", "1")
     _check_long("cuda", torch.bfloat16, B, H, Hv, T, D, Dv)
