@@ -935,6 +935,17 @@ cudaError_t launch_chunk(Kernel kernel, const LaSizes& n, const Plan& p, const C
   return cudaGetLastError();
 }
 
+// A chunk pass: its tensor-core kernel where asked for (bf16 only) and fitting the GPU's shared memory, else the
+// FMA one.
+template <typename scalar_t>
+cudaError_t launch_pass(bool tensor_cores, int max_smem_bytes, void (*mma)(ChunkArgs), size_t mma_bytes,
+                        void (*fma)(ChunkArgs), size_t fma_bytes, const LaSizes& n, const Plan& p,
+                        const ChunkArgs& args, cudaStream_t stream) {
+  if (std::is_same_v<scalar_t, __nv_bfloat16> && tensor_cores && mma_bytes <= static_cast<size_t>(max_smem_bytes))
+    return launch_chunk(mma, n, p, args, mma_bytes, stream);
+  return launch_chunk(fma, n, p, args, fma_bytes, stream);
+}
+
 template <typename scalar_t>
 cudaError_t launch_cast(const float* src, int64_t B, int64_t H, int64_t T_, int64_t D, LaView dst,
                         cudaStream_t stream) {
@@ -978,15 +989,10 @@ cudaError_t fwd_run(const LaFwdParams& prm, const Plan& p, cudaStream_t stream) 
   c.q = prm.q; c.k = prm.k; c.v = prm.v; c.key_mask = prm.key_mask;
   c.den = prm.den; c.out = prm.o;
   c.ws = ws;
-  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-    if (prm.tensor_cores) {
-      const size_t mma_bytes = mma_smem(Dp, DK).total;
-      if (mma_bytes <= static_cast<size_t>(prm.max_smem_bytes))
-        return launch_chunk(la_fwd_chunk_mma_kernel<DK>, n, p, c, mma_bytes, stream);
-    }
-  }
   const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, false).total) * sizeof(float);
-  return launch_chunk(la_fwd_chunk_kernel<scalar_t, DK>, n, p, c, smem, stream);
+  return launch_pass<scalar_t>(prm.tensor_cores, prm.max_smem_bytes, la_fwd_chunk_mma_kernel<DK>,
+                               mma_smem_bytes(Dp, DK, kMmaFwd), la_fwd_chunk_kernel<scalar_t, DK>, smem, n, p, c,
+                               stream);
 }
 
 template <typename scalar_t, int DK>
@@ -1019,18 +1025,10 @@ cudaError_t bwd_run(const LaBwdParams& prm, const Plan& p, cudaStream_t stream) 
     c.dout = prm.dout; c.den = prm.den;
     c.out = prm.dq;
     c.ws = ws; c.cbuf = cbuf; c.acc = acc_dq;
-    bool done = false;
-    if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-      const size_t mma_bytes = mma_dq_smem(Dp, DK).total;
-      if (prm.tensor_cores && mma_bytes <= static_cast<size_t>(prm.max_smem_bytes)) {
-        FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dq_mma_kernel<DK>, n, p, c, mma_bytes, stream));
-        done = true;
-      }
-    }
-    if (!done) {
-      const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
-      FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dq_kernel<scalar_t, DK>, n, p, c, smem, stream));
-    }
+    const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
+    FA_RETURN_IF_ERROR(launch_pass<scalar_t>(prm.tensor_cores, prm.max_smem_bytes, la_bwd_dq_mma_kernel<DK>,
+                                             mma_smem_bytes(Dp, DK, kMmaDq), la_bwd_dq_kernel<scalar_t, DK>, smem,
+                                             n, p, c, stream));
   }
   // 3. reverse states: per-segment sums of q^T g and c q, suffix over segments from (dS, dz); totals = dS0, dz0
   FA_RETURN_IF_ERROR((launch_seg_sum<scalar_t, DK>(n, p, prm.q, prm.dout, 1, LaView{}, nz ? prm.den : LaView{}, cbuf, nz,
@@ -1044,18 +1042,10 @@ cudaError_t bwd_run(const LaBwdParams& prm, const Plan& p, cudaStream_t stream) 
   c.dout = prm.dout; c.den = prm.den;
   c.out = prm.dk; c.out2 = prm.dv;
   c.ws = ws; c.cbuf = cbuf; c.acc = acc_dk; c.acc2 = acc_dv;
-  bool done = false;
-  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-    const size_t mma_bytes = mma_dkdv_smem(Dp, DK).total;
-    if (prm.tensor_cores && mma_bytes <= static_cast<size_t>(prm.max_smem_bytes)) {
-      FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dkdv_mma_kernel<DK>, n, p, c, mma_bytes, stream));
-      done = true;
-    }
-  }
-  if (!done) {
-    const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
-    FA_RETURN_IF_ERROR(launch_chunk(la_bwd_dkdv_kernel<scalar_t, DK>, n, p, c, smem, stream));
-  }
+  const size_t smem = static_cast<size_t>(chunk_smem(Dp, DK + 1, true).total) * sizeof(float);
+  FA_RETURN_IF_ERROR(launch_pass<scalar_t>(prm.tensor_cores, prm.max_smem_bytes, la_bwd_dkdv_mma_kernel<DK>,
+                                           mma_smem_bytes(Dp, DK, kMmaDkdv), la_bwd_dkdv_kernel<scalar_t, DK>, smem,
+                                           n, p, c, stream));
   // 5. reductions across blocks -> outputs
   if (acc_dq != nullptr) FA_RETURN_IF_ERROR(launch_cast<scalar_t>(acc_dq, n.B, n.H, n.T, n.D, prm.dq, stream));
   if (acc_dk != nullptr) FA_RETURN_IF_ERROR(launch_cast<scalar_t>(acc_dk, n.B, n.H, n.T, n.D, prm.dk, stream));

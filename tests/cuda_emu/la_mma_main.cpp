@@ -37,7 +37,7 @@ struct Bwd {
 
 template <int DK>
 int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init, Bwd* bw) {
-  if (mma_smem(a.Dp, DK).total > sizeof(emu::smem_buffer)) return 3;
+  if (mma_smem_bytes(a.Dp, DK, kMmaFwd) > sizeof(emu::smem_buffer)) return 3;
   const unsigned bh = static_cast<unsigned>(BH), ns = static_cast<unsigned>(a.NS);
   emu::launch(dim3(bh, ns, static_cast<unsigned>((a.D + DK - 1) / DK * a.nvt)), kThreads,
               [&] { la_seg_sum_mma_kernel<DK>(s); });
@@ -54,7 +54,8 @@ int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init, Bwd*
     }
   emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_fwd_chunk_mma_kernel<DK>(a); });
   if (bw == nullptr) return 0;
-  if (mma_dq_smem(a.Dp, DK).total > sizeof(emu::smem_buffer) || mma_dkdv_smem(a.Dp, DK).total > sizeof(emu::smem_buffer))
+  if (mma_smem_bytes(a.Dp, DK, kMmaDq) > sizeof(emu::smem_buffer) ||
+      mma_smem_bytes(a.Dp, DK, kMmaDkdv) > sizeof(emu::smem_buffer))
     return 3;
   emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_bwd_dq_mma_kernel<DK>(bw->dq); });
   // reverse states from the dq pass's c and the forward's den: segment sums X_j of q^T (do / den) and c q, then
