@@ -108,16 +108,26 @@ def test_tensor_core_forward_chunk_pass_on_the_host(harness, tmp_path, case):
         return t
     dq, dk = bf16(B * H * T * D, B, H, T, D), bf16(B * H * T * D, B, H, T, D)
     dv = bf16(B * Hv * T * Dv, B, Hv, T, Dv)
-    c = torch.from_numpy(np.frombuffer(raw, np.float32).copy()).view(B, H, T)
+    rest = np.frombuffer(raw, np.float32)
+    c = torch.from_numpy(rest[: B * H * T].copy()).view(B, H, T)
+    grad_init = torch.from_numpy(rest[B * H * T:].copy()).view(B, H, D * Dv + D)
 
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    S0_64, z0_64 = (t.clone().requires_grad_() if t is not None and causal else None for t in (S0, z0))
     o_ref, S_ref, z_ref, den_ref = linear_attention_recurrent(
-        q64, k64, v64, S0 if causal else None, z0 if causal and normalize else None, mask, causal, normalize, eps)
+        q64, k64, v64, S0_64, z0_64 if normalize else None, mask, causal, normalize, eps)
     loss = (o_ref * do.double()).sum() + (S_ref * dS.double()).sum()
     if normalize:
         loss = loss + (z_ref * dz.double()).sum()
     loss.backward()
     o_ref, S_ref, z_ref, den_ref = (t.detach() if t is not None else None for t in (o_ref, S_ref, z_ref, den_ref))
+    if S0_64 is not None:   # dS0 (and dz0): the reverse states' total, from la_seg_sum_mma_kernel's sums of q^T G
+        grads = [("dS0", grad_init[..., : D * Dv], S0_64.grad.reshape(B, H, D * Dv))]
+        if normalize:
+            grads.append(("dz0", grad_init[..., D * Dv:], z0_64.grad))
+        for name, got, want in grads:
+            err = ((got.double() - want).norm() / want.norm()).item()
+            assert err <= 1e-5, f"{name}: relative error {err:.2e}"
     for name, got, want in (("dk", dk, k64.grad), ("dv", dv, v64.grad)):   # dq below
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err <= 4e-3, f"{name}: relative error {err:.2e}"   # bf16 output rounding ~1.6e-3

@@ -901,7 +901,7 @@ cudaError_t launch_seg_sum(const LaSizes& n, const Plan& p, LaView x, LaView y, 
   const dim3 grid(static_cast<unsigned>(n.B * n.H), static_cast<unsigned>(p.NS),
                   static_cast<unsigned>(cdiv(n.D, DK) * p.nvt));
   if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
-    if (tensor_cores && den.data == nullptr && wz == nullptr) {   // the forward's sums: exact bf16 products
+    if (tensor_cores) {
       la_seg_sum_mma_kernel<DK><<<grid, kThreads, 0, stream>>>(s);
       return cudaGetLastError();
     }
@@ -1032,7 +1032,7 @@ cudaError_t bwd_run(const LaBwdParams& prm, const Plan& p, cudaStream_t stream) 
   }
   // 3. reverse states: per-segment sums of q^T g and c q, suffix over segments from (dS, dz); totals = dS0, dz0
   FA_RETURN_IF_ERROR((launch_seg_sum<scalar_t, DK>(n, p, prm.q, prm.dout, 1, LaView{}, nz ? prm.den : LaView{}, cbuf, nz,
-                                            ws, stream)));
+                                            ws, stream, prm.tensor_cores)));
   FA_RETURN_IF_ERROR(launch_scan(n, p, nz, true, ws, prm.dS, nz ? prm.dz : LaView{}, prm.dS0,
                                  nz ? prm.dz0 : LaView{}, stream));
   if (n.T == 0) return cudaSuccess;

@@ -398,11 +398,12 @@ __global__ void __launch_bounds__(kThreads, 1) la_fwd_chunk_mma_kernel(const Chu
 #endif
 }
 
-// Pass 1 of the forward on tensor cores (bf16; the forward's use only: no den, no z weights). Block (bh, seg,
-// dtile * nvt + vtile), as la_seg_sum_kernel: out[d][e] = sum_t keep_t x_t[d] y_t[e], out_z[d] = sum_t keep_t
-// x_t[d], over the segment's chunks; X^T Y as exact bf16 products into fp32 fragments, tile t of the DK x 64 sum
-// to warp t % 8 (DK = 64: two a warp). Static shared memory: X C x (DK + 8), Y C x 72 (bf16), the sum's fp32
-// staging DK x 68, the keep flags.
+// Pass 1 of forward and backward on tensor cores (bf16). Block (bh, seg, dtile * nvt + vtile), as
+// la_seg_sum_kernel: out[d][e] = sum_t keep_t x_t[d] y_t[e] / den_t, out_z[d] = sum_t keep_t x_t[d] w_t, over the
+// segment's chunks; X^T Y into fp32 fragments, tile t of the DK x 64 sum to warp t % 8 (DK = 64: two a warp). Without
+// den (the forward's k^T v) the products are exact bf16 ones; with den (the backward's q^T (do / den)) Y / den
+// enters as bf16 hi + lo. Static shared memory: X C x (DK + 8), Y (hi) and its lo C x 72 (bf16), the sum's fp32
+// staging DK x 68, the per-token flags.
 template <int DK>
 __global__ void __launch_bounds__(kThreads) la_seg_sum_mma_kernel(const SegArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -415,8 +416,11 @@ __global__ void __launch_bounds__(kThreads) la_seg_sum_mma_kernel(const SegArgs 
   constexpr int kPer = (kTiles + kWarps - 1) / kWarps;   // accumulator tiles a warp holds (1 or 2)
   __shared__ __align__(128) bf16 X_s[kC * LDX];
   __shared__ __align__(128) bf16 Y_s[kC * kLdH];
+  __shared__ __align__(128) bf16 Ylo_s[kC * kLdH];
   __shared__ __align__(128) float O_s[DK * kLdF];
   __shared__ float keep_s[kC];
+  __shared__ float rmul_s[kC];
+  __shared__ float w_s[kC];
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t bh = blockIdx.x;
@@ -432,6 +436,8 @@ __global__ void __launch_bounds__(kThreads) la_seg_sum_mma_kernel(const SegArgs 
   const unsigned char* mb =
       a.key_mask.data ? static_cast<const unsigned char*>(a.key_mask.data) + b * a.key_mask.s[0] : nullptr;
   const bool do_z = a.with_z && vtile == 0;
+  const float* denb = a.den.data ? static_cast<const float*>(a.den.data) + b * a.den.s[0] + h * a.den.s[1] : nullptr;
+  const float* wb = a.wz ? a.wz + bh * T : nullptr;
 
   FragC acc[kPer];
 #pragma unroll
@@ -442,10 +448,21 @@ __global__ void __launch_bounds__(kThreads) la_seg_sum_mma_kernel(const SegArgs 
     if (t0 >= T) break;
     const int nt = static_cast<int>(lmin(kC, T - t0));
     __syncthreads();  // the previous chunk's tiles are no longer read
-    if (tid < kC) keep_s[tid] = (tid < nt && (mb == nullptr || mb[(t0 + tid) * a.key_mask.s[1]] != 0)) ? 1.f : 0.f;
+    if (tid < kC) {
+      keep_s[tid] = (tid < nt && (mb == nullptr || mb[(t0 + tid) * a.key_mask.s[1]] != 0)) ? 1.f : 0.f;
+      rmul_s[tid] = (tid < nt && denb != nullptr) ? 1.f / denb[(t0 + tid) * a.den.s[2]] : 1.f;
+      w_s[tid] = (tid < nt && wb != nullptr) ? wb[t0 + tid] : 1.f;
+    }
     __syncthreads();
     load_tile_bf16<kC, DK>(X_s, LDX, xb + t0 * a.x.s[2], a.x.s[2], a.x.s[3], nt, nd, keep_s);
     load_tile_bf16<kC, kBV>(Y_s, kLdH, yb + t0 * a.y.s[2], a.y.s[2], a.y.s[3], nt, nv, keep_s);
+    if (denb != nullptr) {   // Y / den as bf16 hi (in place) + lo
+      __syncthreads();
+      for (int idx = tid; idx < kC * kBV; idx += kThreads) {
+        const int i = idx / kBV, e = idx % kBV;
+        split_bf16(__bfloat162float(Y_s[i * kLdH + e]) * rmul_s[i], Y_s + i * kLdH + e, Ylo_s + i * kLdH + e);
+      }
+    }
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {   // sum[d][e] += sum_t X[t][d] Y[t][e]: X read as the column-major X^T
@@ -459,10 +476,14 @@ __global__ void __launch_bounds__(kThreads) la_seg_sum_mma_kernel(const SegArgs 
         wmma::load_matrix_sync(fx, X_s + kk * LDX + m0, LDX);
         wmma::load_matrix_sync(fy, Y_s + kk * kLdH + n0, kLdH);
         wmma::mma_sync(acc[i], fx, fy, acc[i]);
+        if (denb != nullptr) {
+          wmma::load_matrix_sync(fy, Ylo_s + kk * kLdH + n0, kLdH);
+          wmma::mma_sync(acc[i], fx, fy, acc[i]);
+        }
       }
     }
     if (do_z && tid < DK) {
-      for (int i = 0; i < kC; ++i) zacc += __bfloat162float(X_s[i * LDX + tid]);
+      for (int i = 0; i < kC; ++i) zacc = fmaf(__bfloat162float(X_s[i * LDX + tid]), w_s[i], zacc);
     }
   }
 #pragma unroll

@@ -1,13 +1,14 @@
 // Runs the tensor-core passes (csrc/cuda/linear_attn_mma.cuh) on the host through emu.h, for
 // tests/test_cuda_emu.py. The forward: la_seg_sum_mma_kernel's per-segment sums, their prefix over segments
 // (la_scan's rule, here on the host), then la_fwd_chunk_mma_kernel; with a gradient do given, then
-// la_bwd_dq_mma_kernel from the same states and den, the reverse states (la_seg_sum's and la_scan's rule for
-// q^T (do / den) and c q, on the host) and la_bwd_dkdv_mma_kernel. argv[1]: the problem (int64 header B, H, Hv, T,
+// la_bwd_dq_mma_kernel from the same states and den, the reverse states (la_seg_sum_mma_kernel's sums of
+// q^T (do / den) and c q, la_scan's reverse prefix on the host) and la_bwd_dkdv_mma_kernel. argv[1]: the problem (int64 header B, H, Hv, T,
 // D, Dv, NS, cps, causal, normalize, has_mask, bthd, backward; float32 eps; q, k, v (and do when backward) as
 // bf16 bits in "bhtd" or "bthd" memory; the key mask [B, T] as bytes when has_mask; the initial state
 // [B*H][D*Dv + D] fp32, S row-major then z; when backward the final state's gradient, same layout). argv[2]: o
 // [B, H, T, Dv] as bf16 bits, den [B, H, T] fp32, the final state [B*H][D*Dv + D] fp32; when backward, dq
-// [B, H, T, D], dk [B, H, T, D], dv [B, Hv, T, Dv] as bf16 bits and c [B, H, T] fp32.
+// [B, H, T, D], dk [B, H, T, D], dv [B, Hv, T, Dv] as bf16 bits, c [B, H, T] fp32 and the initial state's
+// gradient [B*H][D*Dv + D] fp32.
 #define FASTATTN_CUDA_EMU 1
 #include "emu.h"
 #include "linear_attn_mma.cuh"
@@ -26,13 +27,11 @@ std::vector<T> take(std::ifstream& in, size_t n) {
   return v;
 }
 
-// The backward's buffers and its reverse states: slot j = dS + sum over later segments of q^T (do / den) and c q.
+// The backward's arguments, its reverse-state slots and the final state's gradient (their initial value).
 struct Bwd {
   ChunkArgs dq, dkdv;
   std::vector<float>* rws;
   const std::vector<float>* grad_final;
-  const std::vector<__nv_bfloat16>* q;
-  const std::vector<__nv_bfloat16>* dout;
 };
 
 template <int DK>
@@ -58,31 +57,29 @@ int run(SegArgs s, ChunkArgs a, int64_t BH, const std::vector<float>& init, Bwd*
       mma_smem_bytes(a.Dp, DK, kMmaDkdv) > sizeof(emu::smem_buffer))
     return 3;
   emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_bwd_dq_mma_kernel<DK>(bw->dq); });
-  // reverse states from the dq pass's c and the forward's den: segment sums X_j of q^T (do / den) and c q, then
-  // slot j = dS + sum_{i>j} X_i and slot NS = dS + every X (la_scan, reverse)
-  const int64_t H = a.H, T = a.T, D = a.D, Dv = a.Dv, cw = static_cast<int64_t>(a.cps) * kC;
-  const float* den = static_cast<const float*>(a.den.data);
-  const LaView& g = bw->dq.dout;
-  for (int64_t i = 0; i < BH; ++i) {
-    const int64_t b = i / H, hh = i % H;
-    std::vector<double> run(bw->grad_final->begin() + i * a.slot, bw->grad_final->begin() + (i + 1) * a.slot);
-    for (int j = a.NS - 1; j >= 0; --j) {
-      float* w = bw->rws->data() + (i * (a.NS + 1) + j) * a.slot;
-      for (int64_t e = 0; e < a.slot; ++e) w[e] = static_cast<float>(run[e]);
-      for (int64_t t = j * cw; t < std::min<int64_t>((j + 1) * cw, T); ++t) {
-        const float rden = a.normalize ? 1.f / den[b * a.den.s[0] + hh * a.den.s[1] + t] : 1.f;
-        const float ct = a.normalize ? bw->dq.cbuf[i * T + t] : 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const double qd = __bfloat162float((*bw->q)[b * a.q.s[0] + hh * a.q.s[1] + t * a.q.s[2] + d]);
-          for (int64_t e = 0; e < Dv; ++e)
-            run[d * Dv + e] += qd * __bfloat162float((*bw->dout)[b * g.s[0] + hh * g.s[1] + t * g.s[2] + e]) * rden;
-          run[D * Dv + d] += qd * ct;
-        }
+  // reverse states: la_seg_sum_mma_kernel's per-segment sums of q^T (do / den) and c q, then la_scan's reverse
+  // prefix on the host: slot j = dS + sum_{i>j} X_i, slot NS = dS + every X_i (dS0, dz0)
+  SegArgs r = s;
+  r.ygroup = 1;
+  r.x = a.q;
+  r.y = bw->dq.dout;
+  r.key_mask = LaView{};
+  r.den = a.normalize ? a.den : LaView{};
+  r.wz = a.normalize ? bw->dq.cbuf : nullptr;
+  r.ws = bw->rws->data();
+  emu::launch(dim3(bh, ns, static_cast<unsigned>((a.D + DK - 1) / DK * a.nvt)), kThreads,
+              [&] { la_seg_sum_mma_kernel<DK>(r); });
+  for (int64_t i = 0; i < BH; ++i)
+    for (int64_t e = 0; e < a.slot; ++e) {
+      float run = (*bw->grad_final)[i * a.slot + e];
+      for (int j = a.NS - 1; j >= 0; --j) {
+        float& w = r.ws[(i * (a.NS + 1) + j) * a.slot + e];
+        const float x = w;
+        w = run;
+        run += x;
       }
+      r.ws[(i * (a.NS + 1) + a.NS) * a.slot + e] = run;
     }
-    float* total = bw->rws->data() + (i * (a.NS + 1) + a.NS) * a.slot;
-    for (int64_t e = 0; e < a.slot; ++e) total[e] = static_cast<float>(run[e]);
-  }
   emu::launch(dim3(bh, ns, static_cast<unsigned>(a.nvt)), kThreads, [&] { la_bwd_dkdv_mma_kernel<DK>(bw->dkdv); });
   return 0;
 }
@@ -146,7 +143,7 @@ int main(int argc, char** argv) {
   std::vector<float> cbuf(backward ? B * H * T : 0, 0.f), acc_q(tiles ? nq : 0, 0.f), acc_k(tiles ? nq : 0, 0.f);
   std::vector<float> acc_v(groups ? nvv : 0, 0.f), rws(backward ? ws.size() : 0, 0.f);
   const std::vector<float> grad_final = backward ? take<float>(in, B * H * slot) : std::vector<float>();
-  Bwd bw{a, a, &rws, &grad_final, &q, &dout};
+  Bwd bw{a, a, &rws, &grad_final};
   if (backward) {
     if (!in) return 4;
     auto plain = [&](void* data, int64_t heads, int64_t dim) {   // [B, heads, T, dim] contiguous
@@ -183,6 +180,9 @@ int main(int argc, char** argv) {
     for (const auto* x : {&dq, &dk, &dv})
       out.write(reinterpret_cast<const char*>(x->data()), static_cast<std::streamsize>(x->size() * sizeof(dq[0])));
     out.write(reinterpret_cast<const char*>(cbuf.data()), static_cast<std::streamsize>(cbuf.size() * sizeof(float)));
+    for (int64_t i = 0; i < B * H; ++i)   // dS0, dz0: the reverse total
+      out.write(reinterpret_cast<const char*>(rws.data() + (i * (NS + 1) + NS) * slot),
+                static_cast<std::streamsize>(slot * sizeof(float)));
   }
   return out ? 0 : 5;
 }
