@@ -54,7 +54,7 @@ struct LaBwdParams {
   bool normalize = true;
   float eps = 1e-6f;
   int num_sms = 0;
-  bool tensor_cores = false;          // bf16: the forward-state sums, dq and dk / dv passes on tensor cores (opt-in)
+  bool tensor_cores = false;          // bf16: the segment sums, dq and dk / dv passes on tensor cores (opt-in)
   int max_smem_bytes = 0;             // the device's opt-in shared memory per block
   LaView dout;                        // [B, H, T, Dv] gradient of o, dtype
   LaView dS, dz;                      // [B, H, D, Dv], [B, H, D] fp32 gradients of the final state, optional
