@@ -1,8 +1,8 @@
 """Linear-attention microbenchmark: every available fastattn backend and the baselines, in one process.
 
 CPU:  compares the C++ `cpu` backend with the `torch` chunked fallback (fwd and fwd+bwd, fp32).
-GPU:  `cuda` and `triton` backends (and `cuda-mma`: the cuda backend with FASTATTN_CUDA_MMA=1, its bf16 forward
-      chunk pass on tensor cores), fla `chunk_linear_attn` (normalize True/False, when importable) and torch SDPA
+GPU:  `cuda` and `triton` backends (and `cuda-mma`: the cuda backend with FASTATTN_CUDA_MMA=1, its bf16 passes
+      on tensor cores), fla `chunk_linear_attn` (normalize True/False, when importable) and torch SDPA
       causal (head dim 64) over the shapes of the H200 issue, plus the decode step. Correctness against an fp64
       reference is checked before anything is timed.
 
@@ -13,7 +13,6 @@ Results: bench/results/linear_attn_<device>.json and .md (GPU, versions, commit,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -193,21 +193,10 @@ def _rel_err(got, ref) -> float:
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
-@contextlib.contextmanager
 def _cuda_mma(on: bool):
-    """FASTATTN_CUDA_MMA=1 inside (the cuda backend's bf16 forward chunk pass on tensor cores, read at every call):
+    """FASTATTN_CUDA_MMA=1 inside when ``on`` (the cuda backend's bf16 passes on tensor cores, read at every call):
     the pseudo-backend "cuda-mma" of the grid."""
-    saved = os.environ.get("FASTATTN_CUDA_MMA")
-    if on:
-        os.environ["FASTATTN_CUDA_MMA"] = "1"
-    try:
-        yield
-    finally:
-        if on:
-            if saved is None:
-                os.environ.pop("FASTATTN_CUDA_MMA")
-            else:
-                os.environ["FASTATTN_CUDA_MMA"] = saved
+    return unittest.mock.patch.dict(os.environ, {"FASTATTN_CUDA_MMA": "1"} if on else {})
 
 
 def bench_gpu_one(B, H, T, D, Dv, ours, fla_fn, bw, dtype, check: bool, probes: dict | None = None) -> list[dict]:

@@ -61,17 +61,17 @@ VARIANTS = {
     # the backward's dq and dk/dv kernels with pointer loads (BWD_TMA off). sm_90 compile (bench/sm90_compile.py
     # --direction bwd --D 64 [--tma]): dk/dv hot loop 25 STL / 79 LDL a chunk with pointer loads, 10 / 25 with TMA
     "bwd_pointers": {"bwd_tma": False},
-    # q/k windows for ragged D in "bthd" memory (WINDOWS, off by default until timed): 16-byte aligned loads where
-    # a head's rows start off a 16-byte boundary (D = 9, 182, 37). sm_90 compile (bench/sm90_compile.py --D 9,182
-    # [--windows] [--tma]), forward: D = 9 q/k by 16-byte async copies instead of 2-byte loads, spills 0 instead of
-    # 44 / 24 B, 919 instructions a chunk instead of 1,017; D = 182 16-byte copies instead of 4-byte ones, spills
-    # 352 / 308 B instead of 704 / 664, 1,883 instructions instead of 2,500; with TMA, bulk copies
     # 32-wide value tiles: two programs per (b, h) re-read q and k (adjacent in the grid, so mostly from L2) but
     # hold half the state. sm_90 compile (16 x 8 x 4k, TMA): D = 128, 4 warps: no spills, 954-1,558 instructions a
     # chunk against 148 / 140 B and 1,143-1,865 with 64; D = 182 / 256 in one 256-wide tile (no fp32 partials) at
     # 8 warps: 80 / 64 B (D = 182, windows) and 468 / 524 B against 320 / 268 and 260 / 216 with two 128-wide tiles
     "bv32": {"fwd": dict(BV=32)},
     "bk256bv32w8": {"fwd": dict(BK=256, BV=32, warps=8)},
+    # q/k windows for ragged D in "bthd" memory (WINDOWS, off by default until timed): 16-byte aligned loads where
+    # a head's rows start off a 16-byte boundary (D = 9, 37, 182). sm_90 compile (bench/sm90_compile.py
+    # --D 9,37,182 [--windows] [--tma]), forward: D = 9 q/k by 16-byte async copies instead of 2-byte loads, spills
+    # 0 instead of 44 / 24 B, 919 instructions a chunk instead of 1,017; D = 182 16-byte copies instead of 4-byte
+    # ones, spills 204 / 168 B instead of 704 / 664, 1,787 instructions instead of 2,500; with TMA, bulk copies
     "windows": {"windows": True},
     "windows_pointers": {"windows": True, "tma": False, "bwd_tma": False},
 }
